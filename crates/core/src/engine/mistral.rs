@@ -1,0 +1,596 @@
+//! [`Engine`] over mistral.rs: one in-process `mistralrs::Model` loaded from local GGUF file(s).
+//!
+//! Every generation runs as a streaming request inside mistral.rs, also when the client asked for
+//! one JSON body: the stream gives time-to-first-token, and dropping it cancels the sequence
+//! inside the engine at its next token, so a client that goes away frees its slot.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use either::Either;
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use indexmap::IndexMap;
+use mistralrs::core::{RequestMessage, TokenizationRequest};
+use mistralrs::{
+    Constraint, GgufModelBuilder, MessageContent, NormalRequest, Request, Response, SamplingParams,
+    StopTokens, TokenSource,
+};
+use tokio::sync::mpsc;
+
+use super::seeded::SeededSampler;
+use super::token_tap::{TapCounts, TokenTap};
+use super::{
+    DeviceInfo, DevicePreference, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream,
+};
+use crate::catalog::DeviceClass;
+use crate::gguf_info::GgufInfo;
+use crate::model_source::LocalModel;
+use crate::request::{
+    ChatMessage, FinishReason, GenerationEvent, GenerationRequest, OutputConstraint, Prompt, Role,
+    Sampling, ToolCall, ToolChoice, ToolSpec, Usage,
+};
+
+/// Whether this build can run on a GPU here (a `cuda` or `metal` build on a machine that has one).
+pub fn gpu_available() -> bool {
+    if !cfg!(any(feature = "cuda", feature = "metal")) {
+        return false;
+    }
+    mistralrs::best_device(false).is_ok_and(|d| !d.is_cpu())
+}
+
+/// A mistral.rs model instance.
+pub struct MistralEngine {
+    model: mistralrs::Model,
+    sender: mpsc::Sender<Request>,
+    info: EngineInfo,
+}
+
+impl MistralEngine {
+    /// Loads `model` (blocking work runs on mistral.rs's own threads).
+    pub async fn load(
+        model: &LocalModel,
+        cfg: &EngineConfig,
+    ) -> Result<MistralEngine, EngineError> {
+        let load_err = |message: String| EngineError::Load {
+            model: model.name.clone(),
+            message,
+        };
+        let gguf = GgufInfo::read(&model.files).map_err(|e| load_err(e.to_string()))?;
+        let first = &model.files[0];
+        let dir = first
+            .parent()
+            .map(|d| d.to_path_buf())
+            .unwrap_or_else(|| ".".into());
+        let names: Vec<String> = model
+            .files
+            .iter()
+            .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        let force_cpu = cfg.device == DevicePreference::Cpu || !gpu_available();
+        let mut builder = GgufModelBuilder::new(dir.to_string_lossy(), names)
+            .with_token_source(TokenSource::None)
+            .with_max_num_seqs(cfg.max_sequences.max(1))
+            .with_prefix_cache_n(
+                (cfg.prefix_cache_entries > 0).then_some(cfg.prefix_cache_entries),
+            );
+        if force_cpu {
+            builder = builder.with_force_cpu();
+        }
+        let started = Instant::now();
+        let built = builder
+            .build()
+            .await
+            .map_err(|e| load_err(format!("{e:#}")))?;
+        let sender = built
+            .inner()
+            .get_sender(None)
+            .map_err(|e| load_err(e.to_string()))?;
+        let config = built.config().map_err(|e| load_err(e.to_string()))?;
+        let device = &config.device;
+        let device_info = DeviceInfo {
+            name: match device.location() {
+                candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+                candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+                candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+            },
+            class: if device.is_cpu() {
+                DeviceClass::Cpu
+            } else {
+                DeviceClass::Gpu
+            },
+        };
+        let max_sequence_length = config
+            .max_seq_len
+            .unwrap_or(gguf.shape.context_length as usize);
+        tracing::info!(
+            model = %model.name,
+            device = %device_info.name,
+            load_s = started.elapsed().as_secs_f64(),
+            "engine ready"
+        );
+        Ok(MistralEngine {
+            model: built,
+            sender,
+            info: EngineInfo {
+                model: model.name.clone(),
+                device: device_info,
+                max_sequence_length,
+                max_sequences: cfg.max_sequences.max(1),
+                gguf,
+                backend: "mistral.rs",
+            },
+        })
+    }
+
+    async fn tokenize(&self, prompt: &Prompt, tools: &[ToolSpec]) -> Result<Vec<u32>, EngineError> {
+        let (tx, mut rx) = mpsc::channel(1);
+        let text = match prompt {
+            Prompt::Chat(messages) => Either::Left(to_mistral_messages(messages)),
+            Prompt::Text(t) => Either::Right(t.clone()),
+        };
+        let req = Request::Tokenize(TokenizationRequest {
+            text,
+            tools: (!tools.is_empty()).then(|| tools.iter().map(to_mistral_tool).collect()),
+            add_generation_prompt: true,
+            add_special_tokens: true,
+            enable_thinking: None,
+            reasoning_effort: None,
+            response: tx,
+        });
+        self.sender
+            .send(req)
+            .await
+            .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
+        match rx.recv().await {
+            Some(Ok(tokens)) => Ok(tokens),
+            Some(Err(e)) => Err(EngineError::Invalid(format!("{e:#}"))),
+            None => Err(EngineError::Unavailable("the engine has stopped".into())),
+        }
+    }
+}
+
+impl Drop for MistralEngine {
+    fn drop(&mut self) {
+        tracing::debug!(model = %self.info.model, "engine dropped");
+    }
+}
+
+impl Engine for MistralEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn count_tokens<'a>(
+        &'a self,
+        prompt: &'a Prompt,
+        tools: &'a [ToolSpec],
+    ) -> BoxFuture<'a, Result<u32, EngineError>> {
+        Box::pin(async move { Ok(self.tokenize(prompt, tools).await?.len() as u32) })
+    }
+
+    fn generate(
+        &self,
+        request: GenerationRequest,
+    ) -> BoxFuture<'_, Result<GenerationStream, EngineError>> {
+        Box::pin(async move {
+            // Raw-text completions stream chunks without usage: count the prompt up front.
+            let completion_prompt_tokens = match &request.prompt {
+                Prompt::Text(_) => Some(self.tokenize(&request.prompt, &[]).await?.len() as u32),
+                Prompt::Chat(_) => None,
+            };
+            let (tx, mut rx) = mpsc::channel(256);
+            let tap = TokenTap::default();
+            let counts = tap.counts.clone();
+            let normal = build_request(&request, tx, self.model.inner().next_request_id(), tap)?;
+            let started = Instant::now();
+            self.sender
+                .send(Request::Normal(Box::new(normal)))
+                .await
+                .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
+            // Validation errors (bad grammar, prompt too long) arrive before any token: report
+            // them as errors of the call, not of the stream.
+            let first = match rx.recv().await {
+                None => return Err(EngineError::Unavailable("the engine has stopped".into())),
+                Some(Response::ValidationError(e)) => {
+                    return Err(EngineError::Invalid(e.to_string()))
+                }
+                Some(Response::InternalError(e)) => {
+                    return Err(EngineError::Internal(e.to_string()))
+                }
+                Some(r) => r,
+            };
+            // mistral.rs awaits each send on this bounded channel inside its engine loop, so a
+            // client that reads slowly would stall every sequence. Drain it promptly into an
+            // unbounded buffer (at most `max_tokens` chunks); when the client goes away the
+            // forwarder stops, drops `rx`, and the engine cancels the sequence at its next send.
+            let (buf_tx, buf_rx) = mpsc::unbounded_channel();
+            tokio::spawn(async move {
+                while let Some(r) = rx.recv().await {
+                    if buf_tx.send(r).is_err() {
+                        break;
+                    }
+                }
+            });
+            let state = StreamState {
+                rx: buf_rx,
+                pending: Some(first),
+                started,
+                first_text: None,
+                completion_text: completion_prompt_tokens.map(|_| String::new()),
+                completion_prompt_tokens,
+                counts,
+                max_tokens: request.sampling.max_tokens,
+                tokenizer: TokenCounter {
+                    sender: self.sender.clone(),
+                },
+                finished: false,
+            };
+            Ok(futures::stream::unfold(state, next_event)
+                .flat_map(futures::stream::iter)
+                .boxed())
+        })
+    }
+}
+
+/// Counts tokens of generated text for raw completions (whose stream carries no usage).
+struct TokenCounter {
+    sender: mpsc::Sender<Request>,
+}
+
+impl TokenCounter {
+    async fn count(&self, text: &str) -> u32 {
+        let (tx, mut rx) = mpsc::channel(1);
+        let req = Request::Tokenize(TokenizationRequest {
+            text: Either::Right(text.to_string()),
+            tools: None,
+            add_generation_prompt: false,
+            add_special_tokens: false,
+            enable_thinking: None,
+            reasoning_effort: None,
+            response: tx,
+        });
+        if self.sender.send(req).await.is_err() {
+            return 0;
+        }
+        match rx.recv().await {
+            Some(Ok(t)) => t.len() as u32,
+            _ => 0,
+        }
+    }
+}
+
+struct StreamState {
+    rx: mpsc::UnboundedReceiver<Response>,
+    pending: Option<Response>,
+    started: Instant,
+    first_text: Option<Instant>,
+    /// Collected text of a raw completion, to count its tokens at the end.
+    completion_text: Option<String>,
+    completion_prompt_tokens: Option<u32>,
+    /// Tokens seen inside the engine, for a generation whose final chunk never comes.
+    counts: Arc<TapCounts>,
+    max_tokens: Option<u32>,
+    tokenizer: TokenCounter,
+    finished: bool,
+}
+
+/// Turns the next engine response into zero or more events.
+async fn next_event(mut st: StreamState) -> Option<(Vec<GenerationEvent>, StreamState)> {
+    if st.finished {
+        return None;
+    }
+    let resp = match st.pending.take() {
+        Some(r) => r,
+        None => match st.rx.recv().await {
+            Some(r) => r,
+            None => {
+                st.finished = true;
+                if st.tokenizer.sender.is_closed() {
+                    return Some((
+                        vec![GenerationEvent::Error(
+                            "the engine stopped mid-generation".into(),
+                        )],
+                        st,
+                    ));
+                }
+                // The sequence ended on a held-back partial character and mistral.rs dropped its
+                // final chunk (see `token_tap`): finish it here from the tapped counts.
+                let generated = st.counts.generated_tokens();
+                let reason = match st.max_tokens {
+                    Some(m) if generated >= m => FinishReason::Length,
+                    _ => FinishReason::Stop,
+                };
+                let now = Instant::now();
+                let usage = Usage {
+                    prompt_tokens: st
+                        .completion_prompt_tokens
+                        .or(st.counts.prompt_tokens())
+                        .unwrap_or(0),
+                    completion_tokens: generated,
+                    time_to_first_token: st.first_text.unwrap_or(now) - st.started,
+                    total_time: now - st.started,
+                };
+                return Some((
+                    vec![GenerationEvent::Done {
+                        finish_reason: reason,
+                        usage,
+                    }],
+                    st,
+                ));
+            }
+        },
+    };
+    let mut events = Vec::new();
+    let mut finish: Option<(String, Option<mistralrs::Usage>)> = None;
+    match resp {
+        Response::Chunk(chunk) => {
+            if let Some(choice) = chunk.choices.into_iter().next() {
+                if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
+                    events.push(GenerationEvent::Text(text));
+                }
+                if let Some(calls) = choice.delta.tool_calls.filter(|c| !c.is_empty()) {
+                    events.push(GenerationEvent::ToolCalls(
+                        calls
+                            .into_iter()
+                            .map(|c| ToolCall {
+                                id: c.id,
+                                name: c.function.name,
+                                arguments: c.function.arguments,
+                            })
+                            .collect(),
+                    ));
+                }
+                if let Some(reason) = choice.finish_reason {
+                    finish = Some((reason, chunk.usage));
+                }
+            }
+        }
+        Response::CompletionChunk(chunk) => {
+            if let Some(choice) = chunk.choices.into_iter().next() {
+                if !choice.text.is_empty() {
+                    if let Some(all) = st.completion_text.as_mut() {
+                        all.push_str(&choice.text);
+                    }
+                    events.push(GenerationEvent::Text(choice.text));
+                }
+                if let Some(reason) = choice.finish_reason {
+                    finish = Some((reason, None));
+                }
+            }
+        }
+        Response::Done(done) => {
+            // Not expected for streaming requests; handle it anyway.
+            if let Some(choice) = done.choices.into_iter().next() {
+                if let Some(text) = choice.message.content.filter(|t| !t.is_empty()) {
+                    events.push(GenerationEvent::Text(text));
+                }
+                finish = Some((choice.finish_reason, Some(done.usage)));
+            }
+        }
+        Response::ModelError(msg, _) | Response::CompletionModelError(msg, _) => {
+            st.finished = true;
+            return Some((vec![GenerationEvent::Error(msg)], st));
+        }
+        Response::InternalError(e) | Response::ValidationError(e) => {
+            st.finished = true;
+            return Some((vec![GenerationEvent::Error(e.to_string())], st));
+        }
+        _ => {
+            st.finished = true;
+            return Some((
+                vec![GenerationEvent::Error(
+                    "unexpected response kind from the engine".into(),
+                )],
+                st,
+            ));
+        }
+    }
+    if st.first_text.is_none()
+        && events
+            .iter()
+            .any(|e| matches!(e, GenerationEvent::Text(_) | GenerationEvent::ToolCalls(_)))
+    {
+        st.first_text = Some(Instant::now());
+    }
+    if let Some((reason, usage)) = finish {
+        let now = Instant::now();
+        let (prompt_tokens, completion_tokens) = match (usage, st.completion_prompt_tokens) {
+            (Some(u), _) => (u.prompt_tokens as u32, u.completion_tokens as u32),
+            (None, Some(p)) => {
+                let text = st.completion_text.take().unwrap_or_default();
+                (p, st.tokenizer.count(&text).await)
+            }
+            (None, None) => (0, 0),
+        };
+        let usage = Usage {
+            prompt_tokens,
+            completion_tokens,
+            time_to_first_token: st.first_text.unwrap_or(now) - st.started,
+            total_time: now - st.started,
+        };
+        events.push(GenerationEvent::Done {
+            finish_reason: map_finish_reason(&reason),
+            usage,
+        });
+        st.finished = true;
+    }
+    Some((events, st))
+}
+
+fn map_finish_reason(s: &str) -> FinishReason {
+    match s {
+        "length" => FinishReason::Length,
+        "tool_calls" => FinishReason::ToolCalls,
+        "canceled" | "cancelled" => FinishReason::Cancelled,
+        _ => FinishReason::Stop,
+    }
+}
+
+fn build_request(
+    req: &GenerationRequest,
+    tx: mpsc::Sender<Response>,
+    id: usize,
+    tap: TokenTap,
+) -> Result<NormalRequest, EngineError> {
+    let messages = match &req.prompt {
+        Prompt::Chat(m) => {
+            if m.is_empty() {
+                return Err(EngineError::Invalid("`messages` must not be empty".into()));
+            }
+            RequestMessage::Chat {
+                messages: to_mistral_messages(m),
+                enable_thinking: None,
+                reasoning_effort: None,
+            }
+        }
+        Prompt::Text(t) => RequestMessage::Completion {
+            text: t.clone(),
+            echo_prompt: false,
+            best_of: None,
+        },
+    };
+    let (sampling_params, sampler) = to_sampling(&req.sampling);
+    let mut processors: Vec<Arc<dyn mistralrs::CustomLogitsProcessor>> = vec![Arc::new(tap)];
+    processors.extend(sampler);
+    let constraint = match &req.constraint {
+        OutputConstraint::None => Constraint::None,
+        OutputConstraint::JsonObject => {
+            Constraint::JsonSchema(serde_json::json!({"type": "object"}))
+        }
+        OutputConstraint::JsonSchema(s) => Constraint::JsonSchema(s.clone()),
+        OutputConstraint::Regex(r) => Constraint::Regex(r.clone()),
+        OutputConstraint::Lark(g) => Constraint::Lark(g.clone()),
+    };
+    let (tools, tool_choice) = if req.tools.is_empty() || req.tool_choice == ToolChoice::None {
+        (None, None)
+    } else {
+        let tools: Vec<mistralrs::Tool> = req.tools.iter().map(to_mistral_tool).collect();
+        let choice = match &req.tool_choice {
+            ToolChoice::Function(name) => {
+                let t = tools
+                    .iter()
+                    .find(|t| &t.function.name == name)
+                    .cloned()
+                    .ok_or_else(|| {
+                        EngineError::Invalid(format!(
+                            "tool_choice names `{name}`, which is not in `tools`"
+                        ))
+                    })?;
+                mistralrs::ToolChoice::Tool(t)
+            }
+            _ => mistralrs::ToolChoice::Auto,
+        };
+        (Some(tools), Some(choice))
+    };
+    Ok(NormalRequest {
+        messages,
+        sampling_params,
+        response: tx,
+        return_logprobs: false,
+        is_streaming: true,
+        id,
+        constraint,
+        suffix: None,
+        tools,
+        tool_choice,
+        logits_processors: Some(processors),
+        return_raw_logits: false,
+        web_search_options: None,
+        model_id: None,
+        truncate_sequence: false,
+    })
+}
+
+/// mistral.rs sampling parameters, plus Tidepool's own sampler for seeded requests.
+fn to_sampling(
+    s: &Sampling,
+) -> (
+    SamplingParams,
+    Option<Arc<dyn mistralrs::CustomLogitsProcessor>>,
+) {
+    let mut p = SamplingParams::neutral();
+    p.max_len = s.max_tokens.map(|m| m as usize);
+    p.presence_penalty = s.presence_penalty;
+    p.frequency_penalty = s.frequency_penalty;
+    p.repetition_penalty = s.repetition_penalty;
+    if !s.stop.is_empty() {
+        p.stop_toks = Some(StopTokens::Seqs(s.stop.clone()));
+    }
+    let temperature = s.temperature.unwrap_or(1.0);
+    // mistral.rs reads an unset temperature as 1.0; only an explicit 0 selects its argmax path.
+    p.temperature = Some(0.0);
+    if temperature <= 0.0 {
+        return (p, None);
+    }
+    match s.seed {
+        Some(seed) => {
+            // The engine runs greedy over logits the seeded sampler has reduced to one token.
+            let sampler = SeededSampler {
+                seed,
+                temperature,
+                top_k: s.top_k.map(|k| k as usize),
+                top_p: s.top_p,
+            };
+            (p, Some(Arc::new(sampler)))
+        }
+        None => {
+            p.temperature = Some(temperature as f64);
+            p.top_p = s.top_p.map(|v| v as f64);
+            p.top_k = s.top_k.map(|k| k as usize);
+            (p, None)
+        }
+    }
+}
+
+fn to_mistral_tool(t: &ToolSpec) -> mistralrs::Tool {
+    let parameters: Option<HashMap<String, serde_json::Value>> = t
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_object())
+        .map(|o| o.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+    mistralrs::Tool {
+        tp: mistralrs::ToolType::Function,
+        function: mistralrs::Function {
+            description: t.description.clone(),
+            name: t.name.clone(),
+            parameters,
+        },
+    }
+}
+
+fn to_mistral_messages(messages: &[ChatMessage]) -> Vec<IndexMap<String, MessageContent>> {
+    messages
+        .iter()
+        .map(|m| {
+            let mut map: IndexMap<String, MessageContent> = IndexMap::new();
+            map.insert("role".into(), Either::Left(m.role.as_str().to_string()));
+            map.insert("content".into(), Either::Left(m.content.clone()));
+            if m.role == Role::Assistant && !m.tool_calls.is_empty() {
+                let calls = m
+                    .tool_calls
+                    .iter()
+                    .map(|c| {
+                        // Chat templates expect arguments as an object (they `tojson` it).
+                        let args = serde_json::from_str::<serde_json::Value>(&c.arguments)
+                            .unwrap_or_else(|_| serde_json::Value::String(c.arguments.clone()));
+                        let mut call = IndexMap::new();
+                        call.insert("id".to_string(), serde_json::json!(c.id));
+                        call.insert("type".to_string(), serde_json::json!("function"));
+                        call.insert(
+                            "function".to_string(),
+                            serde_json::json!({"name": c.name, "arguments": args}),
+                        );
+                        call
+                    })
+                    .collect();
+                map.insert("tool_calls".into(), Either::Right(calls));
+            }
+            if let Some(id) = &m.tool_call_id {
+                map.insert("tool_call_id".into(), Either::Left(id.clone()));
+            }
+            map
+        })
+        .collect()
+}

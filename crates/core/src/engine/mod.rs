@@ -1,0 +1,124 @@
+//! The engine boundary: everything above it (pool, router, API) sees only [`Engine`]; below it is
+//! one inference library instance. Today that is mistral.rs ([`mistral::MistralEngine`]).
+
+pub mod mistral;
+pub mod seeded;
+pub mod token_tap;
+
+use std::pin::Pin;
+
+use futures::future::BoxFuture;
+use futures::Stream;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::gguf_info::GgufInfo;
+use crate::request::{GenerationEvent, GenerationRequest, Prompt, ToolSpec};
+
+/// The events of one generation; dropping the stream cancels the generation.
+pub type GenerationStream = Pin<Box<dyn Stream<Item = GenerationEvent> + Send>>;
+
+#[derive(Debug, Error, Clone)]
+pub enum EngineError {
+    /// The request cannot be served as given (a client error: HTTP 400).
+    #[error("{0}")]
+    Invalid(String),
+    /// The engine is not running (HTTP 503).
+    #[error("engine unavailable: {0}")]
+    Unavailable(String),
+    /// The engine failed (HTTP 500).
+    #[error("engine error: {0}")]
+    Internal(String),
+    /// Loading the model failed.
+    #[error("failed to load {model}: {message}")]
+    Load { model: String, message: String },
+}
+
+/// Where an engine runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeviceInfo {
+    /// `cpu`, `cuda:0`, `metal:0`.
+    pub name: String,
+    pub class: crate::catalog::DeviceClass,
+}
+
+/// Static facts about a loaded engine.
+#[derive(Debug, Clone, Serialize)]
+pub struct EngineInfo {
+    /// The name clients use for this model.
+    pub model: String,
+    pub device: DeviceInfo,
+    /// The longest sequence (prompt + completion) the engine accepts.
+    pub max_sequence_length: usize,
+    /// Concurrent sequences the engine is configured for.
+    pub max_sequences: usize,
+    pub gguf: GgufInfo,
+    /// Which library runs the model.
+    pub backend: &'static str,
+}
+
+/// One loaded model that generates text.
+pub trait Engine: Send + Sync {
+    fn info(&self) -> &EngineInfo;
+
+    /// Starts a generation. Errors that can be known before the first token (bad grammar, prompt
+    /// too long) come back here; later failures arrive as [`GenerationEvent::Error`].
+    fn generate(
+        &self,
+        request: GenerationRequest,
+    ) -> BoxFuture<'_, Result<GenerationStream, EngineError>>;
+
+    /// Number of tokens `prompt` occupies once rendered (chat template included).
+    fn count_tokens<'a>(
+        &'a self,
+        prompt: &'a Prompt,
+        tools: &'a [ToolSpec],
+    ) -> BoxFuture<'a, Result<u32, EngineError>>;
+}
+
+/// Which device to run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DevicePreference {
+    /// The best device this build supports: CUDA, then Metal, then CPU.
+    #[default]
+    Auto,
+    Cpu,
+}
+
+impl DevicePreference {
+    /// The device class a model would land on, for choosing a default quantization before
+    /// anything loads.
+    pub fn class(self) -> crate::catalog::DeviceClass {
+        use crate::catalog::DeviceClass;
+        match self {
+            DevicePreference::Cpu => DeviceClass::Cpu,
+            DevicePreference::Auto => {
+                if mistral::gpu_available() {
+                    DeviceClass::Gpu
+                } else {
+                    DeviceClass::Cpu
+                }
+            }
+        }
+    }
+}
+
+/// How to load an engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub device: DevicePreference,
+    /// Concurrent sequences (the worker's slots).
+    pub max_sequences: usize,
+    /// Prompt prefixes kept for reuse across requests (mistral.rs prefix cache); 0 disables it.
+    pub prefix_cache_entries: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            device: DevicePreference::Auto,
+            max_sequences: 4,
+            prefix_cache_entries: 16,
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The front door of the engine room: what the HTTP layer calls. It knows which model is served,
+//! whether it is loaded yet, and hands each request to an engine.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use std::time::Instant;
+
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::engine::{Engine, EngineError, GenerationStream};
+use crate::request::{GenerationRequest, Prompt, ToolSpec};
+
+/// Why a request could not be started.
+#[derive(Debug, Error, Clone)]
+pub enum SubmitError {
+    /// The model is still loading, or failed to load (HTTP 503).
+    #[error("{0}")]
+    NotReady(String),
+    /// The server is shutting down (HTTP 503).
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+}
+
+/// Where the served model stands.
+#[derive(Clone)]
+pub enum ModelState {
+    Loading { since: Instant, detail: String },
+    Ready(Arc<dyn Engine>),
+    Failed(String),
+}
+
+/// A serializable view of [`ModelState`].
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum ModelStatus {
+    Loading { detail: String, seconds: f64 },
+    Ready,
+    Failed { error: String },
+}
+
+/// The service: one served model (for now, one engine).
+pub struct Service {
+    /// The name clients send as `"model"`, and other names accepted for the same model (catalog
+    /// variant id, file stem).
+    served: RwLock<(String, Vec<String>)>,
+    state: RwLock<ModelState>,
+    shutting_down: std::sync::atomic::AtomicBool,
+    in_flight: Arc<AtomicUsize>,
+}
+
+/// Counts a generation as running from submission until its stream is dropped.
+struct InFlightGuard(Arc<AtomicUsize>);
+
+impl InFlightGuard {
+    fn new(counter: &Arc<AtomicUsize>) -> Self {
+        counter.fetch_add(1, Ordering::SeqCst);
+        InFlightGuard(counter.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Service {
+    pub fn new(model_name: impl Into<String>, aliases: Vec<String>) -> Arc<Service> {
+        Arc::new(Service {
+            served: RwLock::new((model_name.into(), aliases)),
+            state: RwLock::new(ModelState::Loading {
+                since: Instant::now(),
+                detail: "starting".into(),
+            }),
+            shutting_down: Default::default(),
+            in_flight: Default::default(),
+        })
+    }
+
+    pub fn model_name(&self) -> String {
+        self.served.read().unwrap().0.clone()
+    }
+
+    /// Changes the served model's name (a fallback model replaced the requested one).
+    pub fn set_model_name(&self, name: impl Into<String>, aliases: Vec<String>) {
+        *self.served.write().unwrap() = (name.into(), aliases);
+    }
+
+    /// Whether `name` refers to the served model.
+    pub fn serves(&self, name: &str) -> bool {
+        let served = self.served.read().unwrap();
+        name == served.0 || served.1.iter().any(|a| a == name)
+    }
+
+    pub fn set_state(&self, state: ModelState) {
+        *self.state.write().unwrap() = state;
+    }
+
+    /// Updates the detail of a model that is still loading (download progress, say).
+    pub fn set_loading_detail(&self, detail: impl Into<String>) {
+        let mut s = self.state.write().unwrap();
+        if let ModelState::Loading { detail: d, .. } = &mut *s {
+            *d = detail.into();
+        }
+    }
+
+    pub fn status(&self) -> ModelStatus {
+        match &*self.state.read().unwrap() {
+            ModelState::Loading { since, detail } => ModelStatus::Loading {
+                detail: detail.clone(),
+                seconds: since.elapsed().as_secs_f64(),
+            },
+            ModelState::Ready(_) => ModelStatus::Ready,
+            ModelState::Failed(e) => ModelStatus::Failed { error: e.clone() },
+        }
+    }
+
+    /// The ready engine, if any.
+    pub fn engine(&self) -> Result<Arc<dyn Engine>, SubmitError> {
+        match &*self.state.read().unwrap() {
+            ModelState::Ready(e) => Ok(e.clone()),
+            ModelState::Loading { detail, .. } => Err(SubmitError::NotReady(format!(
+                "the model `{}` is still loading ({detail})",
+                self.model_name()
+            ))),
+            ModelState::Failed(e) => Err(SubmitError::NotReady(format!(
+                "the model `{}` failed to load: {e}",
+                self.model_name()
+            ))),
+        }
+    }
+
+    /// Stops accepting new requests; running ones continue.
+    pub fn begin_shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Starts a generation.
+    pub async fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<GenerationStream, SubmitError> {
+        if self.is_shutting_down() {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let engine = self.engine()?;
+        let guard = InFlightGuard::new(&self.in_flight);
+        let stream = engine.generate(request).await?;
+        Ok(Box::pin(stream.map(move |event| {
+            let _running = &guard;
+            event
+        })))
+    }
+
+    /// Generations submitted and not yet finished (or dropped).
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Tokens `prompt` occupies once rendered.
+    pub async fn count_tokens(
+        &self,
+        prompt: &Prompt,
+        tools: &[ToolSpec],
+    ) -> Result<u32, SubmitError> {
+        let engine = self.engine()?;
+        Ok(engine.count_tokens(prompt, tools).await?)
+    }
+}
