@@ -1,0 +1,294 @@
+//! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the right HTTP
+//! status, and the JSON body extractor that produces them for malformed or invalid requests.
+
+use axum::extract::{FromRequest, Request};
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tidepool_core::engine::EngineError;
+use tidepool_core::service::SubmitError;
+
+/// An error response.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    pub kind: &'static str,
+    pub param: Option<String>,
+    pub code: Option<&'static str>,
+    /// Seconds for a `Retry-After` header.
+    pub retry_after: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct Body<'a> {
+    error: Inner<'a>,
+}
+
+#[derive(Serialize)]
+struct Inner<'a> {
+    message: &'a str,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    param: Option<&'a str>,
+    code: Option<&'a str>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            param: None,
+            code: None,
+            retry_after: None,
+        }
+    }
+
+    /// 400 for a bad value of `param`.
+    pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            param: Some(param.to_string()),
+            ..Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
+    }
+
+    pub fn model_not_found(model: &str, served: &str) -> Self {
+        ApiError {
+            param: Some("model".into()),
+            code: Some("model_not_found"),
+            ..Self::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                format!("The model `{model}` does not exist. This server serves `{served}`."),
+            )
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        ApiError {
+            code: Some("not_found"),
+            ..Self::new(StatusCode::NOT_FOUND, "invalid_request_error", message)
+        }
+    }
+
+    pub fn method_not_allowed(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "invalid_request_error",
+            message,
+        )
+    }
+
+    pub fn unavailable(message: impl Into<String>, retry_after: u64) -> Self {
+        ApiError {
+            code: Some("service_unavailable"),
+            retry_after: Some(retry_after),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", message)
+        }
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    /// The JSON body, for embedding in a stream.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(Body {
+            error: Inner {
+                message: &self.message,
+                kind: self.kind,
+                param: self.param.as_deref(),
+                code: self.code,
+            },
+        })
+        .expect("error bodies serialize")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status, axum::Json(self.to_json())).into_response();
+        if let Some(s) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(s));
+        }
+        resp
+    }
+}
+
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        match e {
+            SubmitError::NotReady(m) => ApiError::unavailable(m, 5),
+            SubmitError::ShuttingDown => ApiError::unavailable(e.to_string(), 5),
+            SubmitError::Engine(e) => e.into(),
+        }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Invalid(m) => {
+                let mut err = ApiError::bad_request(m);
+                if err.message.contains("context") || err.message.contains("too long") {
+                    err.code = Some("context_length_exceeded");
+                    err.param = Some("messages".into());
+                }
+                err
+            }
+            EngineError::Unavailable(m) => ApiError::unavailable(m, 5),
+            EngineError::Internal(m) | EngineError::Load { message: m, .. } => {
+                ApiError::internal(m)
+            }
+        }
+    }
+}
+
+/// A JSON request body, parsed whatever the content type says, with OpenAI-style errors:
+/// malformed JSON and wrong types give 400 naming the field; a body over the limit gives 413.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    S: Send + Sync,
+    T: DeserializeOwned,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        let bytes = match bytes::Bytes::from_request(req, state).await {
+            Ok(b) => b,
+            Err(rejection) => {
+                let status = rejection.status();
+                if status == StatusCode::PAYLOAD_TOO_LARGE {
+                    return Err(ApiError {
+                        code: Some("request_too_large"),
+                        ..ApiError::new(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            "invalid_request_error",
+                            "The request body is larger than this server accepts.",
+                        )
+                    });
+                }
+                return Err(ApiError::bad_request(format!(
+                    "Could not read the request body: {}",
+                    rejection.body_text()
+                )));
+            }
+        };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::bad_request(
+                "The request body is empty; expected a JSON object.",
+            ));
+        }
+        let de = &mut serde_json::Deserializer::from_slice(&bytes);
+        match serde_path_to_error::deserialize(de) {
+            Ok(v) => Ok(ApiJson(v)),
+            Err(err) => {
+                let path = err.path().to_string();
+                let inner = err.into_inner();
+                if inner.is_syntax() || inner.is_eof() {
+                    Err(ApiError::bad_request(format!(
+                        "We could not parse the JSON body of your request: {inner}"
+                    )))
+                } else if path.is_empty() || path == "." {
+                    let msg = inner.to_string();
+                    // Flattened fields lose their path: find the field from the error's position
+                    // (a missing field is reported at the end of the object, so not for those).
+                    let located = (!msg.starts_with("missing field"))
+                        .then(|| field_at(&bytes, inner.line(), inner.column()))
+                        .flatten();
+                    if let Some(field) = located {
+                        return Err(ApiError::invalid_param(
+                            &field,
+                            format!("Invalid value for `{field}`: {msg}"),
+                        ));
+                    }
+                    // "missing field `messages`": name the field.
+                    match msg
+                        .split('`')
+                        .nth(1)
+                        .filter(|_| msg.starts_with("missing field"))
+                    {
+                        Some(field) => Err(ApiError::invalid_param(
+                            field,
+                            format!("Missing required parameter: `{field}`."),
+                        )),
+                        None => Err(ApiError::bad_request(format!(
+                            "Invalid request body: {msg}"
+                        ))),
+                    }
+                } else {
+                    Err(ApiError::invalid_param(
+                        &path,
+                        format!("Invalid value for `{path}`: {inner}"),
+                    ))
+                }
+            }
+        }
+    }
+}
+
+/// The top-level field of a JSON object whose value spans the 1-based `line`/`column` position
+/// (serde_json reports errors there). `None` when the position is outside every value.
+fn field_at(body: &[u8], line: usize, column: usize) -> Option<String> {
+    if line == 0 {
+        return None;
+    }
+    // Byte offset of the position.
+    let mut offset = 0;
+    for _ in 1..line {
+        offset += body[offset..].iter().position(|&b| b == b'\n')? + 1;
+    }
+    let target = offset + column.saturating_sub(1);
+    let (mut depth, mut i) = (0usize, 0usize);
+    let mut current: Option<String> = None;
+    while i < body.len() && i <= target {
+        match body[i] {
+            b'"' => {
+                let start = i + 1;
+                i += 1;
+                while i < body.len() && body[i] != b'"' {
+                    i += if body[i] == b'\\' { 2 } else { 1 };
+                }
+                let end = i.min(body.len());
+                if depth == 1 {
+                    // A string at depth 1 followed by `:` is a key.
+                    let rest = body.get(end + 1..).unwrap_or_default();
+                    if rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b':') {
+                        current = Some(String::from_utf8_lossy(&body[start..end]).into_owned());
+                    }
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    current
+}
+
+#[cfg(test)]
+mod tests {
+    use super::field_at;
+
+    #[test]
+    fn finds_the_field_around_an_error_position() {
+        let body = br#"{"messages": [{"role": "user", "content": "a:b"}], "temperature": "hot"}"#;
+        let col = body.windows(5).position(|w| w == b"\"hot\"").unwrap() + 5;
+        assert_eq!(field_at(body, 1, col).as_deref(), Some("temperature"));
+        assert_eq!(field_at(body, 1, 20).as_deref(), Some("messages"));
+        let multi = b"{\n  \"top_p\": [1]\n}";
+        assert_eq!(field_at(multi, 2, 13).as_deref(), Some("top_p"));
+        assert_eq!(field_at(b"{}", 1, 1), None);
+    }
+}

@@ -1,0 +1,193 @@
+//! Tidepool's HTTP face, over axum: the OpenAI-compatible API, `/health`, and graceful shutdown.
+//!
+//! The server holds no inference logic: every request becomes a [`GenerationRequest`] handed to
+//! the core [`Service`].
+//!
+//! [`GenerationRequest`]: tidepool_core::request::GenerationRequest
+
+pub mod error;
+pub mod openai;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{StatusCode, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+use tidepool_core::service::{ModelStatus, Service};
+
+use error::ApiError;
+
+/// HTTP settings.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Largest accepted request body.
+    pub body_limit: usize,
+    /// How long shutdown waits for running requests before closing anyway.
+    pub drain_timeout: Duration,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            body_limit: 4 * 1024 * 1024,
+            drain_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Shared state of every handler.
+#[derive(Clone)]
+pub struct AppState {
+    pub service: Arc<Service>,
+    pub started_unix: u64,
+}
+
+impl AppState {
+    pub fn new(service: Arc<Service>) -> Self {
+        AppState {
+            service,
+            started_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        }
+    }
+}
+
+/// The full router.
+pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::list_models))
+        .route("/v1/models/{id}", get(openai::get_model))
+        .route("/health", get(health))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(cfg.body_limit))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            refuse_while_shutting_down,
+        ))
+        .with_state(state)
+}
+
+/// GET /health: 200 when the model is ready, 503 with the reason otherwise.
+async fn health(State(app): State<AppState>) -> Response {
+    let model = app.service.model_name();
+    if app.service.is_shutting_down() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "shutting_down", "model": model, "reason": "the server is shutting down"})),
+        )
+            .into_response();
+    }
+    match app.service.status() {
+        ModelStatus::Ready => Json(json!({"status": "ok", "model": model})).into_response(),
+        ModelStatus::Loading { detail, seconds } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "loading",
+                "model": model,
+                "reason": format!("loading the model: {detail}"),
+                "seconds": seconds,
+            })),
+        )
+            .into_response(),
+        ModelStatus::Failed { error } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "failed", "model": model, "reason": error})),
+        )
+            .into_response(),
+    }
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::not_found(format!("Unknown route: {}", uri.path()))
+}
+
+async fn method_not_allowed(req: Request) -> ApiError {
+    ApiError::method_not_allowed(format!(
+        "Method {} is not allowed on {}",
+        req.method(),
+        req.uri().path()
+    ))
+}
+
+/// Once shutdown has begun, new requests get 503 (health still answers, with its own 503).
+async fn refuse_while_shutting_down(
+    State(app): State<AppState>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if app.service.is_shutting_down() && req.uri().path() != "/health" {
+        return ApiError::unavailable("The server is shutting down.", 5).into_response();
+    }
+    next.run(req).await
+}
+
+/// Serves until `shutdown` resolves, then refuses new requests (503), waits up to
+/// `drain_timeout` for running generations to finish, and stops.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    cfg: HttpConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let service = state.service.clone();
+    let app = router(state, &cfg).into_make_service_with_connect_info::<SocketAddr>();
+    let drained = async move {
+        shutdown.await;
+        service.begin_shutdown();
+        let start = Instant::now();
+        let mut last_log = Instant::now() - Duration::from_secs(10);
+        while service.in_flight() > 0 && start.elapsed() < cfg.drain_timeout {
+            if last_log.elapsed() >= Duration::from_secs(5) {
+                tracing::info!(
+                    in_flight = service.in_flight(),
+                    "waiting for running requests to finish"
+                );
+                last_log = Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if service.in_flight() > 0 {
+            tracing::warn!(
+                in_flight = service.in_flight(),
+                "drain timeout reached; closing with requests still running"
+            );
+        }
+    };
+    axum::serve(listener, app)
+        .with_graceful_shutdown(drained)
+        .await
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received; finishing running requests"),
+        _ = term => tracing::info!("SIGTERM received; finishing running requests"),
+    }
+}

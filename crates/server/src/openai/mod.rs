@@ -1,0 +1,331 @@
+//! The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+
+pub mod types;
+
+use std::convert::Infallible;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::extract::{Path, State};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use futures::{Stream, StreamExt};
+use serde_json::{json, Value};
+use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
+use tidepool_core::GenerationStream;
+
+use crate::error::{ApiError, ApiJson};
+use crate::AppState;
+use types::{ChatCompletionRequest, CompletionRequest};
+
+/// Shown as `system_fingerprint`.
+pub const FINGERPRINT: &str = concat!("tidepool-", env!("CARGO_PKG_VERSION"));
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_id(prefix: &str) -> String {
+    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Checks the request's `model` against the served one; a missing `model` means the served one.
+pub(crate) fn check_model(app: &AppState, model: Option<&str>) -> Result<String, ApiError> {
+    let served = app.service.model_name();
+    match model {
+        None | Some("") => Ok(served),
+        Some(m) if app.service.serves(m) => Ok(served),
+        Some(m) => Err(ApiError::model_not_found(m, &served)),
+    }
+}
+
+fn usage_json(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens(),
+    })
+}
+
+fn tool_calls_json(calls: &[ToolCall], first_index: usize) -> Value {
+    Value::Array(
+        calls
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                json!({
+                    "index": first_index + i,
+                    "id": c.id,
+                    "type": "function",
+                    "function": {"name": c.name, "arguments": c.arguments},
+                })
+            })
+            .collect(),
+    )
+}
+
+/// The whole output of one generation, collected.
+#[derive(Default)]
+pub(crate) struct Collected {
+    pub text: String,
+    pub tool_calls: Vec<ToolCall>,
+    pub finish: Option<FinishReason>,
+    pub usage: Usage,
+}
+
+/// Drains a stream into one result; an engine error becomes a 500.
+pub(crate) async fn collect(mut stream: GenerationStream) -> Result<Collected, ApiError> {
+    let mut out = Collected::default();
+    while let Some(ev) = stream.next().await {
+        match ev {
+            GenerationEvent::Text(t) => out.text.push_str(&t),
+            GenerationEvent::ToolCalls(c) => out.tool_calls.extend(c),
+            GenerationEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                out.finish = Some(finish_reason);
+                out.usage = usage;
+            }
+            GenerationEvent::Error(e) => {
+                return Err(ApiError::internal(format!("generation failed: {e}")))
+            }
+        }
+    }
+    if out.finish.is_none() {
+        return Err(ApiError::internal("generation ended without a result"));
+    }
+    Ok(out)
+}
+
+fn sse_data(v: &Value) -> Result<Event, Infallible> {
+    Ok(Event::default().data(v.to_string()))
+}
+
+/// POST /v1/chat/completions
+pub async fn chat_completions(
+    State(app): State<AppState>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let model = check_model(&app, req.model.as_deref())?;
+    let generation = req.to_generation()?;
+    let stream = app.service.submit(generation).await?;
+    let id = new_id("chatcmpl");
+    let created = now_secs();
+    if req.is_stream() {
+        let events = chat_sse(stream, id, created, model, req.include_usage());
+        return Ok(Sse::new(events).into_response());
+    }
+    let out = collect(stream).await?;
+    let finish = out.finish.unwrap_or(FinishReason::Stop);
+    let mut message = json!({"role": "assistant", "content": out.text});
+    if !out.tool_calls.is_empty() {
+        message["tool_calls"] = tool_calls_json(&out.tool_calls, 0);
+        if out.text.is_empty() {
+            message["content"] = Value::Null;
+        }
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "logprobs": null,
+            "finish_reason": finish.as_openai(),
+        }],
+        "usage": usage_json(&out.usage),
+    }))
+    .into_response())
+}
+
+fn chat_sse(
+    stream: GenerationStream,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let chunk = move |delta: Value, finish: Option<&str>| {
+        let mut c = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+        });
+        if include_usage {
+            c["usage"] = Value::Null;
+        }
+        c
+    };
+    let role = chunk(json!({"role": "assistant", "content": ""}), None);
+    let mut tool_index = 0usize;
+    let body = stream.flat_map(move |ev| {
+        let items: Vec<Value> = match ev {
+            GenerationEvent::Text(t) => vec![chunk(json!({"content": t}), None)],
+            GenerationEvent::ToolCalls(calls) => {
+                let v = tool_calls_json(&calls, tool_index);
+                tool_index += calls.len();
+                vec![chunk(json!({"tool_calls": v}), None)]
+            }
+            GenerationEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                let mut v = vec![chunk(json!({}), Some(finish_reason.as_openai()))];
+                if include_usage {
+                    let mut last = chunk(json!({}), None);
+                    last["choices"] = json!([]);
+                    last["usage"] = usage_json(&usage);
+                    v.push(last);
+                }
+                v
+            }
+            GenerationEvent::Error(e) => {
+                vec![ApiError::internal(format!("generation failed: {e}")).to_json()]
+            }
+        };
+        futures::stream::iter(items.into_iter().map(|v| sse_data(&v)))
+    });
+    futures::stream::once(async move { sse_data(&role) })
+        .chain(body)
+        .chain(futures::stream::once(async {
+            Ok(Event::default().data("[DONE]"))
+        }))
+}
+
+/// POST /v1/completions
+pub async fn completions(
+    State(app): State<AppState>,
+    ApiJson(req): ApiJson<CompletionRequest>,
+) -> Result<Response, ApiError> {
+    let model = check_model(&app, req.model.as_deref())?;
+    let generations = req.to_generations()?;
+    // Start every prompt before reading any, so they share the worker's slots.
+    let mut streams = Vec::with_capacity(generations.len());
+    for g in generations {
+        streams.push(app.service.submit(g).await?);
+    }
+    let id = new_id("cmpl");
+    let created = now_secs();
+    if req.is_stream() {
+        let events = completion_sse(streams, id, created, model, req.include_usage());
+        return Ok(Sse::new(events).into_response());
+    }
+    let results = futures::future::join_all(streams.into_iter().map(collect)).await;
+    let mut choices = Vec::new();
+    let mut usage = Usage::default();
+    for (i, r) in results.into_iter().enumerate() {
+        let out = r?;
+        usage.prompt_tokens += out.usage.prompt_tokens;
+        usage.completion_tokens += out.usage.completion_tokens;
+        choices.push(json!({
+            "index": i,
+            "text": out.text,
+            "logprobs": null,
+            "finish_reason": out.finish.unwrap_or(FinishReason::Stop).as_openai(),
+        }));
+    }
+    Ok(Json(json!({
+        "id": id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "system_fingerprint": FINGERPRINT,
+        "choices": choices,
+        "usage": usage_json(&usage),
+    }))
+    .into_response())
+}
+
+fn completion_sse(
+    streams: Vec<GenerationStream>,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+) -> impl Stream<Item = Result<Event, Infallible>> {
+    let n = streams.len();
+    let tagged = futures::stream::select_all(
+        streams
+            .into_iter()
+            .enumerate()
+            .map(|(i, s)| s.map(move |ev| (i, ev)).boxed()),
+    );
+    let base = move |choices: Value| {
+        json!({
+            "id": id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        })
+    };
+    let mut total = Usage::default();
+    let mut done = 0usize;
+    let body = tagged.flat_map(move |(i, ev)| {
+        let items: Vec<Value> = match ev {
+            GenerationEvent::Text(t) => vec![base(
+                json!([{"index": i, "text": t, "logprobs": null, "finish_reason": null}]),
+            )],
+            GenerationEvent::ToolCalls(_) => Vec::new(),
+            GenerationEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                total.prompt_tokens += usage.prompt_tokens;
+                total.completion_tokens += usage.completion_tokens;
+                done += 1;
+                let mut v = vec![base(json!([{
+                    "index": i, "text": "", "logprobs": null,
+                    "finish_reason": finish_reason.as_openai()
+                }]))];
+                if include_usage && done == n {
+                    let mut last = base(json!([]));
+                    last["usage"] = usage_json(&total);
+                    v.push(last);
+                }
+                v
+            }
+            GenerationEvent::Error(e) => {
+                vec![ApiError::internal(format!("generation failed: {e}")).to_json()]
+            }
+        };
+        futures::stream::iter(items.into_iter().map(|v| sse_data(&v)))
+    });
+    body.chain(futures::stream::once(async {
+        Ok(Event::default().data("[DONE]"))
+    }))
+}
+
+fn model_json(app: &AppState) -> Value {
+    json!({
+        "id": app.service.model_name(),
+        "object": "model",
+        "created": app.started_unix,
+        "owned_by": "tidepool",
+    })
+}
+
+/// GET /v1/models
+pub async fn list_models(State(app): State<AppState>) -> Json<Value> {
+    Json(json!({"object": "list", "data": [model_json(&app)]}))
+}
+
+/// GET /v1/models/{id}
+pub async fn get_model(
+    State(app): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    check_model(&app, Some(&id))?;
+    Ok(Json(model_json(&app)))
+}
