@@ -1,0 +1,169 @@
+//! `tidepool bench`: measurements that print numbers (never timed assertions in tests).
+//!
+//! `bench engine` loads a model in-process and measures load time, resident memory after load,
+//! time to first token and single-stream decode speed, with no HTTP in between.
+
+use std::time::Instant;
+
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use serde::Serialize;
+use tidepool_core::engine::mistral::MistralEngine;
+use tidepool_core::engine::{DevicePreference, EngineConfig};
+use tidepool_core::memory::{human_bytes, process_rss_bytes};
+use tidepool_core::model_source::{self, ModelSpec, ModelStore};
+use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
+use tidepool_core::Engine;
+
+use crate::progress::BarProgress;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    kind: BenchKind,
+}
+
+#[derive(Subcommand)]
+enum BenchKind {
+    /// Single-stream speed of one in-process engine: load, RSS, TTFT, decode tokens/s.
+    Engine(EngineBench),
+}
+
+#[derive(Args)]
+struct EngineBench {
+    /// Catalog id, variant id or .gguf path.
+    #[arg(long)]
+    model: String,
+    /// Tokens to generate per run.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: u32,
+    /// Measured runs (after one warm-up).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    /// Run on the CPU even if a GPU is available.
+    #[arg(long)]
+    cpu: bool,
+    /// Print one JSON object instead of a table row.
+    #[arg(long)]
+    json: bool,
+    /// A label for the row (e.g. the build flavour).
+    #[arg(long, default_value = "")]
+    label: String,
+}
+
+#[derive(Serialize)]
+struct EngineResult {
+    label: String,
+    model: String,
+    types: String,
+    weights_bytes: u64,
+    load_s: f64,
+    rss_after_load_bytes: u64,
+    rss_growth_bytes: u64,
+    ttft_ms_median: f64,
+    decode_tok_s_median: f64,
+    tokens_per_run: Vec<u32>,
+}
+
+pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
+    match a.kind {
+        BenchKind::Engine(b) => engine(b).await,
+    }
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+async fn engine(b: EngineBench) -> anyhow::Result<()> {
+    let device = if b.cpu {
+        DevicePreference::Cpu
+    } else {
+        DevicePreference::Auto
+    };
+    let spec = ModelSpec::parse(&b.model);
+    let local = tokio::task::spawn_blocking(move || {
+        model_source::resolve(
+            &spec,
+            &ModelStore::from_env(),
+            device.class(),
+            &BarProgress::new(),
+        )
+    })
+    .await??;
+    let rss0 = process_rss_bytes();
+    let t0 = Instant::now();
+    let engine = MistralEngine::load(
+        &local,
+        &EngineConfig {
+            device,
+            max_sequences: 1,
+            prefix_cache_entries: 0,
+        },
+    )
+    .await?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let rss1 = process_rss_bytes();
+
+    let prompt =
+        "Write a long, detailed story about a lighthouse keeper who finds a message in a bottle. \
+                  Describe the sea, the weather, and every person in the village.";
+    let mut ttfts = Vec::new();
+    let mut speeds = Vec::new();
+    let mut tokens = Vec::new();
+    for i in 0..=b.runs {
+        let mut req = GenerationRequest::chat(vec![ChatMessage::new(Role::User, prompt)]);
+        req.sampling.max_tokens = Some(b.max_tokens);
+        req.sampling.temperature = Some(0.0);
+        let mut stream = engine.generate(req).await?;
+        while let Some(ev) = stream.next().await {
+            match ev {
+                GenerationEvent::Done { usage, .. } if i > 0 => {
+                    ttfts.push(usage.time_to_first_token.as_secs_f64() * 1000.0);
+                    speeds.push(usage.decode_tokens_per_second());
+                    tokens.push(usage.completion_tokens);
+                }
+                GenerationEvent::Error(e) => anyhow::bail!("generation failed: {e}"),
+                _ => {}
+            }
+        }
+    }
+    let info = engine.info();
+    let r = EngineResult {
+        label: b.label,
+        model: local.name,
+        types: info.gguf.type_mix(),
+        weights_bytes: info.gguf.tensor_bytes,
+        load_s,
+        rss_after_load_bytes: rss1,
+        rss_growth_bytes: rss1.saturating_sub(rss0),
+        ttft_ms_median: median(ttfts),
+        decode_tok_s_median: median(speeds),
+        tokens_per_run: tokens,
+    };
+    if b.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!(
+            "| {} | {} | {} | {:.2} s | {} | {:.0} ms | {:.1} tok/s | {:?} |",
+            r.label,
+            r.model,
+            r.types,
+            r.load_s,
+            human_bytes(r.rss_after_load_bytes),
+            r.ttft_ms_median,
+            r.decode_tok_s_median,
+            r.tokens_per_run
+        );
+    }
+    Ok(())
+}

