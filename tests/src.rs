@@ -1,0 +1,160 @@
+//! Helpers for Tidepool's cross-crate tests: fixture models made once per test binary, and the
+//! real server started in-process on an ephemeral port.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use tidepool_core::engine::mistral::MistralEngine;
+use tidepool_core::engine::{DevicePreference, EngineConfig};
+use tidepool_core::fixture::{write_fixture, FixtureOptions, FixtureShape};
+use tidepool_core::model_source::local_file;
+use tidepool_core::quant_plan::QuantScheme;
+use tidepool_core::service::{ModelState, Service};
+use tidepool_server::{AppState, HttpConfig};
+
+/// Where test fixtures live (reused across runs; they are deterministic).
+pub fn fixture_dir() -> PathBuf {
+    let dir = std::env::temp_dir().join("tidepool-test-fixtures");
+    std::fs::create_dir_all(&dir).expect("fixture dir");
+    dir
+}
+
+/// The tiny Qwen2-architecture fixture (Q8_0), generated once.
+pub fn tiny_fixture() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    static LOCK: Mutex<()> = Mutex::new(());
+    PATH.get_or_init(|| {
+        let _g = LOCK.lock().unwrap();
+        let path = fixture_dir().join("tiny-q8_0.gguf");
+        if !path.is_file() {
+            write_fixture(
+                &FixtureOptions {
+                    shape: FixtureShape::named("tiny").unwrap(),
+                    quant: QuantScheme::Q8_0,
+                    seed: 1,
+                },
+                &path,
+                &|_, _| {},
+            )
+            .expect("write tiny fixture");
+        }
+        path
+    })
+    .clone()
+}
+
+/// A server running in its own thread and runtime for the rest of the test binary.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub service: Arc<Service>,
+    stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
+}
+
+impl TestServer {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    /// Triggers graceful shutdown (as SIGTERM would).
+    pub fn begin_stop(&self) {
+        if let Some(tx) = self.stop.lock().unwrap().take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// Waits until the server has stopped.
+    pub fn wait_stopped(&self, timeout: std::time::Duration) -> bool {
+        match self.done.lock().unwrap().take() {
+            Some(rx) => rx.recv_timeout(timeout).is_ok(),
+            None => true,
+        }
+    }
+}
+
+/// Options for [`start_server`].
+#[derive(Clone)]
+pub struct ServerOptions {
+    pub model: Option<PathBuf>,
+    pub slots: usize,
+    pub http: HttpConfig,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        ServerOptions {
+            model: None,
+            slots: 4,
+            http: HttpConfig::default(),
+        }
+    }
+}
+
+/// Starts a server on 127.0.0.1:0. With `model: None` the model never loads (for 503 tests).
+pub fn start_server(opts: ServerOptions) -> TestServer {
+    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let name = opts
+                .model
+                .as_deref()
+                .map(model_name)
+                .unwrap_or_else(|| "never-loads".into());
+            let service = Service::new(name, Vec::new());
+            if let Some(path) = &opts.model {
+                let local = local_file(path).expect("fixture exists");
+                let engine = MistralEngine::load(
+                    &local,
+                    &EngineConfig {
+                        device: DevicePreference::Cpu,
+                        max_sequences: opts.slots,
+                        prefix_cache_entries: 16,
+                    },
+                )
+                .await
+                .expect("engine loads");
+                service.set_state(ModelState::Ready(Arc::new(engine)));
+            }
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            addr_tx
+                .send((listener.local_addr().unwrap(), service.clone()))
+                .unwrap();
+            tidepool_server::serve(listener, AppState::new(service), opts.http, async move {
+                let _ = stop_rx.await;
+            })
+            .await
+            .unwrap();
+            let _ = done_tx.send(());
+        });
+    });
+    let (addr, service) = addr_rx.recv().expect("server thread started");
+    TestServer {
+        addr,
+        service,
+        stop: Mutex::new(Some(stop_tx)),
+        done: Mutex::new(Some(done_rx)),
+    }
+}
+
+fn model_name(p: &Path) -> String {
+    p.file_stem().unwrap().to_string_lossy().into_owned()
+}
+
+/// The shared server on the tiny fixture, for tests that do not stop it.
+pub fn shared_tiny_server() -> &'static TestServer {
+    static SERVER: OnceLock<TestServer> = OnceLock::new();
+    SERVER.get_or_init(|| {
+        start_server(ServerOptions {
+            model: Some(tiny_fixture()),
+            ..Default::default()
+        })
+    })
+}
