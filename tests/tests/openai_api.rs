@@ -560,3 +560,41 @@ async fn graceful_shutdown_finishes_running_requests_and_refuses_new_ones() {
     assert_eq!(data.last().unwrap(), "[DONE]");
     assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
 }
+
+#[tokio::test]
+async fn client_disconnect_cancels_the_generation_and_frees_its_slot() {
+    let s = start_server(ServerOptions {
+        model: Some(tiny_fixture()),
+        slots: 1,
+        ..Default::default()
+    });
+    let mut resp = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"messages": user("long"), "max_tokens": 3000, "stream": true, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    assert!(resp.chunk().await.unwrap().is_some());
+    assert_eq!(s.service.in_flight(), 1);
+    drop(resp);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while s.service.in_flight() > 0 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        s.service.in_flight(),
+        0,
+        "the request should end when its client goes away"
+    );
+    // The only slot is free again for the next request.
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"messages": user("next"), "max_tokens": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    s.begin_stop();
+    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+}

@@ -140,7 +140,11 @@ async fn engine(b: EngineBench) -> anyhow::Result<()> {
     let info = engine.info();
     let r = EngineResult {
         label: b.label,
-        model: local.name,
+        // The file, not the catalog id: it names the quantization too.
+        model: local.files[0]
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or(local.name),
         types: info.gguf.type_mix(),
         weights_bytes: info.gguf.tensor_bytes,
         load_s,
