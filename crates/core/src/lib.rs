@@ -9,6 +9,7 @@
 //! - [`request`]: the internal request and event types every API adapter maps onto.
 //! - [`engine`]: the engine boundary and its mistral.rs implementation.
 //! - [`service`]: the front door the HTTP layer calls: which model, ready or not, submit.
+//! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
 
 pub mod catalog;
 pub mod config;
@@ -17,6 +18,7 @@ pub mod fixture;
 pub mod gguf_info;
 pub mod memory;
 pub mod model_source;
+pub mod policy;
 pub mod quant_plan;
 pub mod requantize;
 pub mod request;
