@@ -9,6 +9,7 @@
 //! - [`request`]: the internal request and event types every API adapter maps onto.
 //! - [`engine`]: the engine boundary and its mistral.rs implementation.
 //! - [`service`]: the front door the HTTP layer calls: which model, ready or not, submit.
+//! - [`ledger`]: memory reservations per worker against a budget.
 //! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
 
 pub mod catalog;
@@ -16,6 +17,7 @@ pub mod config;
 pub mod engine;
 pub mod fixture;
 pub mod gguf_info;
+pub mod ledger;
 pub mod memory;
 pub mod model_source;
 pub mod policy;

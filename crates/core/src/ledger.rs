@@ -1,0 +1,213 @@
+//! The memory ledger: what each worker reserves before it loads, and whether another one fits.
+//!
+//! A worker's reservation is its resident weights (the GGUF's tensor bytes plus the token
+//! embedding mistral.rs dequantizes to a dense table), the KV cache for its slots (KV bytes per
+//! token from the model's shapes × the context budget per slot × slots) and a measured overhead.
+//! The budget is the smaller of a configured cap and a fraction of the memory available when it is
+//! computed. Pure bookkeeping: the readings come from the caller.
+
+use std::collections::BTreeMap;
+
+use crate::gguf_info::GgufInfo;
+use crate::memory::human_bytes;
+
+/// Bytes one worker holds while it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reservation {
+    pub weights: u64,
+    pub kv_cache: u64,
+    pub overhead: u64,
+}
+
+impl Reservation {
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache + self.overhead
+    }
+}
+
+/// What sizes a worker's reservation.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerShape {
+    /// Concurrent sequences (its admission limit).
+    pub slots: u64,
+    /// Tokens of context each slot may hold (prompt + generation).
+    pub context_tokens: u64,
+    /// Bytes per KV element (2 for f16, 4 for f32).
+    pub kv_elem_bytes: u64,
+    /// Bytes per activation element, for the dense embedding table (4 on CPU, 2 on GPU).
+    pub activation_bytes: u64,
+    /// Runtime buffers beyond weights and KV, measured per model (see the README).
+    pub overhead: u64,
+}
+
+/// The reservation of one worker of `model` with `shape`.
+pub fn reservation(model: &GgufInfo, shape: &WorkerShape) -> Reservation {
+    Reservation {
+        weights: model.resident_weight_bytes(shape.activation_bytes),
+        kv_cache: model.shape.kv_bytes_per_token(shape.kv_elem_bytes)
+            * shape.context_tokens
+            * shape.slots,
+        overhead: shape.overhead,
+    }
+}
+
+/// The budget: `min(cap, fraction × available)`, where `available` is memory free now plus what
+/// the ledger already holds (reserved memory is in use by workers, not lost).
+pub fn budget(cap: Option<u64>, fraction: f64, available_now: u64, reserved: u64) -> u64 {
+    let by_fraction = ((available_now + reserved) as f64 * fraction.clamp(0.0, 1.0)) as u64;
+    cap.map_or(by_fraction, |c| c.min(by_fraction))
+}
+
+/// Why a reservation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("a worker needs {} but only {} of the {} budget is free", human_bytes(*.need), human_bytes(*.free), human_bytes(*.budget))]
+pub struct DoesNotFit {
+    pub need: u64,
+    pub free: u64,
+    pub budget: u64,
+}
+
+/// Reservations by worker id against a budget.
+#[derive(Debug, Clone, Default)]
+pub struct Ledger {
+    budget: u64,
+    held: BTreeMap<u64, Reservation>,
+}
+
+impl Ledger {
+    pub fn new(budget: u64) -> Ledger {
+        Ledger {
+            budget,
+            held: BTreeMap::new(),
+        }
+    }
+
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// A new budget (readings change); existing reservations stay even if now over it.
+    pub fn set_budget(&mut self, budget: u64) {
+        self.budget = budget;
+    }
+
+    pub fn reserved(&self) -> u64 {
+        self.held.values().map(Reservation::total).sum()
+    }
+
+    pub fn free(&self) -> u64 {
+        self.budget.saturating_sub(self.reserved())
+    }
+
+    /// Reserves `r` for worker `id`, or says why it does not fit.
+    pub fn try_reserve(&mut self, id: u64, r: Reservation) -> Result<(), DoesNotFit> {
+        let free = self.free();
+        if r.total() > free {
+            return Err(DoesNotFit {
+                need: r.total(),
+                free,
+                budget: self.budget,
+            });
+        }
+        self.held.insert(id, r);
+        Ok(())
+    }
+
+    /// Gives back worker `id`'s reservation (when it has stopped).
+    pub fn release(&mut self, id: u64) -> Option<Reservation> {
+        self.held.remove(&id)
+    }
+
+    pub fn get(&self, id: u64) -> Option<Reservation> {
+        self.held.get(&id).copied()
+    }
+
+    /// How many workers of reservation `r` the whole budget holds (for the policy's ceiling).
+    pub fn workers_that_fit(&self, r: Reservation) -> usize {
+        match r.total() {
+            0 => usize::MAX,
+            t => (self.budget / t) as usize,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf_info::ModelShape;
+
+    fn qwen05b_q4_0() -> GgufInfo {
+        GgufInfo {
+            files: Vec::new(),
+            name: None,
+            shape: ModelShape {
+                arch: "qwen2".into(),
+                context_length: 32768,
+                layers: 24,
+                kv_heads: 2,
+                head_dim: 64,
+                hidden: 896,
+                vocab: 151_936,
+            },
+            tensor_bytes: 278_200_000,
+            token_embd_bytes: 76_600_000,
+            tied_embeddings: true,
+            tensor_types: Default::default(),
+            n_tensors: 290,
+            has_chat_template: true,
+        }
+    }
+
+    #[test]
+    fn reservation_counts_weights_embedding_and_kv() {
+        let shape = WorkerShape {
+            slots: 4,
+            context_tokens: 4096,
+            kv_elem_bytes: 2,
+            activation_bytes: 4,
+            overhead: 100 << 20,
+        };
+        let r = reservation(&qwen05b_q4_0(), &shape);
+        // Dense f32 embedding: 151936 × 896 × 4.
+        assert_eq!(r.weights, 278_200_000 + 151_936 * 896 * 4);
+        // KV: 2 × 24 layers × 2 heads × 64 dims × 2 bytes = 12 KiB per token.
+        assert_eq!(r.kv_cache, 12_288 * 4096 * 4);
+        assert_eq!(r.total(), r.weights + r.kv_cache + (100 << 20));
+    }
+
+    #[test]
+    fn ledger_refuses_what_does_not_fit_and_releases() {
+        let r = Reservation {
+            weights: 600,
+            kv_cache: 200,
+            overhead: 100,
+        };
+        let mut l = Ledger::new(2000);
+        assert_eq!(l.workers_that_fit(r), 2);
+        l.try_reserve(1, r).unwrap();
+        l.try_reserve(2, r).unwrap();
+        let e = l.try_reserve(3, r).unwrap_err();
+        assert_eq!(
+            e,
+            DoesNotFit {
+                need: 900,
+                free: 200,
+                budget: 2000
+            }
+        );
+        assert!(e.to_string().contains("needs"), "{e}");
+        assert_eq!(l.release(1), Some(r));
+        assert_eq!(l.free(), 1100);
+        l.try_reserve(3, r).unwrap();
+        assert_eq!(l.reserved(), 1800);
+    }
+
+    #[test]
+    fn budget_is_the_smaller_of_cap_and_fraction() {
+        assert_eq!(budget(None, 0.5, 1000, 0), 500);
+        // What the ledger holds counts as available to it.
+        assert_eq!(budget(None, 0.5, 600, 400), 500);
+        assert_eq!(budget(Some(300), 0.5, 1000, 0), 300);
+        assert_eq!(budget(Some(900), 2.0, 1000, 0), 900);
+    }
+}
