@@ -10,6 +10,7 @@
 //! - [`engine`]: the engine boundary and its mistral.rs implementation.
 //! - [`service`]: the front door the HTTP layer calls: which model, ready or not, submit.
 //! - [`ledger`]: memory reservations per worker against a budget.
+//! - [`queue`]: the router's bounded priority queue with deadlines.
 //! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
 
 pub mod catalog;
@@ -22,6 +23,7 @@ pub mod memory;
 pub mod model_source;
 pub mod policy;
 pub mod quant_plan;
+pub mod queue;
 pub mod requantize;
 pub mod request;
 pub mod service;
