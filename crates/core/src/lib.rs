@@ -11,6 +11,7 @@
 //! - [`service`]: the front door the HTTP layer calls: which model, ready or not, submit.
 //! - [`ledger`]: memory reservations per worker against a budget.
 //! - [`queue`]: the router's bounded priority queue with deadlines.
+//! - [`pool`]: workers (engine instances) and the slots requests lease from them.
 //! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
 
 pub mod catalog;
@@ -22,6 +23,7 @@ pub mod ledger;
 pub mod memory;
 pub mod model_source;
 pub mod policy;
+pub mod pool;
 pub mod quant_plan;
 pub mod queue;
 pub mod requantize;

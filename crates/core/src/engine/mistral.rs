@@ -594,3 +594,28 @@ fn to_mistral_messages(messages: &[ChatMessage]) -> Vec<IndexMap<String, Message
         })
         .collect()
 }
+
+/// Makes pool workers that are mistral.rs instances of one model.
+pub struct MistralWorkers {
+    pub model: LocalModel,
+    pub config: EngineConfig,
+    pub reservation: crate::ledger::Reservation,
+}
+
+impl crate::pool::WorkerFactory for MistralWorkers {
+    fn reservation(&self) -> crate::ledger::Reservation {
+        self.reservation
+    }
+
+    fn slots(&self) -> usize {
+        self.config.max_sequences.max(1)
+    }
+
+    fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+        let (model, config) = (self.model.clone(), self.config.clone());
+        Box::pin(async move {
+            let engine = MistralEngine::load(&model, &config).await?;
+            Ok(Arc::new(engine) as Arc<dyn Engine>)
+        })
+    }
+}

@@ -1,0 +1,486 @@
+//! The worker pool: in-process engine instances ("workers"), each with its own slots, from which
+//! requests lease one slot at a time.
+//!
+//! - A worker moves Loading → Ready → Draining → Stopped. It is added only after its memory
+//!   reservation fits the [`Ledger`], loads off the request path, and is removed only by draining:
+//!   it takes no new lease and stops when its last one is returned, so no request is dropped.
+//! - [`Pool::acquire`] hands out a slot on the least-loaded Ready worker, or waits in the bounded
+//!   [`PriorityQueue`] until one frees up or its deadline passes. Dropping the waiting future (the
+//!   client went away) removes it from the queue at once; dropping a [`Lease`] frees its slot.
+//! - Every transition is an [`Event`] with its reason, kept in a ring buffer.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use tokio::sync::oneshot;
+
+use crate::engine::{Engine, EngineError};
+use crate::ledger::{DoesNotFit, Ledger, Reservation};
+use crate::queue::{Class, PriorityQueue, QueueFull, Ticket};
+
+/// Events kept for /admin/events and the dashboard.
+const EVENT_CAPACITY: usize = 256;
+
+/// Makes workers: loads one engine instance and says what one reserves.
+pub trait WorkerFactory: Send + Sync {
+    /// Memory one worker holds while it runs.
+    fn reservation(&self) -> Reservation;
+    /// Concurrent sequences per worker (its admission limit).
+    fn slots(&self) -> usize;
+    /// Loads one engine instance.
+    fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>>;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkerState {
+    Loading,
+    Ready,
+    Draining,
+    Stopped,
+}
+
+/// One scaling or worker event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    /// Unix time, seconds.
+    pub at: f64,
+    pub worker: Option<u64>,
+    pub from: Option<WorkerState>,
+    pub to: Option<WorkerState>,
+    pub message: String,
+}
+
+/// A worker as /admin/status shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct WorkerStatus {
+    pub id: u64,
+    pub state: WorkerState,
+    pub slots_busy: usize,
+    pub slots_total: usize,
+    pub reserved_bytes: u64,
+    pub age_s: f64,
+}
+
+/// Why no slot was handed out.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AcquireError {
+    #[error(transparent)]
+    QueueFull(#[from] QueueFull),
+    #[error("no worker freed a slot within the {0:.0} s deadline")]
+    DeadlineExceeded(f64),
+    #[error("the pool has stopped")]
+    Stopped,
+}
+
+struct Worker {
+    id: u64,
+    state: WorkerState,
+    engine: Option<Arc<dyn Engine>>,
+    slots: usize,
+    busy: usize,
+    started: Instant,
+}
+
+struct Inner {
+    workers: Vec<Worker>,
+    ledger: Ledger,
+    queue: PriorityQueue<oneshot::Sender<Lease>>,
+    events: VecDeque<Event>,
+    next_id: u64,
+    stopped: bool,
+}
+
+/// The pool. Share it as `Arc<Pool>`.
+pub struct Pool {
+    inner: Mutex<Inner>,
+    factory: Arc<dyn WorkerFactory>,
+    epoch: Instant,
+}
+
+/// One slot on one worker; dropping it gives the slot back.
+pub struct Lease {
+    /// `None` once disarmed (the slot was accounted for by other means).
+    pool: Option<Arc<Pool>>,
+    worker: u64,
+    engine: Arc<dyn Engine>,
+}
+
+impl Lease {
+    pub fn engine(&self) -> &Arc<dyn Engine> {
+        &self.engine
+    }
+
+    pub fn worker(&self) -> u64 {
+        self.worker
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(pool) = self.pool.take() {
+            pool.release(self.worker);
+        }
+    }
+}
+
+impl Pool {
+    pub fn new(factory: Arc<dyn WorkerFactory>, budget: u64, queue_capacity: usize) -> Arc<Pool> {
+        Arc::new(Pool {
+            inner: Mutex::new(Inner {
+                workers: Vec::new(),
+                ledger: Ledger::new(budget),
+                queue: PriorityQueue::new(queue_capacity),
+                events: VecDeque::new(),
+                next_id: 1,
+                stopped: false,
+            }),
+            factory,
+            epoch: Instant::now(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves plain counters behind: keep going.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Seconds since the pool started (the queue's clock).
+    fn now(&self) -> f64 {
+        self.epoch.elapsed().as_secs_f64()
+    }
+
+    /// A slot on the least-loaded Ready worker, waiting up to `deadline` in `class`.
+    pub async fn acquire(
+        self: &Arc<Self>,
+        class: Class,
+        deadline: Duration,
+    ) -> Result<Lease, AcquireError> {
+        let (tx, mut rx) = oneshot::channel();
+        let ticket = {
+            let mut inner = self.lock();
+            if inner.stopped {
+                return Err(AcquireError::Stopped);
+            }
+            if let Some(lease) = self.try_lease(&mut inner) {
+                return Ok(lease);
+            }
+            let now = self.now();
+            let rate = ready_slots(&inner) as f64;
+            inner
+                .queue
+                .push(tx, class, now, now + deadline.as_secs_f64(), rate)
+                .map_err(|(_, full)| AcquireError::QueueFull(full))?
+        };
+        // Leaves the queue if this future is dropped (client gone) or times out.
+        let mut waiting = Waiting {
+            pool: self,
+            ticket: Some(ticket),
+        };
+        match tokio::time::timeout(deadline, &mut rx).await {
+            Ok(Ok(lease)) => {
+                waiting.ticket = None;
+                Ok(lease)
+            }
+            Ok(Err(_)) => {
+                waiting.ticket = None;
+                Err(AcquireError::Stopped)
+            }
+            Err(_) => {
+                let removed = waiting
+                    .ticket
+                    .take()
+                    .and_then(|t| self.lock().queue.remove(t));
+                if removed.is_none() {
+                    // Handed a lease just as the deadline passed: use it.
+                    if let Ok(lease) = rx.try_recv() {
+                        return Ok(lease);
+                    }
+                }
+                Err(AcquireError::DeadlineExceeded(deadline.as_secs_f64()))
+            }
+        }
+    }
+
+    fn try_lease(self: &Arc<Self>, inner: &mut Inner) -> Option<Lease> {
+        let w = inner
+            .workers
+            .iter_mut()
+            .filter(|w| w.state == WorkerState::Ready && w.busy < w.slots)
+            .min_by_key(|w| (w.busy, w.id))?;
+        w.busy += 1;
+        Some(Lease {
+            pool: Some(self.clone()),
+            worker: w.id,
+            engine: w.engine.clone()?,
+        })
+    }
+
+    /// Hands free slots to waiting requests, most urgent first.
+    fn dispatch(self: &Arc<Self>, inner: &mut Inner) {
+        while !inner.queue.is_empty() {
+            let Some(lease) = self.try_lease(inner) else {
+                return;
+            };
+            let now = self.now();
+            let Some((_, tx, _)) = inner.queue.pop(now) else {
+                // Unreachable (the queue was not empty); give the slot back.
+                let mut lease = lease;
+                lease.pool = None;
+                release_slot(inner, lease.worker);
+                return;
+            };
+            if let Err(mut lease) = tx.send(lease) {
+                // The waiter is gone: its slot goes to the next one (the lock is held here, so
+                // the slot is returned directly rather than by the lease's drop).
+                lease.pool = None;
+                release_slot(inner, lease.worker);
+            }
+        }
+    }
+
+    fn release(self: &Arc<Self>, worker: u64) {
+        let mut inner = self.lock();
+        if let Some(stopped) = release_slot(&mut inner, worker) {
+            self.stop_worker(&mut inner, stopped);
+        }
+        self.dispatch(&mut inner);
+    }
+
+    fn event(
+        &self,
+        inner: &mut Inner,
+        worker: Option<u64>,
+        from: Option<WorkerState>,
+        to: Option<WorkerState>,
+        message: String,
+    ) {
+        tracing::info!(worker, from = ?from, to = ?to, "{message}");
+        let at = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or_default();
+        inner.events.push_back(Event {
+            at,
+            worker,
+            from,
+            to,
+            message,
+        });
+        while inner.events.len() > EVENT_CAPACITY {
+            inner.events.pop_front();
+        }
+    }
+
+    /// Adds one worker: reserves its memory, then loads it in the background. Returns its id.
+    pub fn add_worker(self: &Arc<Self>, reason: &str) -> Result<u64, DoesNotFit> {
+        let reservation = self.factory.reservation();
+        let id = {
+            let mut inner = self.lock();
+            let id = inner.next_id;
+            if let Err(e) = inner.ledger.try_reserve(id, reservation) {
+                let msg = format!("worker not started ({reason}): {e}");
+                self.event(&mut inner, None, None, None, msg);
+                return Err(e);
+            }
+            inner.next_id += 1;
+            inner.workers.push(Worker {
+                id,
+                state: WorkerState::Loading,
+                engine: None,
+                slots: self.factory.slots(),
+                busy: 0,
+                started: Instant::now(),
+            });
+            self.event(
+                &mut inner,
+                Some(id),
+                None,
+                Some(WorkerState::Loading),
+                format!("loading: {reason}"),
+            );
+            id
+        };
+        let pool = self.clone();
+        let load = self.factory.load();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = load.await;
+            let mut inner = pool.lock();
+            let Some(pos) = inner.workers.iter().position(|w| w.id == id) else {
+                return;
+            };
+            match result {
+                Ok(engine) if inner.workers[pos].state == WorkerState::Loading => {
+                    inner.workers[pos].engine = Some(engine);
+                    inner.workers[pos].state = WorkerState::Ready;
+                    let msg = format!("ready in {:.2} s", started.elapsed().as_secs_f64());
+                    pool.event(
+                        &mut inner,
+                        Some(id),
+                        Some(WorkerState::Loading),
+                        Some(WorkerState::Ready),
+                        msg,
+                    );
+                    pool.dispatch(&mut inner);
+                }
+                Ok(_) => {
+                    // Drained while loading: it never served.
+                    pool.stop_worker(&mut inner, id);
+                }
+                Err(e) => {
+                    let msg = format!("load failed: {e}");
+                    pool.event(
+                        &mut inner,
+                        Some(id),
+                        Some(WorkerState::Loading),
+                        Some(WorkerState::Stopped),
+                        msg,
+                    );
+                    inner.workers.remove(pos);
+                    inner.ledger.release(id);
+                }
+            }
+        });
+        Ok(id)
+    }
+
+    /// Starts draining one worker (the least busy; a loading one first): it takes no new requests
+    /// and stops when its last one finishes. Returns its id, or `None` when there is none.
+    pub fn drain_worker(self: &Arc<Self>, reason: &str) -> Option<u64> {
+        let mut inner = self.lock();
+        let w = inner
+            .workers
+            .iter_mut()
+            .filter(|w| matches!(w.state, WorkerState::Loading | WorkerState::Ready))
+            .min_by_key(|w| {
+                (
+                    w.state == WorkerState::Ready,
+                    w.busy,
+                    std::cmp::Reverse(w.id),
+                )
+            })?;
+        let (id, from, idle) = (w.id, w.state, w.busy == 0);
+        w.state = WorkerState::Draining;
+        self.event(
+            &mut inner,
+            Some(id),
+            Some(from),
+            Some(WorkerState::Draining),
+            format!("draining: {reason}"),
+        );
+        if idle && from == WorkerState::Ready {
+            self.stop_worker(&mut inner, id);
+        }
+        Some(id)
+    }
+
+    /// Removes a drained worker: drops its engine and gives back its reservation.
+    fn stop_worker(&self, inner: &mut Inner, id: u64) {
+        let Some(pos) = inner.workers.iter().position(|w| w.id == id) else {
+            return;
+        };
+        let w = inner.workers.remove(pos);
+        inner.ledger.release(id);
+        self.event(
+            inner,
+            Some(id),
+            Some(w.state),
+            Some(WorkerState::Stopped),
+            "stopped".into(),
+        );
+        if let Some(engine) = w.engine {
+            // Shutting an engine down joins its threads: not under the pool's lock.
+            std::thread::spawn(move || {
+                drop(engine);
+                crate::memory::return_freed_memory();
+            });
+        }
+    }
+
+    /// Workers Loading or Ready (the count the policy steers).
+    pub fn active_workers(&self) -> usize {
+        self.lock()
+            .workers
+            .iter()
+            .filter(|w| matches!(w.state, WorkerState::Loading | WorkerState::Ready))
+            .count()
+    }
+
+    pub fn workers(&self) -> Vec<WorkerStatus> {
+        let inner = self.lock();
+        inner
+            .workers
+            .iter()
+            .map(|w| WorkerStatus {
+                id: w.id,
+                state: w.state,
+                slots_busy: w.busy,
+                slots_total: w.slots,
+                reserved_bytes: inner.ledger.get(w.id).map_or(0, |r| r.total()),
+                age_s: w.started.elapsed().as_secs_f64(),
+            })
+            .collect()
+    }
+
+    pub fn queue_depth(&self, class: Class) -> usize {
+        self.lock().queue.depth(class)
+    }
+
+    pub fn events(&self) -> Vec<Event> {
+        self.lock().events.iter().cloned().collect()
+    }
+
+    /// (budget, reserved) bytes.
+    pub fn memory(&self) -> (u64, u64) {
+        let inner = self.lock();
+        (inner.ledger.budget(), inner.ledger.reserved())
+    }
+
+    /// How many workers the whole budget holds.
+    pub fn budget_workers(&self) -> usize {
+        let r = self.factory.reservation();
+        self.lock().ledger.workers_that_fit(r)
+    }
+
+    /// Refuses new work and fails every waiter (shutdown); running leases finish.
+    pub fn stop(&self) {
+        let mut inner = self.lock();
+        inner.stopped = true;
+        let waiting = inner.queue.expire(f64::INFINITY);
+        drop(waiting);
+    }
+}
+
+/// Frees one slot of `worker`; returns its id if that drained it completely.
+fn release_slot(inner: &mut Inner, worker: u64) -> Option<u64> {
+    let w = inner.workers.iter_mut().find(|w| w.id == worker)?;
+    w.busy = w.busy.saturating_sub(1);
+    (w.state == WorkerState::Draining && w.busy == 0).then_some(w.id)
+}
+
+fn ready_slots(inner: &Inner) -> usize {
+    inner
+        .workers
+        .iter()
+        .filter(|w| w.state == WorkerState::Ready)
+        .map(|w| w.slots)
+        .sum()
+}
+
+/// Removes a queued waiter when its future is dropped before it got a slot.
+struct Waiting<'a> {
+    pool: &'a Arc<Pool>,
+    ticket: Option<Ticket>,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if let Some(t) = self.ticket.take() {
+            self.pool.lock().queue.remove(t);
+        }
+    }
+}

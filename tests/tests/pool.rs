@@ -1,0 +1,158 @@
+//! The worker pool with real mistral.rs workers on the tiny fixture: workers load and serve, a
+//! full pool queues and refuses, deadlines expire, draining never drops a running request, and
+//! the ledger refuses a worker that does not fit.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use tidepool_core::engine::mistral::MistralWorkers;
+use tidepool_core::engine::{DevicePreference, EngineConfig};
+use tidepool_core::ledger::Reservation;
+use tidepool_core::model_source::local_file;
+use tidepool_core::pool::{AcquireError, Pool, WorkerState};
+use tidepool_core::queue::Class;
+use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
+use tidepool_tests::tiny_fixture;
+
+const RESERVATION: Reservation = Reservation {
+    weights: 400,
+    kv_cache: 100,
+    overhead: 0,
+};
+
+fn pool(budget: u64, queue: usize) -> Arc<Pool> {
+    let factory = MistralWorkers {
+        model: local_file(&tiny_fixture()).unwrap(),
+        config: EngineConfig {
+            device: DevicePreference::Cpu,
+            max_sequences: 1,
+            prefix_cache_entries: 0,
+        },
+        reservation: RESERVATION,
+    };
+    Pool::new(Arc::new(factory), budget, queue)
+}
+
+async fn wait_ready(p: &Pool, n: usize) {
+    for _ in 0..500 {
+        let ready = p
+            .workers()
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .count();
+        if ready >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("workers did not become ready: {:?}", p.workers());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_load_serve_queue_and_drain() {
+    let p = pool(1000, 1);
+    let a = p.add_worker("test").unwrap();
+    let b = p.add_worker("test").unwrap();
+    assert_ne!(a, b);
+    // A third does not fit the 1000-byte budget (500 each), and says so.
+    let e = p.add_worker("test").unwrap_err();
+    assert_eq!(e.need, 500);
+    assert!(p.events().iter().any(|e| e.message.contains("not started")));
+    wait_ready(&p, 2).await;
+    assert_eq!(p.memory(), (1000, 1000));
+
+    // One slot each: two leases land on different workers.
+    let l1 = p
+        .acquire(Class::Standard, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let l2 = p
+        .acquire(Class::Standard, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_ne!(l1.worker(), l2.worker());
+
+    // A lease really generates.
+    let mut req = GenerationRequest::chat(vec![ChatMessage::new(Role::User, "hi")]);
+    req.sampling.max_tokens = Some(4);
+    let mut stream = l1.engine().generate(req).await.unwrap();
+    let mut done = false;
+    while let Some(ev) = stream.next().await {
+        done |= matches!(ev, GenerationEvent::Done { .. });
+    }
+    assert!(done);
+
+    // Full: the next waits and its deadline expires cleanly.
+    let err = p
+        .acquire(Class::Standard, Duration::from_millis(100))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, AcquireError::DeadlineExceeded(_)), "{err}");
+    // One waiter fits the queue; a second is refused with a retry hint.
+    let p2 = p.clone();
+    let waiter = tokio::spawn(async move {
+        p2.acquire(Class::Interactive, Duration::from_secs(10))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(p.queue_depth(Class::Interactive), 1);
+    let err = p
+        .acquire(Class::Batch, Duration::from_secs(1))
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(err, AcquireError::QueueFull(_)), "{err}");
+    // Freeing a slot hands it to the waiter.
+    let freed = l1.worker();
+    drop(l1);
+    let l3 = waiter.await.unwrap().unwrap();
+    assert_eq!(l3.worker(), freed);
+
+    // Draining a busy worker keeps it until its lease ends, then stops it and frees its memory.
+    let drained = p.drain_worker("test").unwrap();
+    let held = if l2.worker() == drained { l2 } else { l3 };
+    assert!(p
+        .workers()
+        .iter()
+        .any(|w| w.id == drained && w.state == WorkerState::Draining));
+    assert_eq!(p.active_workers(), 1);
+    drop(held);
+    assert!(p.workers().iter().all(|w| w.id != drained));
+    assert_eq!(p.memory().1, 500);
+    assert!(p
+        .events()
+        .iter()
+        .any(|e| e.worker == Some(drained) && e.to == Some(WorkerState::Stopped)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_that_goes_away_leaves_the_queue() {
+    let p = pool(500, 4);
+    p.add_worker("test").unwrap();
+    wait_ready(&p, 1).await;
+    let held = p
+        .acquire(Class::Standard, Duration::from_secs(5))
+        .await
+        .unwrap();
+    let p2 = p.clone();
+    let waiter = tokio::spawn(async move {
+        p2.acquire(Class::Standard, Duration::from_secs(30))
+            .await
+            .is_ok()
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert_eq!(p.queue_depth(Class::Standard), 1);
+    waiter.abort();
+    let _ = waiter.await;
+    assert_eq!(p.queue_depth(Class::Standard), 0);
+    drop(held);
+    // The slot is free for the next request at once.
+    let l = tokio::time::timeout(
+        Duration::from_secs(1),
+        p.acquire(Class::Standard, Duration::from_secs(1)),
+    )
+    .await;
+    assert!(l.unwrap().is_ok());
+}
