@@ -5,10 +5,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use tidepool_core::engine::mistral::MistralEngine;
+use tidepool_core::engine::mistral::{MistralEngine, MistralWorkers};
 use tidepool_core::engine::{DevicePreference, EngineConfig};
 use tidepool_core::fixture::{write_fixture, FixtureOptions, FixtureShape};
+use tidepool_core::ledger::Reservation;
 use tidepool_core::model_source::local_file;
+use tidepool_core::pool::Pool;
 use tidepool_core::quant_plan::QuantScheme;
 use tidepool_core::service::{ModelState, Service};
 use tidepool_server::{AppState, HttpConfig};
@@ -79,6 +81,9 @@ pub struct ServerOptions {
     pub model: Option<PathBuf>,
     pub slots: usize,
     pub http: HttpConfig,
+    /// Serve through a worker pool of one worker, with this queue capacity and deadline,
+    /// instead of straight from one engine.
+    pub pool: Option<(usize, std::time::Duration)>,
 }
 
 impl Default for ServerOptions {
@@ -87,6 +92,7 @@ impl Default for ServerOptions {
             model: None,
             slots: 4,
             http: HttpConfig::default(),
+            pool: None,
         }
     }
 }
@@ -111,17 +117,37 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
             let service = Service::new(name, Vec::new());
             if let Some(path) = &opts.model {
                 let local = local_file(path).expect("fixture exists");
-                let engine = MistralEngine::load(
-                    &local,
-                    &EngineConfig {
-                        device: DevicePreference::Cpu,
-                        max_sequences: opts.slots,
-                        prefix_cache_entries: 16,
-                    },
-                )
-                .await
-                .expect("engine loads");
-                service.set_state(ModelState::Ready(Arc::new(engine)));
+                let config = EngineConfig {
+                    device: DevicePreference::Cpu,
+                    max_sequences: opts.slots,
+                    prefix_cache_entries: 16,
+                };
+                match opts.pool {
+                    None => {
+                        let engine = MistralEngine::load(&local, &config)
+                            .await
+                            .expect("engine loads");
+                        service.set_state(ModelState::Ready(Arc::new(engine)));
+                    }
+                    Some((queue, deadline)) => {
+                        let factory = MistralWorkers {
+                            model: local,
+                            config,
+                            reservation: Reservation {
+                                weights: 1,
+                                kv_cache: 0,
+                                overhead: 0,
+                            },
+                        };
+                        let pool = Pool::new(Arc::new(factory), 1, queue);
+                        pool.add_worker("test").expect("fits");
+                        while pool.any_engine().is_none() {
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        }
+                        service.set_queue_deadline(deadline);
+                        service.set_state(ModelState::Pooled(pool));
+                    }
+                }
             }
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             addr_tx

@@ -598,3 +598,50 @@ async fn client_disconnect_cancels_the_generation_and_frees_its_slot() {
     s.begin_stop();
     assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
 }
+
+#[tokio::test]
+async fn a_full_pool_queues_then_refuses_with_429_and_deadlines_expire_cleanly() {
+    let s = start_server(ServerOptions {
+        model: Some(tiny_fixture()),
+        slots: 1,
+        pool: Some((1, std::time::Duration::from_millis(400))),
+        ..Default::default()
+    });
+    // The only slot is taken by a long generation...
+    let mut holder = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"messages": user("long"), "max_tokens": 3000, "stream": true, "temperature": 0}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(holder.status(), 200);
+    assert!(holder.chunk().await.unwrap().is_some());
+    // ...one request waits in the one-place queue...
+    let waiting = tokio::spawn(
+        client()
+            .post(s.url("/v1/chat/completions"))
+            .json(&json!({"messages": user("wait"), "max_tokens": 2}))
+            .send(),
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    // ...and the next is refused at once with 429 and Retry-After.
+    let r = client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"messages": user("refused"), "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 429);
+    assert!(r.headers().contains_key("retry-after"));
+    let v: Value = r.json().await.unwrap();
+    assert_openai_error(&v, None);
+    assert_eq!(v["error"]["code"], "queue_full");
+    // The waiting one runs out its 400 ms deadline: an OpenAI error, not a hang.
+    let r = waiting.await.unwrap().unwrap();
+    assert_eq!(r.status(), 503);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "deadline_exceeded");
+    drop(holder);
+    s.begin_stop();
+    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+}

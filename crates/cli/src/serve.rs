@@ -8,12 +8,16 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use tidepool_core::autoscale::Autoscaler;
 use tidepool_core::catalog::Catalog;
 use tidepool_core::config::{Config, DeviceSetting};
-use tidepool_core::engine::mistral::MistralEngine;
+use tidepool_core::engine::mistral::MistralWorkers;
 use tidepool_core::engine::{DevicePreference, EngineConfig};
-use tidepool_core::memory::{human_bytes, process_rss_bytes};
+use tidepool_core::gguf_info::GgufInfo;
+use tidepool_core::ledger::{self, WorkerShape};
+use tidepool_core::memory::{available_memory_bytes, human_bytes, process_rss_bytes};
 use tidepool_core::model_source::{self, LocalModel, ModelSpec, ModelStore};
+use tidepool_core::pool::{Pool, WorkerState};
 use tidepool_core::service::{ModelState, Service};
 use tidepool_server::{AppState, HttpConfig};
 
@@ -198,19 +202,76 @@ async fn load_model(
         max_sequences: cfg.model.slots,
         prefix_cache_entries: cfg.model.prefix_cache,
     };
+    // The pool: every worker reserves its weights, KV cache for its slots and overhead.
+    let gguf = GgufInfo::read(&local.files)?;
+    let shape = WorkerShape {
+        slots: cfg.model.slots as u64,
+        context_tokens: cfg.pool.context_tokens,
+        kv_elem_bytes: 2,
+        activation_bytes: 4,
+        overhead: cfg.pool.overhead_mib << 20,
+    };
+    let reservation = ledger::reservation(&gguf, &shape);
+    let budget = ledger::budget(
+        cfg.pool.memory_cap_mib.map(|m| m << 20),
+        cfg.pool.memory_fraction,
+        available_memory_bytes(),
+        0,
+    );
+    tracing::info!(
+        per_worker = %human_bytes(reservation.total()),
+        weights = %human_bytes(reservation.weights),
+        kv_cache = %human_bytes(reservation.kv_cache),
+        budget = %human_bytes(budget),
+        "memory plan: {} worker(s) fit",
+        budget / reservation.total().max(1)
+    );
+    let factory = MistralWorkers {
+        model: local.clone(),
+        config: engine_cfg,
+        reservation,
+    };
+    let pool = Pool::new(Arc::new(factory), budget, cfg.pool.queue_capacity);
     let rss_before = process_rss_bytes();
     let started = std::time::Instant::now();
-    let engine = MistralEngine::load(&local, &engine_cfg).await?;
-    let info = tidepool_core::Engine::info(&engine).clone();
-    tracing::info!(
-        model = %info.model,
-        device = %info.device.name,
-        weights = %human_bytes(info.gguf.tensor_bytes),
-        rss_growth = %human_bytes(process_rss_bytes().saturating_sub(rss_before)),
-        "model loaded in {:.1}s; ready",
-        started.elapsed().as_secs_f64()
-    );
-    service.set_state(ModelState::Ready(Arc::new(engine)));
+    let first = pool
+        .add_worker("startup")
+        .map_err(|e| anyhow::anyhow!("the first worker does not fit in memory: {e}"))?;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        let workers = pool.workers();
+        match workers.iter().find(|w| w.id == first) {
+            Some(w) if w.state == WorkerState::Ready => break,
+            Some(_) => continue,
+            None => {
+                let why = pool
+                    .events()
+                    .into_iter()
+                    .rev()
+                    .find(|e| e.worker == Some(first))
+                    .map(|e| e.message)
+                    .unwrap_or_else(|| "the worker stopped".into());
+                anyhow::bail!("{} failed to load: {why}", local.name);
+            }
+        }
+    }
+    let info = pool.any_engine().map(|e| e.info().clone());
+    if let Some(info) = info {
+        tracing::info!(
+            model = %info.model,
+            device = %info.device.name,
+            weights = %human_bytes(info.gguf.tensor_bytes),
+            rss_growth = %human_bytes(process_rss_bytes().saturating_sub(rss_before)),
+            "model loaded in {:.1}s; ready",
+            started.elapsed().as_secs_f64()
+        );
+    }
+    service.set_queue_deadline(std::time::Duration::from_secs_f64(
+        cfg.pool.queue_deadline_s,
+    ));
+    service.set_state(ModelState::Pooled(pool.clone()));
+    Autoscaler::new(pool, service.clone(), cfg.policy.clone())
+        .spawn(std::time::Duration::from_secs(1));
     Ok(())
 }
 

@@ -33,6 +33,39 @@ pub enum ConfigError {
 pub struct Config {
     pub server: ServerConfig,
     pub model: ModelConfig,
+    pub pool: PoolConfig,
+    pub policy: crate::policy::PolicyConfig,
+}
+
+/// The worker pool's memory budget, reservations and queue.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoolConfig {
+    /// Share of the memory available at start that workers may reserve.
+    pub memory_fraction: f64,
+    /// An absolute cap on what workers reserve, MiB; unset means only the fraction applies.
+    pub memory_cap_mib: Option<u64>,
+    /// Tokens of context reserved per slot for the KV cache.
+    pub context_tokens: u64,
+    /// Runtime memory per worker beyond weights and KV cache, MiB.
+    pub overhead_mib: u64,
+    /// Requests that may wait for a slot; more get 429.
+    pub queue_capacity: usize,
+    /// Seconds a request may wait for a slot.
+    pub queue_deadline_s: f64,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            memory_fraction: 0.6,
+            memory_cap_mib: None,
+            context_tokens: 4096,
+            overhead_mib: 160,
+            queue_capacity: 64,
+            queue_deadline_s: 30.0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -126,6 +159,24 @@ impl Config {
                 ),
             ));
         }
+        if !(self.pool.memory_fraction > 0.0 && self.pool.memory_fraction <= 1.0) {
+            return Err(invalid(
+                "pool.memory_fraction",
+                format!("must be in (0, 1], got {}", self.pool.memory_fraction),
+            ));
+        }
+        if self.pool.queue_capacity == 0 {
+            return Err(invalid("pool.queue_capacity", "must be at least 1".into()));
+        }
+        if self.pool.queue_deadline_s.is_nan() || self.pool.queue_deadline_s <= 0.0 {
+            return Err(invalid("pool.queue_deadline_s", "must be above 0".into()));
+        }
+        if self.pool.context_tokens == 0 {
+            return Err(invalid("pool.context_tokens", "must be at least 1".into()));
+        }
+        if let Err((key, message)) = self.policy.validate() {
+            return Err(invalid(&key, message));
+        }
         if !(1..=256).contains(&self.model.slots) {
             return Err(invalid(
                 "model.slots",
@@ -159,8 +210,30 @@ mod tests {
     }
 
     #[test]
+    fn the_readme_example_is_valid() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\n").expect("README has a TOML example") + 8;
+        let len = readme[start..].find("```").unwrap();
+        let c = Config::parse(&readme[start..start + len], "README.md").unwrap();
+        assert_eq!(c.policy.up.window_s, 3.0);
+        assert_eq!(c.pool.queue_capacity, 64);
+    }
+
+    #[test]
     fn semantic_validation() {
         let e = Config::parse("[model]\nslots = 0\n", "t.toml").unwrap_err();
         assert!(e.to_string().contains("model.slots"), "{e}");
+        let e = Config::parse("[policy]\nmin_workers = 9\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("policy.min_workers"), "{e}");
+        let e = Config::parse("[pool]\nmemory_fraction = 1.5\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("pool.memory_fraction"), "{e}");
+        let c = Config::parse(
+            "[policy]\nmax_workers = 3\n[[policy.schedule]]\nstart = \"07:50\"\nend = \"09:00\"\nmin_workers = 2\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.policy.schedule[0].min_workers, 2);
+        let e = Config::parse("[policy.up]\nwindow = 3\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
     }
 }

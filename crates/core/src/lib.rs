@@ -12,8 +12,10 @@
 //! - [`ledger`]: memory reservations per worker against a budget.
 //! - [`queue`]: the router's bounded priority queue with deadlines.
 //! - [`pool`]: workers (engine instances) and the slots requests lease from them.
+//! - [`autoscale`]: the control loop from signals through the policy to the pool.
 //! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
 
+pub mod autoscale;
 pub mod catalog;
 pub mod config;
 pub mod engine;

@@ -23,6 +23,13 @@ pub fn process_rss_bytes() -> u64 {
 }
 
 /// Bytes as a short human string (MiB/GiB, binary units).
+/// Memory the OS could give this process now (RAM available, not just free), bytes.
+pub fn available_memory_bytes() -> u64 {
+    let mut sys = sysinfo::System::new();
+    sys.refresh_memory();
+    sys.available_memory()
+}
+
 /// Asks the allocator to hand freed memory back to the OS. glibc keeps freed chunks in its arenas
 /// (one per thread that allocated), so after a worker's engine is dropped the process RSS would not
 /// fall without this.

@@ -401,6 +401,15 @@ impl Pool {
         }
     }
 
+    /// Some Ready worker's engine (for work that needs no slot, like counting tokens).
+    pub fn any_engine(&self) -> Option<Arc<dyn Engine>> {
+        self.lock()
+            .workers
+            .iter()
+            .find(|w| w.state == WorkerState::Ready)
+            .and_then(|w| w.engine.clone())
+    }
+
     /// Workers Loading or Ready (the count the policy steers).
     pub fn active_workers(&self) -> usize {
         self.lock()

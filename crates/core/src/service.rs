@@ -11,6 +11,8 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::engine::{Engine, EngineError, GenerationStream};
+use crate::pool::{AcquireError, Pool};
+use crate::queue::Class;
 use crate::request::{GenerationRequest, Prompt, ToolSpec};
 
 /// Why a request could not be started.
@@ -22,15 +24,42 @@ pub enum SubmitError {
     /// The server is shutting down (HTTP 503).
     #[error("the server is shutting down")]
     ShuttingDown,
+    /// Every worker is busy and the queue is full (HTTP 429).
+    #[error("{message}")]
+    Busy { message: String, retry_after_s: u64 },
+    /// No worker freed a slot before the request's deadline (HTTP 503).
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
+}
+
+impl From<AcquireError> for SubmitError {
+    fn from(e: AcquireError) -> Self {
+        match e {
+            AcquireError::QueueFull(f) => SubmitError::Busy {
+                message: format!("The server is busy: {f}."),
+                retry_after_s: f.retry_after_s,
+            },
+            AcquireError::DeadlineExceeded(_) => SubmitError::DeadlineExceeded(format!(
+                "The request waited in the queue past its deadline: {e}."
+            )),
+            AcquireError::Stopped => SubmitError::ShuttingDown,
+        }
+    }
 }
 
 /// Where the served model stands.
 #[derive(Clone)]
 pub enum ModelState {
-    Loading { since: Instant, detail: String },
+    Loading {
+        since: Instant,
+        detail: String,
+    },
+    /// One engine, every request straight to it (tests, benchmarks).
     Ready(Arc<dyn Engine>),
+    /// The elastic pool: requests lease a slot on a worker, waiting in its queue if need be.
+    Pooled(Arc<Pool>),
     Failed(String),
 }
 
@@ -51,6 +80,11 @@ pub struct Service {
     state: RwLock<ModelState>,
     shutting_down: std::sync::atomic::AtomicBool,
     in_flight: Arc<AtomicUsize>,
+    /// Requests submitted since start, and when the last one came (load signals).
+    arrivals: std::sync::atomic::AtomicU64,
+    last_arrival: std::sync::Mutex<Option<Instant>>,
+    /// How long a pooled request may wait for a slot.
+    queue_deadline: RwLock<std::time::Duration>,
 }
 
 /// Counts a generation as running from submission until its stream is dropped.
@@ -79,6 +113,9 @@ impl Service {
             }),
             shutting_down: Default::default(),
             in_flight: Default::default(),
+            arrivals: Default::default(),
+            last_arrival: Default::default(),
+            queue_deadline: RwLock::new(std::time::Duration::from_secs(30)),
         })
     }
 
@@ -115,15 +152,56 @@ impl Service {
                 detail: detail.clone(),
                 seconds: since.elapsed().as_secs_f64(),
             },
-            ModelState::Ready(_) => ModelStatus::Ready,
+            ModelState::Ready(_) | ModelState::Pooled(_) => ModelStatus::Ready,
             ModelState::Failed(e) => ModelStatus::Failed { error: e.clone() },
         }
     }
 
-    /// The ready engine, if any.
+    /// The pool, when the model is served by one.
+    pub fn pool(&self) -> Option<Arc<Pool>> {
+        match &*self.state.read().unwrap() {
+            ModelState::Pooled(p) => Some(p.clone()),
+            _ => None,
+        }
+    }
+
+    pub fn set_queue_deadline(&self, d: std::time::Duration) {
+        *self.queue_deadline.write().unwrap() = d;
+    }
+
+    /// Requests submitted so far (a counter; the autoscaler derives the rate).
+    pub fn arrivals(&self) -> u64 {
+        self.arrivals.load(Ordering::Relaxed)
+    }
+
+    /// Time since the last request arrived, if any did.
+    pub fn idle_for(&self) -> Option<std::time::Duration> {
+        self.last_arrival.lock().unwrap().map(|t| t.elapsed())
+    }
+
+    /// Where requests go: one engine, or the pool.
+    fn backend(&self) -> Result<Backend, SubmitError> {
+        match &*self.state.read().unwrap() {
+            ModelState::Ready(e) => Ok(Backend::Engine(e.clone())),
+            ModelState::Pooled(p) => Ok(Backend::Pool(p.clone())),
+            ModelState::Loading { detail, .. } => Err(SubmitError::NotReady(format!(
+                "the model `{}` is still loading ({detail})",
+                self.model_name()
+            ))),
+            ModelState::Failed(e) => Err(SubmitError::NotReady(format!(
+                "the model `{}` failed to load: {e}",
+                self.model_name()
+            ))),
+        }
+    }
+
+    /// The ready engine, if any (a pooled model lends any Ready worker's).
     pub fn engine(&self) -> Result<Arc<dyn Engine>, SubmitError> {
         match &*self.state.read().unwrap() {
             ModelState::Ready(e) => Ok(e.clone()),
+            ModelState::Pooled(p) => p.any_engine().ok_or_else(|| {
+                SubmitError::NotReady("no worker is running yet; one is starting".into())
+            }),
             ModelState::Loading { detail, .. } => Err(SubmitError::NotReady(format!(
                 "the model `{}` is still loading ({detail})",
                 self.model_name()
@@ -150,14 +228,33 @@ impl Service {
         &self,
         request: GenerationRequest,
     ) -> Result<GenerationStream, SubmitError> {
+        self.submit_as(request, Class::Standard).await
+    }
+
+    /// Starts a generation in priority `class` (pooled models queue by class).
+    pub async fn submit_as(
+        &self,
+        request: GenerationRequest,
+        class: Class,
+    ) -> Result<GenerationStream, SubmitError> {
         if self.is_shutting_down() {
             return Err(SubmitError::ShuttingDown);
         }
-        let engine = self.engine()?;
+        let backend = self.backend()?;
+        self.arrivals.fetch_add(1, Ordering::Relaxed);
+        *self.last_arrival.lock().unwrap() = Some(Instant::now());
         let guard = InFlightGuard::new(&self.in_flight);
-        let stream = engine.generate(request).await?;
+        let (stream, lease) = match backend {
+            Backend::Engine(engine) => (engine.generate(request).await?, None),
+            Backend::Pool(pool) => {
+                let deadline = *self.queue_deadline.read().unwrap();
+                let lease = pool.acquire(class, deadline).await?;
+                (lease.engine().generate(request).await?, Some(lease))
+            }
+        };
+        // The stream owns the slot: dropping it (finished, or the client left) frees both.
         Ok(Box::pin(stream.map(move |event| {
-            let _running = &guard;
+            let _running = (&guard, &lease);
             event
         })))
     }
@@ -167,7 +264,7 @@ impl Service {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Tokens `prompt` occupies once rendered.
+    /// Tokens `prompt` occupies once rendered (needs a running engine).
     pub async fn count_tokens(
         &self,
         prompt: &Prompt,
@@ -176,4 +273,9 @@ impl Service {
         let engine = self.engine()?;
         Ok(engine.count_tokens(prompt, tools).await?)
     }
+}
+
+enum Backend {
+    Engine(Arc<dyn Engine>),
+    Pool(Arc<Pool>),
 }

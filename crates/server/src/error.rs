@@ -128,6 +128,18 @@ impl From<SubmitError> for ApiError {
         match e {
             SubmitError::NotReady(m) => ApiError::unavailable(m, 5),
             SubmitError::ShuttingDown => ApiError::unavailable(e.to_string(), 5),
+            SubmitError::Busy {
+                message,
+                retry_after_s,
+            } => ApiError {
+                code: Some("queue_full"),
+                retry_after: Some(retry_after_s),
+                ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+            },
+            SubmitError::DeadlineExceeded(m) => ApiError {
+                code: Some("deadline_exceeded"),
+                ..ApiError::unavailable(m, 1)
+            },
             SubmitError::Engine(e) => e.into(),
         }
     }
