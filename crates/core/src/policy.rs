@@ -324,7 +324,9 @@ impl Policy {
 
         self.history.push_back((now, raw));
         let keep = c.up.window_s.max(c.down.stabilization_s);
-        while self.history.front().is_some_and(|&(t, _)| t < now - keep) {
+        // Keep the newest sample at or before the longest window's start, so `covered` can tell
+        // that history reaches back that far even when ticks do not land on whole seconds.
+        while self.history.len() >= 2 && self.history[1].0 <= now - keep {
             self.history.pop_front();
         }
         let window = |w: f64| self.history.iter().filter(move |&&(t, _)| t >= now - w);
@@ -479,6 +481,22 @@ mod tests {
         );
         assert_eq!(w[245], 1);
         assert_eq!(w[299], 1);
+    }
+
+    #[test]
+    fn scales_down_when_ticks_do_not_land_on_whole_seconds() {
+        let mut p = Policy::new(cfg());
+        let mut workers = 3;
+        for i in 0..200 {
+            let t = i as f64 * 1.0003;
+            let s = Signals {
+                arrival_rate: 0.0,
+                idle_s: Some(0.0),
+                ..Signals::default()
+            };
+            workers = p.tick(t, &s, pool(workers)).workers;
+        }
+        assert_eq!(workers, 1);
     }
 
     #[test]
