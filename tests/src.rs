@@ -5,11 +5,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use tidepool_core::autoscale::Autoscaler;
 use tidepool_core::engine::mistral::{MistralEngine, MistralWorkers};
 use tidepool_core::engine::{DevicePreference, EngineConfig};
 use tidepool_core::fixture::{write_fixture, FixtureOptions, FixtureShape};
 use tidepool_core::ledger::Reservation;
 use tidepool_core::model_source::local_file;
+use tidepool_core::policy::PolicyConfig;
 use tidepool_core::pool::Pool;
 use tidepool_core::quant_plan::QuantScheme;
 use tidepool_core::service::{ModelState, Service};
@@ -115,6 +117,7 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
                 .map(model_name)
                 .unwrap_or_else(|| "never-loads".into());
             let service = Service::new(name, Vec::new());
+            let state = AppState::new(service.clone());
             if let Some(path) = &opts.model {
                 let local = local_file(path).expect("fixture exists");
                 let config = EngineConfig {
@@ -139,13 +142,23 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
                                 overhead: 0,
                             },
                         };
-                        let pool = Pool::new(Arc::new(factory), 1, queue);
+                        // The budget holds two workers; the control loop is not ticking, so
+                        // the pool changes size only through /admin/scale.
+                        let pool = Pool::new(Arc::new(factory), 2, queue);
                         pool.add_worker("test").expect("fits");
                         while pool.any_engine().is_none() {
                             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
                         }
                         service.set_queue_deadline(deadline);
-                        service.set_state(ModelState::Pooled(pool));
+                        service.set_state(ModelState::Pooled(pool.clone()));
+                        let policy = PolicyConfig {
+                            max_workers: 2,
+                            ..PolicyConfig::default()
+                        };
+                        let _ =
+                            state
+                                .autoscaler
+                                .set(Autoscaler::new(pool, service.clone(), policy));
                     }
                 }
             }
@@ -153,7 +166,7 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
             addr_tx
                 .send((listener.local_addr().unwrap(), service.clone()))
                 .unwrap();
-            tidepool_server::serve(listener, AppState::new(service), opts.http, async move {
+            tidepool_server::serve(listener, state, opts.http, async move {
                 let _ = stop_rx.await;
             })
             .await

@@ -101,19 +101,20 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("listening on a non-loopback address: other machines can reach this server");
     }
 
+    let state = AppState::new(service.clone());
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
     {
         let service = service.clone();
         let cfg = cfg.clone();
+        let autoscaler = state.autoscaler.clone();
         tokio::spawn(async move {
-            if let Err(e) = load_model(&service, spec, explicit_model, &cfg).await {
+            if let Err(e) = load_model(&service, spec, explicit_model, &cfg, &autoscaler).await {
                 service.set_state(ModelState::Failed(format!("{e:#}")));
                 let _ = fatal_tx.send(e).await;
             }
         });
     }
 
-    let state = AppState::new(service.clone());
     let http = HttpConfig {
         body_limit: cfg.server.body_limit_mib * 1024 * 1024,
         drain_timeout: Duration::from_secs(cfg.server.drain_timeout_s),
@@ -172,6 +173,7 @@ async fn load_model(
     spec: ModelSpec,
     explicit: bool,
     cfg: &Config,
+    autoscaler: &std::sync::OnceLock<Arc<Autoscaler>>,
 ) -> anyhow::Result<()> {
     let device = device_pref(cfg);
     let local = match fetch(service, spec.clone(), device).await {
@@ -270,8 +272,9 @@ async fn load_model(
         cfg.pool.queue_deadline_s,
     ));
     service.set_state(ModelState::Pooled(pool.clone()));
-    Autoscaler::new(pool, service.clone(), cfg.policy.clone())
-        .spawn(std::time::Duration::from_secs(1));
+    let scaler = Autoscaler::new(pool, service.clone(), cfg.policy.clone());
+    scaler.spawn(std::time::Duration::from_secs(1));
+    let _ = autoscaler.set(scaler);
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::policy::{Decision, Policy, PolicyConfig, PoolView, Signals};
+use crate::policy::{Decision, Override, Policy, PolicyConfig, PoolView, Signals};
 use crate::pool::Pool;
 use crate::queue::Class;
 use crate::service::Service;
@@ -120,6 +120,17 @@ impl Autoscaler {
     pub fn last(&self) -> (Option<Decision>, Signals) {
         let st = self.state.lock().unwrap();
         (st.decision.clone(), st.signals.clone())
+    }
+
+    /// Holds the pool at `workers` for `ttl` (still within the memory budget), applied at once.
+    pub fn set_override(&self, workers: usize, ttl: Duration) -> Decision {
+        let until = self.epoch.elapsed().as_secs_f64() + ttl.as_secs_f64();
+        self.policy.lock().unwrap().manual = Some(Override { workers, until });
+        self.tick()
+    }
+
+    pub fn pool(&self) -> &Arc<Pool> {
+        &self.pool
     }
 
     pub fn config(&self) -> PolicyConfig {

@@ -178,7 +178,7 @@ impl PolicyConfig {
 }
 
 /// What the policy sees at one tick.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct Signals {
     /// Requests per second arriving (a short moving average).
     pub arrival_rate: f64,
@@ -211,7 +211,7 @@ pub struct Override {
 }
 
 /// The policy's answer for one tick.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Decision {
     pub workers: usize,
     pub reason: String,

@@ -94,6 +94,14 @@ impl ApiError {
         }
     }
 
+    /// 403: not allowed from where the request came.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        ApiError {
+            code: Some("forbidden"),
+            ..Self::new(StatusCode::FORBIDDEN, "permission_error", message)
+        }
+    }
+
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }

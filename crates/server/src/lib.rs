@@ -5,12 +5,13 @@
 //!
 //! [`GenerationRequest`]: tidepool_core::request::GenerationRequest
 
+pub mod admin;
 pub mod error;
 pub mod openai;
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, Request, State};
@@ -20,6 +21,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
+use tidepool_core::autoscale::Autoscaler;
 use tidepool_core::service::{ModelStatus, Service};
 
 use error::ApiError;
@@ -47,12 +49,15 @@ impl Default for HttpConfig {
 pub struct AppState {
     pub service: Arc<Service>,
     pub started_unix: u64,
+    /// The pool's control loop, once the model is loaded into a pool.
+    pub autoscaler: Arc<OnceLock<Arc<Autoscaler>>>,
 }
 
 impl AppState {
     pub fn new(service: Arc<Service>) -> Self {
         AppState {
             service,
+            autoscaler: Default::default(),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -69,6 +74,13 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{id}", get(openai::get_model))
         .route("/health", get(health))
+        .merge(
+            Router::new()
+                .route("/admin/status", get(admin::status))
+                .route("/admin/events", get(admin::events))
+                .route("/admin/scale", post(admin::scale))
+                .layer(middleware::from_fn(admin::loopback_only)),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(cfg.body_limit))

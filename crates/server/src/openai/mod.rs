@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
+use tidepool_core::queue::Class;
 use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
 use tidepool_core::GenerationStream;
 
@@ -108,11 +109,12 @@ fn sse_data(v: &Value) -> Result<Event, Infallible> {
 /// POST /v1/chat/completions
 pub async fn chat_completions(
     State(app): State<AppState>,
+    Priority(class): Priority,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = check_model(&app, req.model.as_deref())?;
     let generation = req.to_generation()?;
-    let stream = app.service.submit(generation).await?;
+    let stream = app.service.submit_as(generation, class).await?;
     let id = new_id("chatcmpl");
     let created = now_secs();
     if req.is_stream() {
@@ -205,6 +207,7 @@ fn chat_sse(
 /// POST /v1/completions
 pub async fn completions(
     State(app): State<AppState>,
+    Priority(class): Priority,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
     let model = check_model(&app, req.model.as_deref())?;
@@ -212,7 +215,7 @@ pub async fn completions(
     // Start every prompt before reading any, so they share the worker's slots.
     let mut streams = Vec::with_capacity(generations.len());
     for g in generations {
-        streams.push(app.service.submit(g).await?);
+        streams.push(app.service.submit_as(g, class).await?);
     }
     let id = new_id("cmpl");
     let created = now_secs();
@@ -328,4 +331,33 @@ pub async fn get_model(
 ) -> Result<Json<Value>, ApiError> {
     check_model(&app, Some(&id))?;
     Ok(Json(model_json(&app)))
+}
+
+/// The request's priority class, from the `X-Tidepool-Priority` header (default: standard).
+pub struct Priority(pub Class);
+
+/// The header that carries a request's priority class.
+pub const PRIORITY_HEADER: &str = "x-tidepool-priority";
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Priority {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        let Some(v) = parts.headers.get(PRIORITY_HEADER) else {
+            return Ok(Priority(Class::Standard));
+        };
+        v.to_str()
+            .map_err(|_| "not text".to_string())
+            .and_then(str::parse)
+            .map(Priority)
+            .map_err(|e| {
+                ApiError::invalid_param(
+                    PRIORITY_HEADER,
+                    format!("Invalid `{PRIORITY_HEADER}` header: {e}"),
+                )
+            })
+    }
 }

@@ -1,0 +1,113 @@
+//! The admin API on a pooled server with real workers on the tiny fixture.
+
+use serde_json::{json, Value};
+use tidepool_tests::{start_server, tiny_fixture, ServerOptions};
+
+fn pooled() -> tidepool_tests::TestServer {
+    start_server(ServerOptions {
+        model: Some(tiny_fixture()),
+        slots: 1,
+        pool: Some((4, std::time::Duration::from_secs(10))),
+        ..Default::default()
+    })
+}
+
+async fn get(url: String) -> (u16, Value) {
+    let r = reqwest::get(url).await.unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test]
+async fn status_scale_and_events() {
+    let s = pooled();
+    let (code, v) = get(s.url("/admin/status")).await;
+    assert_eq!(code, 200, "{v}");
+    assert_eq!(v["workers"].as_array().unwrap().len(), 1);
+    assert_eq!(v["workers"][0]["state"], "ready");
+    assert_eq!(v["workers"][0]["slots_total"], 1);
+    assert_eq!(v["queue"]["interactive"], 0);
+    assert_eq!(v["memory"]["budget_bytes"], 2);
+    assert!(v["memory"]["process_rss_bytes"].as_u64().unwrap() > 0);
+    assert_eq!(v["policy"]["max_workers"], 2);
+
+    // Manual override to two workers: the second loads and serves.
+    let c = reqwest::Client::new();
+    let r = c
+        .post(s.url("/admin/scale"))
+        .json(&json!({"workers": 2, "ttl_s": 60}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["decision"]["workers"], 2);
+    assert!(v["decision"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("manual override"));
+    let mut ready = 0;
+    for _ in 0..250 {
+        let (_, v) = get(s.url("/admin/status")).await;
+        ready = v["workers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|w| w["state"] == "ready")
+            .count();
+        if ready == 2 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert_eq!(ready, 2);
+    let (_, v) = get(s.url("/admin/events")).await;
+    let events = v["events"].as_array().unwrap();
+    assert!(
+        events
+            .iter()
+            .any(|e| e["to"] == "ready" && e["worker"] == 2),
+        "{v}"
+    );
+
+    // Bad override and bad priority header: 400 naming the field.
+    let r = c
+        .post(s.url("/admin/scale"))
+        .json(&json!({"workers": 1, "ttl_s": -1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "ttl_s");
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .header("x-tidepool-priority", "urgent")
+        .json(&json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "x-tidepool-priority");
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .header("x-tidepool-priority", "interactive")
+        .json(&json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    s.begin_stop();
+    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+}
+
+#[tokio::test]
+async fn admin_needs_a_pool() {
+    // A model still loading has no pool yet: 503, not a panic.
+    let s = start_server(ServerOptions::default());
+    let (code, v) = get(s.url("/admin/status")).await;
+    assert_eq!(code, 503);
+    assert!(v["error"]["message"].as_str().unwrap().contains("pool"));
+    s.begin_stop();
+    assert!(s.wait_stopped(std::time::Duration::from_secs(10)));
+}
