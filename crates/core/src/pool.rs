@@ -90,6 +90,7 @@ struct Inner {
     ledger: Ledger,
     queue: PriorityQueue<oneshot::Sender<Lease>>,
     events: VecDeque<Event>,
+    events_total: u64,
     next_id: u64,
     stopped: bool,
 }
@@ -135,6 +136,7 @@ impl Pool {
                 ledger: Ledger::new(budget),
                 queue: PriorityQueue::new(queue_capacity),
                 events: VecDeque::new(),
+                events_total: 0,
                 next_id: 1,
                 stopped: false,
             }),
@@ -263,6 +265,7 @@ impl Pool {
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs_f64())
             .unwrap_or_default();
+        inner.events_total += 1;
         inner.events.push_back(Event {
             at,
             worker,
@@ -437,6 +440,11 @@ impl Pool {
 
     pub fn queue_depth(&self, class: Class) -> usize {
         self.lock().queue.depth(class)
+    }
+
+    /// Events since start (the ring buffer keeps only the latest).
+    pub fn events_total(&self) -> u64 {
+        self.lock().events_total
     }
 
     pub fn events(&self) -> Vec<Event> {

@@ -11,9 +11,10 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::engine::{Engine, EngineError, GenerationStream};
+use crate::metrics::{Metrics, Outcome};
 use crate::pool::{AcquireError, Pool};
 use crate::queue::Class;
-use crate::request::{GenerationRequest, Prompt, ToolSpec};
+use crate::request::{GenerationEvent, GenerationRequest, Prompt, ToolSpec};
 
 /// Why a request could not be started.
 #[derive(Debug, Error, Clone)]
@@ -85,6 +86,7 @@ pub struct Service {
     last_arrival: std::sync::Mutex<Option<Instant>>,
     /// How long a pooled request may wait for a slot.
     queue_deadline: RwLock<std::time::Duration>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Counts a generation as running from submission until its stream is dropped.
@@ -116,6 +118,7 @@ impl Service {
             arrivals: Default::default(),
             last_arrival: Default::default(),
             queue_deadline: RwLock::new(std::time::Duration::from_secs(30)),
+            metrics: Default::default(),
         })
     }
 
@@ -237,6 +240,38 @@ impl Service {
         request: GenerationRequest,
         class: Class,
     ) -> Result<GenerationStream, SubmitError> {
+        let started = Instant::now();
+        let result = self.start(request, class).await;
+        match &result {
+            Ok(_) => {}
+            Err(SubmitError::Busy { .. }) => self.metrics.record(Outcome::QueueFull),
+            Err(SubmitError::DeadlineExceeded(_)) => self.metrics.record(Outcome::Deadline),
+            Err(SubmitError::NotReady(_) | SubmitError::ShuttingDown) => {
+                self.metrics.record(Outcome::Unavailable)
+            }
+            Err(SubmitError::Engine(EngineError::Invalid(_))) => {
+                self.metrics.record(Outcome::Invalid)
+            }
+            Err(SubmitError::Engine(_)) => self.metrics.record(Outcome::Error),
+        }
+        let stream = result?;
+        let mut tracker = Tracker {
+            metrics: self.metrics.clone(),
+            started,
+            first: None,
+            ended: false,
+        };
+        Ok(Box::pin(stream.map(move |event| {
+            tracker.see(&event);
+            event
+        })))
+    }
+
+    async fn start(
+        &self,
+        request: GenerationRequest,
+        class: Class,
+    ) -> Result<GenerationStream, SubmitError> {
         if self.is_shutting_down() {
             return Err(SubmitError::ShuttingDown);
         }
@@ -272,6 +307,46 @@ impl Service {
     ) -> Result<u32, SubmitError> {
         let engine = self.engine()?;
         Ok(engine.count_tokens(prompt, tools).await?)
+    }
+}
+
+/// Records how one generation ends: finished, failed, or dropped early (cancelled).
+struct Tracker {
+    metrics: Arc<Metrics>,
+    started: Instant,
+    first: Option<Instant>,
+    ended: bool,
+}
+
+impl Tracker {
+    fn see(&mut self, event: &GenerationEvent) {
+        match event {
+            GenerationEvent::Text(_) | GenerationEvent::ToolCalls(_) => {
+                self.first.get_or_insert_with(Instant::now);
+            }
+            GenerationEvent::Done { usage, .. } => {
+                let now = Instant::now();
+                self.metrics.finished(
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    self.first.unwrap_or(now) - self.started,
+                    now - self.started,
+                );
+                self.ended = true;
+            }
+            GenerationEvent::Error(_) => {
+                self.metrics.record(Outcome::Error);
+                self.ended = true;
+            }
+        }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.metrics.record(Outcome::Cancelled);
+        }
     }
 }
 

@@ -4,6 +4,8 @@
 //!   memory budget, reservations and process RSS, the policy in force.
 //! - `GET /admin/events`: recent worker and scaling events, oldest first.
 //! - `POST /admin/scale` `{"workers": N, "ttl_s": T}`: hold N workers for T seconds.
+//! - `GET /metrics`: Prometheus text format (requests by outcome, tokens, latency and TTFT
+//!   histograms, queue depth by class, workers by state, memory, scaling events).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -11,11 +13,12 @@ use std::time::Duration;
 use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tidepool_core::memory::process_rss_bytes;
+use tidepool_core::pool::WorkerState;
 use tidepool_core::queue::Class;
 
 use crate::error::{ApiError, ApiJson};
@@ -106,4 +109,81 @@ pub async fn scale(
     let scaler = app.autoscaler.get().ok_or_else(pool_error)?;
     let decision = scaler.set_override(req.workers, Duration::from_secs_f64(req.ttl_s));
     Ok((StatusCode::ACCEPTED, Json(json!({ "decision": decision }))))
+}
+
+/// GET /metrics: Prometheus text format.
+pub async fn metrics(State(app): State<AppState>) -> Response {
+    use std::fmt::Write;
+    let mut out = String::new();
+    app.service.metrics.render(&mut out);
+    let gauge = |out: &mut String, name: &str, help: &str| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+    };
+    gauge(
+        &mut out,
+        "tidepool_in_flight",
+        "Generations running or waiting.",
+    );
+    let _ = writeln!(out, "tidepool_in_flight {}", app.service.in_flight());
+    gauge(
+        &mut out,
+        "tidepool_process_resident_bytes",
+        "Resident memory of the process.",
+    );
+    let _ = writeln!(
+        out,
+        "tidepool_process_resident_bytes {}",
+        process_rss_bytes()
+    );
+    if let Some(scaler) = app.autoscaler.get() {
+        let pool = scaler.pool();
+        gauge(
+            &mut out,
+            "tidepool_queue_depth",
+            "Requests waiting for a slot, by class.",
+        );
+        for c in Class::ALL {
+            let _ = writeln!(
+                out,
+                "tidepool_queue_depth{{class=\"{c}\"}} {}",
+                pool.queue_depth(c)
+            );
+        }
+        gauge(&mut out, "tidepool_workers", "Workers by state.");
+        let workers = pool.workers();
+        for (state, name) in [
+            (WorkerState::Loading, "loading"),
+            (WorkerState::Ready, "ready"),
+            (WorkerState::Draining, "draining"),
+        ] {
+            let n = workers.iter().filter(|w| w.state == state).count();
+            let _ = writeln!(out, "tidepool_workers{{state=\"{name}\"}} {n}");
+        }
+        let (budget, reserved) = pool.memory();
+        gauge(
+            &mut out,
+            "tidepool_memory_budget_bytes",
+            "What workers may reserve in all.",
+        );
+        let _ = writeln!(out, "tidepool_memory_budget_bytes {budget}");
+        gauge(
+            &mut out,
+            "tidepool_memory_reserved_bytes",
+            "What running workers reserve.",
+        );
+        let _ = writeln!(out, "tidepool_memory_reserved_bytes {reserved}");
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_pool_events_total Worker and scaling events since start.\n# TYPE tidepool_pool_events_total counter\ntidepool_pool_events_total {}",
+            pool.events_total()
+        );
+    }
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        out,
+    )
+        .into_response()
 }

@@ -79,6 +79,7 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
                 .route("/admin/status", get(admin::status))
                 .route("/admin/events", get(admin::events))
                 .route("/admin/scale", post(admin::scale))
+                .route("/metrics", get(admin::metrics))
                 .layer(middleware::from_fn(admin::loopback_only)),
         )
         .fallback(not_found)
