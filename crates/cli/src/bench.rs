@@ -27,6 +27,9 @@ pub struct BenchArgs {
 enum BenchKind {
     /// Single-stream speed of one in-process engine: load, RSS, TTFT, decode tokens/s.
     Engine(EngineBench),
+    /// Replay a request-rate trace against a running server: latency, TTFT, errors, workers,
+    /// reserved memory and RSS over the run.
+    Load(crate::load::LoadBench),
 }
 
 #[derive(Args)]
@@ -68,6 +71,7 @@ struct EngineResult {
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.kind {
         BenchKind::Engine(b) => engine(b).await,
+        BenchKind::Load(b) => crate::load::run(b).await,
     }
 }
 

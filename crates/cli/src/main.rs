@@ -6,6 +6,7 @@
 //! - `bench`: measurements that print numbers.
 
 mod bench;
+mod load;
 mod models;
 mod progress;
 mod serve;
