@@ -86,6 +86,8 @@ pub struct ServerOptions {
     /// Serve through a worker pool of one worker, with this queue capacity and deadline,
     /// instead of straight from one engine.
     pub pool: Option<(usize, std::time::Duration)>,
+    /// With `pool`: run the control loop with this policy, ticking every 200 ms.
+    pub policy: Option<PolicyConfig>,
 }
 
 impl Default for ServerOptions {
@@ -95,6 +97,7 @@ impl Default for ServerOptions {
             slots: 4,
             http: HttpConfig::default(),
             pool: None,
+            policy: None,
         }
     }
 }
@@ -151,14 +154,16 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
                         }
                         service.set_queue_deadline(deadline);
                         service.set_state(ModelState::Pooled(pool.clone()));
-                        let policy = PolicyConfig {
+                        let ticking = opts.policy.is_some();
+                        let policy = opts.policy.clone().unwrap_or(PolicyConfig {
                             max_workers: 2,
                             ..PolicyConfig::default()
-                        };
-                        let _ =
-                            state
-                                .autoscaler
-                                .set(Autoscaler::new(pool, service.clone(), policy));
+                        });
+                        let scaler = Autoscaler::new(pool, service.clone(), policy);
+                        if ticking {
+                            scaler.spawn(std::time::Duration::from_millis(200));
+                        }
+                        let _ = state.autoscaler.set(scaler);
                     }
                 }
             }

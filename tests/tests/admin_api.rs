@@ -158,3 +158,93 @@ async fn metrics_count_outcomes_tokens_and_pool_state() {
     s.begin_stop();
     assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
 }
+
+async fn ready_workers(s: &tidepool_tests::TestServer) -> usize {
+    let (_, v) = get(s.url("/admin/status")).await;
+    v["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|w| w["state"] == "ready")
+        .count()
+}
+
+async fn wait_for_workers(s: &tidepool_tests::TestServer, n: usize, secs: u64) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while std::time::Instant::now() < deadline {
+        if ready_workers(s).await == n {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_burst_brings_a_second_worker_idle_drains_it_scale_to_zero_and_cold_start() {
+    use tidepool_core::policy::{DownRules, PolicyConfig, UpRules};
+    let s = start_server(ServerOptions {
+        model: Some(tiny_fixture()),
+        slots: 1,
+        pool: Some((64, std::time::Duration::from_secs(30))),
+        policy: Some(PolicyConfig {
+            min_workers: 0,
+            max_workers: 2,
+            idle_ttl_s: 4.0,
+            up: UpRules {
+                rate_per_worker: 1.0,
+                window_s: 0.4,
+                ..UpRules::default()
+            },
+            down: DownRules {
+                stabilization_s: 1.0,
+            },
+            ..PolicyConfig::default()
+        }),
+        ..Default::default()
+    });
+    assert_eq!(ready_workers(&s).await, 1);
+    // A burst well over one worker's rate: a second worker comes up and serves.
+    let c = reqwest::Client::new();
+    let mut burst = Vec::new();
+    for _ in 0..30 {
+        let c = c.clone();
+        let url = s.url("/v1/chat/completions");
+        burst.push(tokio::spawn(async move {
+            c.post(url)
+                .json(&json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 64}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(wait_for_workers(&s, 2, 20).await, "no second worker");
+    for b in burst {
+        assert_eq!(b.await.unwrap(), 200);
+    }
+    let (_, v) = get(s.url("/admin/events")).await;
+    assert!(
+        v["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["worker"] == 2 && e["message"].as_str().unwrap().contains("scale up")),
+        "{v}"
+    );
+    // Idle: back to one, then to zero after the idle TTL.
+    assert!(wait_for_workers(&s, 1, 20).await, "did not drain to one");
+    assert!(wait_for_workers(&s, 0, 45).await, "did not scale to zero");
+    // Cold start: the next request waits for a worker and is served.
+    let r = c
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(ready_workers(&s).await, 1);
+    s.begin_stop();
+    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+}

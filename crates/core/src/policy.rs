@@ -279,7 +279,13 @@ impl Policy {
         }
 
         // The raw recommendation of this tick and what drives it.
-        let by_rate = (s.arrival_rate / c.up.rate_per_worker).ceil() as usize;
+        // Below the activation rate demand counts as none: a decaying moving average never
+        // reaches exactly zero, and would otherwise hold one worker forever.
+        let by_rate = if s.arrival_rate < c.activation_rate {
+            0
+        } else {
+            (s.arrival_rate / c.up.rate_per_worker).ceil() as usize
+        };
         let mut raw = by_rate;
         let mut why = format!(
             "arrival {:.1} req/s at {:.1} per worker",
@@ -594,6 +600,26 @@ mod tests {
         );
         assert_eq!(d.workers, 1);
         assert!(d.reason.contains("cold start"), "{}", d.reason);
+    }
+
+    #[test]
+    fn a_decaying_rate_below_activation_lets_the_pool_reach_zero() {
+        let mut p = Policy::new(PolicyConfig {
+            min_workers: 0,
+            idle_ttl_s: 5.0,
+            ..cfg()
+        });
+        let mut workers = 1;
+        for t in 0..120 {
+            // An average that decays toward zero without reaching it.
+            let s = Signals {
+                arrival_rate: 2.0 * (-(t as f64) / 5.0).exp(),
+                idle_s: Some(t as f64),
+                ..Signals::default()
+            };
+            workers = p.tick(t as f64, &s, pool(workers)).workers;
+        }
+        assert_eq!(workers, 0);
     }
 
     #[test]
