@@ -69,6 +69,30 @@ async fn status_scale_and_events() {
         "{v}"
     );
 
+    // The live policy: read, change, and a bad value refused naming its key.
+    let (code, v) = get(s.url("/admin/config")).await;
+    assert_eq!(code, 200);
+    assert_eq!(v["policy"]["max_workers"], 2);
+    let r = c
+        .put(s.url("/admin/config"))
+        .json(&json!({"policy": {"max_workers": 3, "down": {"stabilization_s": 60}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, v) = get(s.url("/admin/status")).await;
+    assert_eq!(v["policy"]["max_workers"], 3);
+    assert_eq!(v["policy"]["down"]["stabilization_s"], 60.0);
+    let r = c
+        .put(s.url("/admin/config"))
+        .json(&json!({"policy": {"min_workers": 5, "max_workers": 3}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["param"], "policy.min_workers");
+
     // Bad override and bad priority header: 400 naming the field.
     let r = c
         .post(s.url("/admin/scale"))

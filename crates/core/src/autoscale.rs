@@ -133,6 +133,11 @@ impl Autoscaler {
         &self.pool
     }
 
+    /// Replaces the policy (already validated); the next tick uses it.
+    pub fn set_config(&self, config: PolicyConfig) {
+        self.policy.lock().unwrap().set_config(config);
+    }
+
     pub fn config(&self) -> PolicyConfig {
         self.policy.lock().unwrap().config.clone()
     }

@@ -4,6 +4,8 @@
 //!   memory budget, reservations and process RSS, the policy in force.
 //! - `GET /admin/events`: recent worker and scaling events, oldest first.
 //! - `POST /admin/scale` `{"workers": N, "ttl_s": T}`: hold N workers for T seconds.
+//! - `GET` / `PUT /admin/config`: the live policy (the `[policy]` table as JSON), validated and
+//!   applied at the next tick without a restart.
 //! - `GET /metrics`: Prometheus text format (requests by outcome, tokens, latency and TTFT
 //!   histograms, queue depth by class, workers by state, memory, scaling events).
 
@@ -18,6 +20,7 @@ use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use tidepool_core::memory::process_rss_bytes;
+use tidepool_core::policy::PolicyConfig;
 use tidepool_core::pool::WorkerState;
 use tidepool_core::queue::Class;
 
@@ -109,6 +112,32 @@ pub async fn scale(
     let scaler = app.autoscaler.get().ok_or_else(pool_error)?;
     let decision = scaler.set_override(req.workers, Duration::from_secs_f64(req.ttl_s));
     Ok((StatusCode::ACCEPTED, Json(json!({ "decision": decision }))))
+}
+
+/// GET /admin/config
+pub async fn get_config(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let scaler = app.autoscaler.get().ok_or_else(pool_error)?;
+    Ok(Json(json!({ "policy": scaler.config() })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigUpdate {
+    policy: PolicyConfig,
+}
+
+/// PUT /admin/config `{"policy": {...}}`: the whole policy; omitted fields take their defaults.
+pub async fn put_config(
+    State(app): State<AppState>,
+    ApiJson(update): ApiJson<ConfigUpdate>,
+) -> Result<Json<Value>, ApiError> {
+    let scaler = app.autoscaler.get().ok_or_else(pool_error)?;
+    update
+        .policy
+        .validate()
+        .map_err(|(key, message)| ApiError::invalid_param(&key, format!("`{key}` {message}")))?;
+    scaler.set_config(update.policy);
+    Ok(Json(json!({ "policy": scaler.config() })))
 }
 
 /// GET /metrics: Prometheus text format.

@@ -79,6 +79,10 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
                 .route("/admin/status", get(admin::status))
                 .route("/admin/events", get(admin::events))
                 .route("/admin/scale", post(admin::scale))
+                .route(
+                    "/admin/config",
+                    get(admin::get_config).put(admin::put_config),
+                )
                 .route("/metrics", get(admin::metrics))
                 .layer(middleware::from_fn(admin::loopback_only)),
         )
