@@ -4,6 +4,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::metrics::windowed_quantile;
 use crate::policy::{Decision, Override, Policy, PolicyConfig, PoolView, Signals};
 use crate::pool::Pool;
 use crate::queue::Class;
@@ -11,6 +12,10 @@ use crate::service::Service;
 
 /// Seconds over which the arrival rate is averaged.
 const RATE_WINDOW_S: f64 = 5.0;
+/// Seconds of requests the p95 latency and TTFT signals cover.
+const LATENCY_WINDOW_S: f64 = 30.0;
+/// Finished requests a p95 needs before it counts as a signal.
+const LATENCY_MIN_COUNT: u64 = 5;
 
 /// The running control loop's state, for /admin/status.
 pub struct Autoscaler {
@@ -27,6 +32,8 @@ struct LoopState {
     rate: f64,
     decision: Option<Decision>,
     signals: Signals,
+    /// (time, latency buckets, TTFT buckets), oldest first, covering the latency window.
+    histories: std::collections::VecDeque<(Instant, [u64; 13], [u64; 13])>,
 }
 
 impl Autoscaler {
@@ -39,6 +46,7 @@ impl Autoscaler {
                 rate: 0.0,
                 decision: None,
                 signals: Signals::default(),
+                histories: Default::default(),
             }),
             pool,
             service,
@@ -74,12 +82,24 @@ impl Autoscaler {
             st.rate += alpha * (instant - st.rate);
             st.last_tick = now;
             st.last_arrivals = arrivals;
+            let m = &self.service.metrics;
+            let (lat_now, ttft_now) = (m.latency.snapshot(), m.ttft.snapshot());
+            st.histories.push_back((now, lat_now, ttft_now));
+            while st.histories.len() > 1
+                && now.duration_since(st.histories[0].0).as_secs_f64() > LATENCY_WINDOW_S
+            {
+                st.histories.pop_front();
+            }
+            let (_, lat_then, ttft_then) = st.histories[0];
+            let p95 = |then: &[u64; 13], now: &[u64; 13]| {
+                windowed_quantile(then, now, 0.95, LATENCY_MIN_COUNT).map(|s| s * 1000.0)
+            };
             st.signals = Signals {
                 arrival_rate: st.rate,
                 queue_depth: Class::ALL.iter().map(|&c| self.pool.queue_depth(c)).sum(),
                 in_flight: self.service.in_flight(),
-                p95_latency_ms: None,
-                p95_ttft_ms: None,
+                p95_latency_ms: p95(&lat_then, &lat_now),
+                p95_ttft_ms: p95(&ttft_then, &ttft_now),
                 idle_s: self.service.idle_for().map(|d| d.as_secs_f64()),
                 minute_of_day: local_minute_of_day(),
             };

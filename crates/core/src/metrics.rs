@@ -73,6 +73,16 @@ impl Histogram {
             .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
     }
 
+    /// Bucket counts now (not cumulative; the last is the overflow), for windowed quantiles.
+    pub fn snapshot(&self) -> [u64; 13] {
+        let mut out = [0; 13];
+        for (o, c) in out.iter_mut().zip(&self.counts) {
+            *o = c.load(Ordering::Relaxed);
+        }
+        out[12] = self.over.load(Ordering::Relaxed);
+        out
+    }
+
     pub fn count(&self) -> u64 {
         self.counts
             .iter()
@@ -93,6 +103,35 @@ impl Histogram {
         let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {}", self.count());
     }
+}
+
+/// The `q` quantile, in seconds, of the observations between two snapshots (the upper bound of
+/// the bucket it falls in; past the last bucket, twice its bound). `None` with fewer than
+/// `min_count` observations.
+pub fn windowed_quantile(
+    before: &[u64; 13],
+    now: &[u64; 13],
+    q: f64,
+    min_count: u64,
+) -> Option<f64> {
+    let delta: Vec<u64> = now
+        .iter()
+        .zip(before)
+        .map(|(n, b)| n.saturating_sub(*b))
+        .collect();
+    let total: u64 = delta.iter().sum();
+    if total < min_count.max(1) {
+        return None;
+    }
+    let rank = (q * total as f64).ceil().max(1.0) as u64;
+    let mut acc = 0;
+    for (i, d) in delta.iter().enumerate() {
+        acc += d;
+        if acc >= rank {
+            return Some(BUCKETS_S.get(i).copied().unwrap_or(BUCKETS_S[11] * 2.0));
+        }
+    }
+    None
 }
 
 /// All request metrics of one server.
@@ -181,6 +220,23 @@ mod tests {
         assert!(out.contains("x_bucket{le=\"120\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{le=\"+Inf\"} 3\n"), "{out}");
         assert!(out.contains("x_count 3\n"), "{out}");
+    }
+
+    #[test]
+    fn quantiles_over_a_window() {
+        let h = Histogram::default();
+        h.observe(Duration::from_secs(5));
+        let before = h.snapshot();
+        for _ in 0..19 {
+            h.observe(Duration::from_millis(80));
+        }
+        h.observe(Duration::from_secs(3));
+        let now = h.snapshot();
+        // Only the 20 observations after `before` count: 19 fast, 1 slow.
+        assert_eq!(windowed_quantile(&before, &now, 0.5, 5), Some(0.1));
+        assert_eq!(windowed_quantile(&before, &now, 0.95, 5), Some(0.1));
+        assert_eq!(windowed_quantile(&before, &now, 1.0, 5), Some(4.0));
+        assert_eq!(windowed_quantile(&now, &now, 0.95, 5), None);
     }
 
     #[test]
