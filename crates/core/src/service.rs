@@ -200,19 +200,11 @@ impl Service {
 
     /// The ready engine, if any (a pooled model lends any Ready worker's).
     pub fn engine(&self) -> Result<Arc<dyn Engine>, SubmitError> {
-        match &*self.state.read().unwrap() {
-            ModelState::Ready(e) => Ok(e.clone()),
-            ModelState::Pooled(p) => p.any_engine().ok_or_else(|| {
+        match self.backend()? {
+            Backend::Engine(e) => Ok(e),
+            Backend::Pool(p) => p.any_engine().ok_or_else(|| {
                 SubmitError::NotReady("no worker is running yet; one is starting".into())
             }),
-            ModelState::Loading { detail, .. } => Err(SubmitError::NotReady(format!(
-                "the model `{}` is still loading ({detail})",
-                self.model_name()
-            ))),
-            ModelState::Failed(e) => Err(SubmitError::NotReady(format!(
-                "the model `{}` failed to load: {e}",
-                self.model_name()
-            ))),
         }
     }
 
