@@ -148,10 +148,8 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
                         // The budget holds two workers; the control loop is not ticking, so
                         // the pool changes size only through /admin/scale.
                         let pool = Pool::new(Arc::new(factory), 2, queue);
-                        pool.add_worker("test").expect("fits");
-                        while pool.any_engine().is_none() {
-                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                        }
+                        let first = pool.add_worker("test").expect("fits");
+                        pool.wait_ready(first).await.expect("the worker loads");
                         service.set_queue_deadline(deadline);
                         service.set_state(ModelState::Pooled(pool.clone()));
                         let ticking = opts.policy.is_some();

@@ -34,19 +34,11 @@ fn pool(budget: u64, queue: usize) -> Arc<Pool> {
     Pool::new(Arc::new(factory), budget, queue)
 }
 
-async fn wait_ready(p: &Pool, n: usize) {
-    for _ in 0..500 {
-        let ready = p
-            .workers()
-            .iter()
-            .filter(|w| w.state == WorkerState::Ready)
-            .count();
-        if ready >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("workers did not become ready: {:?}", p.workers());
+async fn wait_ready(p: &Pool, id: u64) {
+    tokio::time::timeout(Duration::from_secs(10), p.wait_ready(id))
+        .await
+        .unwrap_or_else(|_| panic!("worker {id} did not become ready: {:?}", p.workers()))
+        .expect("the worker loads");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,7 +51,8 @@ async fn workers_load_serve_queue_and_drain() {
     let e = p.add_worker("test").unwrap_err();
     assert_eq!(e.need, 500);
     assert!(p.events().iter().any(|e| e.message.contains("not started")));
-    wait_ready(&p, 2).await;
+    wait_ready(&p, a).await;
+    wait_ready(&p, b).await;
     assert_eq!(p.memory(), (1000, 1000));
 
     // One slot each: two leases land on different workers.
@@ -130,8 +123,8 @@ async fn workers_load_serve_queue_and_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_that_goes_away_leaves_the_queue() {
     let p = pool(500, 4);
-    p.add_worker("test").unwrap();
-    wait_ready(&p, 1).await;
+    let id = p.add_worker("test").unwrap();
+    wait_ready(&p, id).await;
     let held = p
         .acquire(Class::Standard, Duration::from_secs(5))
         .await
@@ -155,4 +148,28 @@ async fn a_waiter_that_goes_away_leaves_the_queue() {
     )
     .await;
     assert!(l.unwrap().is_ok());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_fails_to_load_says_why_and_frees_its_reservation() {
+    let junk = tidepool_tests::fixture_dir().join("not-a-model.gguf");
+    std::fs::write(&junk, b"this is not a GGUF file").unwrap();
+    let factory = MistralWorkers {
+        model: local_file(&junk).unwrap(),
+        config: EngineConfig {
+            device: DevicePreference::Cpu,
+            max_sequences: 1,
+            prefix_cache_entries: 0,
+        },
+        reservation: RESERVATION,
+    };
+    let p = Pool::new(Arc::new(factory), 1000, 1);
+    let id = p.add_worker("test").unwrap();
+    let why = tokio::time::timeout(Duration::from_secs(10), p.wait_ready(id))
+        .await
+        .expect("wait_ready returns")
+        .unwrap_err();
+    assert!(why.contains("load failed"), "{why}");
+    assert_eq!(p.memory().1, 0);
+    assert!(p.workers().is_empty());
 }

@@ -17,7 +17,7 @@ use tidepool_core::gguf_info::GgufInfo;
 use tidepool_core::ledger::{self, WorkerShape};
 use tidepool_core::memory::{available_memory_bytes, human_bytes, process_rss_bytes};
 use tidepool_core::model_source::{self, LocalModel, ModelSpec, ModelStore};
-use tidepool_core::pool::{Pool, WorkerState};
+use tidepool_core::pool::Pool;
 use tidepool_core::service::{ModelState, Service};
 use tidepool_server::{AppState, HttpConfig};
 
@@ -239,24 +239,9 @@ async fn load_model(
     let first = pool
         .add_worker("startup")
         .map_err(|e| anyhow::anyhow!("the first worker does not fit in memory: {e}"))?;
-    loop {
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        let workers = pool.workers();
-        match workers.iter().find(|w| w.id == first) {
-            Some(w) if w.state == WorkerState::Ready => break,
-            Some(_) => continue,
-            None => {
-                let why = pool
-                    .events()
-                    .into_iter()
-                    .rev()
-                    .find(|e| e.worker == Some(first))
-                    .map(|e| e.message)
-                    .unwrap_or_else(|| "the worker stopped".into());
-                anyhow::bail!("{} failed to load: {why}", local.name);
-            }
-        }
-    }
+    pool.wait_ready(first)
+        .await
+        .map_err(|why| anyhow::anyhow!("{} failed to load: {why}", local.name))?;
     let info = pool.any_engine().map(|e| e.info().clone());
     if let Some(info) = info {
         tracing::info!(

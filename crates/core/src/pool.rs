@@ -100,6 +100,8 @@ pub struct Pool {
     inner: Mutex<Inner>,
     factory: Arc<dyn WorkerFactory>,
     epoch: Instant,
+    /// Woken on every worker event, for [`Pool::wait_ready`].
+    changed: tokio::sync::Notify,
 }
 
 /// One slot on one worker; dropping it gives the slot back.
@@ -142,6 +144,7 @@ impl Pool {
             }),
             factory,
             epoch: Instant::now(),
+            changed: tokio::sync::Notify::new(),
         })
     }
 
@@ -276,6 +279,7 @@ impl Pool {
         while inner.events.len() > EVENT_CAPACITY {
             inner.events.pop_front();
         }
+        self.changed.notify_waiters();
     }
 
     /// Adds one worker: reserves its memory, then loads it in the background. Returns its id.
@@ -401,6 +405,32 @@ impl Pool {
                 drop(engine);
                 crate::memory::return_freed_memory();
             });
+        }
+    }
+
+    /// Waits until worker `id` is Ready; if it stops first (its load failed, or it was drained),
+    /// says why, from its last event.
+    pub async fn wait_ready(&self, id: u64) -> Result<(), String> {
+        loop {
+            // Registered before the check, so an event between the two is not missed.
+            let changed = self.changed.notified();
+            {
+                let inner = self.lock();
+                match inner.workers.iter().find(|w| w.id == id) {
+                    Some(w) if w.state == WorkerState::Ready => return Ok(()),
+                    Some(w) if w.state == WorkerState::Loading => {}
+                    _ => {
+                        return Err(inner
+                            .events
+                            .iter()
+                            .rev()
+                            .find(|e| e.worker == Some(id))
+                            .map(|e| e.message.clone())
+                            .unwrap_or_else(|| "the worker stopped".into()))
+                    }
+                }
+            }
+            changed.await;
         }
     }
 
