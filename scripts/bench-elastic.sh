@@ -10,6 +10,7 @@
 # so the elastic policy uses a 3 s up window and a 15 s stabilization window instead of 300 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/serve-lib.sh
 
 model=smollm2-135m-instruct max=3 step=20 scale=0.15 tokens=16 slots=2
 while [ $# -gt 0 ]; do
@@ -41,18 +42,11 @@ max_workers = $3
 up = { rate_per_worker = $per_worker, window_s = 3 }
 down = { stabilization_s = 15 }
 TOML
-  "$bin" serve --model "$model" --port 0 --config "$work/$1.toml" > "$work/$1.out" 2> "$work/$1.log" &
-  local pid=$!
-  local url=""
-  for _ in $(seq 1 600); do
-    url=$(grep -o 'http://[0-9.:]*' "$work/$1.out" | head -1 || true)
-    if [ -n "$url" ] && curl -sf "$url/health" > /dev/null; then break; fi
-    sleep 0.5
-  done
+  start_server "$bin" "$model" "$work/$1.toml" "$work/$1"
   # Let a pinned pool reach its size before the trace starts.
   sleep 5
-  "$bin" bench load --url "$url" --step-s "$step" --rate-scale "$scale" --max-tokens "$tokens" --label "$1" 2>/dev/null
-  kill -INT "$pid"; wait "$pid" || true
+  "$bin" bench load --url "$server_url" --step-s "$step" --rate-scale "$scale" --max-tokens "$tokens" --label "$1" 2>/dev/null
+  stop_server
 }
 
 echo "| pool | requests | 429 | errors | latency p50 / p95 / max | TTFT p50 / p95 | avg reserved | avg RSS | ready workers over time (count x seconds) |"

@@ -7,6 +7,7 @@
 #                           [--rate 6] [--step-s 30] [--max-tokens 16]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source scripts/serve-lib.sh
 
 model=smollm2-135m-instruct workers=1,2,3 slots=1,2,4 rate=6 step=30 tokens=16
 while [ $# -gt 0 ]; do
@@ -40,17 +41,11 @@ queue_capacity = 1000
 min_workers = $w
 max_workers = $w
 TOML
-    "$bin" serve --model "$model" --port 0 --config "$work/c.toml" > "$work/out" 2> "$work/log" &
-    pid=$!
-    url=""
-    for _ in $(seq 1 600); do
-      url=$(grep -o 'http://[0-9.:]*' "$work/out" | head -1 || true)
-      if [ -n "$url" ] && curl -sf "$url/health" > /dev/null; then break; fi
-      sleep 0.5
-    done
+    start_server "$bin" "$model" "$work/c.toml" "$work/server"
+    # Let the pinned pool reach its size before the load starts.
     sleep 3
     started=$(date +%s.%N)
-    "$bin" bench load --url "$url" --trace "$rate" --step-s "$step" --max-tokens "$tokens" --json 2>/dev/null > "$work/r.json"
+    "$bin" bench load --url "$server_url" --trace "$rate" --step-s "$step" --max-tokens "$tokens" --json 2>/dev/null > "$work/r.json"
     ended=$(date +%s.%N)
     python3 - "$work/r.json" "$w" "$s" "$tokens" "$started" "$ended" <<'PY'
 import json, sys
@@ -59,6 +54,6 @@ w, s, tokens, t0, t1 = sys.argv[2], sys.argv[3], int(sys.argv[4]), float(sys.arg
 tps = r["ok"] * tokens / (t1 - t0)
 print(f"| {w} x {s} | {r['requests']} | {r['ok']} | {tps:.1f} | {r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} s | {r['ttft_p50_s']:.2f} s |")
 PY
-    kill -INT "$pid"; wait "$pid" || true
+    stop_server
   done
 done
