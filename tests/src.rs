@@ -68,6 +68,15 @@ impl TestServer {
         }
     }
 
+    /// Stops the server gracefully and asserts it stopped within `timeout_s` seconds.
+    pub fn stop(&self, timeout_s: u64) {
+        self.begin_stop();
+        assert!(
+            self.wait_stopped(std::time::Duration::from_secs(timeout_s)),
+            "the server did not stop within {timeout_s} s"
+        );
+    }
+
     /// Waits until the server has stopped.
     pub fn wait_stopped(&self, timeout: std::time::Duration) -> bool {
         match self.done.lock().unwrap().take() {

@@ -121,8 +121,7 @@ async fn status_scale_and_events() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    s.begin_stop();
-    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+    s.stop(30);
 }
 
 #[tokio::test]
@@ -132,8 +131,7 @@ async fn admin_needs_a_pool() {
     let (code, v) = get(s.url("/admin/status")).await;
     assert_eq!(code, 503);
     assert!(v["error"]["message"].as_str().unwrap().contains("pool"));
-    s.begin_stop();
-    assert!(s.wait_stopped(std::time::Duration::from_secs(10)));
+    s.stop(10);
 }
 
 #[tokio::test]
@@ -179,8 +177,7 @@ async fn metrics_count_outcomes_tokens_and_pool_state() {
         "{text}"
     );
     assert!(text.contains("tidepool_memory_budget_bytes 2\n"), "{text}");
-    s.begin_stop();
-    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+    s.stop(30);
 }
 
 async fn ready_workers(s: &tidepool_tests::TestServer) -> usize {
@@ -269,6 +266,5 @@ async fn a_burst_brings_a_second_worker_idle_drains_it_scale_to_zero_and_cold_st
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(ready_workers(&s).await, 1);
-    s.begin_stop();
-    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+    s.stop(30);
 }

@@ -3,7 +3,7 @@
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tidepool_tests::{shared_tiny_server, start_server, tiny_fixture, ServerOptions};
+use tidepool_tests::{shared_tiny_server, start_server, tiny_fixture, ServerOptions, TestServer};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -47,6 +47,17 @@ fn assert_openai_error(body: &Value, param: Option<&str>) {
     if let Some(p) = param {
         assert_eq!(e["param"], p, "{body}");
     }
+}
+
+/// Starts a greedy streaming generation long enough (3000 tokens) to hold its slot for the rest of
+/// a test.
+async fn long_stream(s: &TestServer) -> reqwest::Response {
+    client()
+        .post(s.url("/v1/chat/completions"))
+        .json(&json!({"messages": user("long"), "max_tokens": 3000, "stream": true, "temperature": 0}))
+        .send()
+        .await
+        .unwrap()
 }
 
 fn user(text: &str) -> Value {
@@ -525,8 +536,7 @@ async fn not_ready_is_503_with_reason() {
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
     assert_openai_error(&r.json().await.unwrap(), None);
-    s.begin_stop();
-    assert!(s.wait_stopped(std::time::Duration::from_secs(10)));
+    s.stop(10);
 }
 
 #[tokio::test]
@@ -536,12 +546,7 @@ async fn graceful_shutdown_finishes_running_requests_and_refuses_new_ones() {
         ..Default::default()
     });
     // A long streaming request is running...
-    let resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&json!({"messages": user("long"), "max_tokens": 3000, "stream": true, "temperature": 0}))
-        .send()
-        .await
-        .unwrap();
+    let resp = long_stream(&s).await;
     assert_eq!(resp.status(), 200);
     assert_eq!(s.service.in_flight(), 1);
     // ...when shutdown begins.
@@ -568,12 +573,7 @@ async fn client_disconnect_cancels_the_generation_and_frees_its_slot() {
         slots: 1,
         ..Default::default()
     });
-    let mut resp = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&json!({"messages": user("long"), "max_tokens": 3000, "stream": true, "temperature": 0}))
-        .send()
-        .await
-        .unwrap();
+    let mut resp = long_stream(&s).await;
     assert_eq!(resp.status(), 200);
     assert!(resp.chunk().await.unwrap().is_some());
     assert_eq!(s.service.in_flight(), 1);
@@ -595,8 +595,7 @@ async fn client_disconnect_cancels_the_generation_and_frees_its_slot() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    s.begin_stop();
-    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+    s.stop(30);
 }
 
 #[tokio::test]
@@ -608,12 +607,7 @@ async fn a_full_pool_queues_then_refuses_with_429_and_deadlines_expire_cleanly()
         ..Default::default()
     });
     // The only slot is taken by a long generation...
-    let mut holder = client()
-        .post(s.url("/v1/chat/completions"))
-        .json(&json!({"messages": user("long"), "max_tokens": 3000, "stream": true, "temperature": 0}))
-        .send()
-        .await
-        .unwrap();
+    let mut holder = long_stream(&s).await;
     assert_eq!(holder.status(), 200);
     assert!(holder.chunk().await.unwrap().is_some());
     // ...one request waits in the one-place queue...
@@ -642,6 +636,5 @@ async fn a_full_pool_queues_then_refuses_with_429_and_deadlines_expire_cleanly()
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "deadline_exceeded");
     drop(holder);
-    s.begin_stop();
-    assert!(s.wait_stopped(std::time::Duration::from_secs(30)));
+    s.stop(30);
 }
