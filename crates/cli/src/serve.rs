@@ -44,7 +44,7 @@ pub struct ServeArgs {
     /// Run on the CPU even if a GPU is available.
     #[arg(long)]
     cpu: bool,
-    /// Concurrent sequences the engine runs.
+    /// Concurrent sequences per worker [default: 2 on CPU, 8 on a GPU].
     #[arg(long)]
     slots: Option<usize>,
 }
@@ -67,7 +67,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         cfg.model.device = DeviceSetting::Cpu;
     }
     if let Some(s) = a.slots {
-        cfg.model.slots = s;
+        cfg.model.slots = Some(s);
     }
     cfg.validate("command line")?;
 
@@ -199,15 +199,17 @@ async fn load_model(
         Err(e) => return Err(e.into()),
     };
     service.set_loading_detail(format!("loading {} into memory", local.name));
+    let gpu = device != DevicePreference::Cpu && tidepool_core::engine::mistral::gpu_available();
+    let slots = cfg.model.slots_for(gpu);
     let engine_cfg = EngineConfig {
         device,
-        max_sequences: cfg.model.slots,
+        max_sequences: slots,
         prefix_cache_entries: cfg.model.prefix_cache,
     };
     // The pool: every worker reserves its weights, KV cache for its slots and overhead.
     let gguf = GgufInfo::read(&local.files)?;
     let shape = WorkerShape {
-        slots: cfg.model.slots as u64,
+        slots: slots as u64,
         context_tokens: cfg.pool.context_tokens,
         kv_elem_bytes: 2,
         activation_bytes: 4,

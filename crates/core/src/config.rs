@@ -104,8 +104,8 @@ pub struct ModelConfig {
     /// Catalog id or path to a `.gguf`; unset means the catalog default.
     pub id: Option<String>,
     pub device: DeviceSetting,
-    /// Concurrent sequences per worker.
-    pub slots: usize,
+    /// Concurrent sequences per worker; unset means [`ModelConfig::default_slots`] for the device.
+    pub slots: Option<usize>,
     /// Prompt prefixes kept for reuse (mistral.rs prefix cache); 0 disables it.
     pub prefix_cache: usize,
 }
@@ -115,9 +115,29 @@ impl Default for ModelConfig {
         ModelConfig {
             id: None,
             device: DeviceSetting::Auto,
-            slots: 4,
+            slots: None,
             prefix_cache: 16,
         }
+    }
+}
+
+impl ModelConfig {
+    /// Slots per worker when the config leaves them unset. On CPU, sequences batched in one engine
+    /// add no throughput (candle's quantized matmul costs a batch what its sequences cost alone;
+    /// `scripts/bench-shapes.sh`: 1x1 34.2 tok/s, 1x4 34.8) while they lengthen every latency, so
+    /// a CPU worker gets 2; on a GPU batching is where throughput comes from, and 8 concurrent
+    /// sequences were measured to run well with mistral.rs on an H100 (32 did not).
+    pub fn default_slots(gpu: bool) -> usize {
+        if gpu {
+            8
+        } else {
+            2
+        }
+    }
+
+    /// The slots per worker for a worker on a GPU (`gpu`) or the CPU.
+    pub fn slots_for(&self, gpu: bool) -> usize {
+        self.slots.unwrap_or_else(|| Self::default_slots(gpu))
     }
 }
 
@@ -177,10 +197,10 @@ impl Config {
         if let Err((key, message)) = self.policy.validate() {
             return Err(invalid(&key, message));
         }
-        if !(1..=256).contains(&self.model.slots) {
+        if let Some(slots) = self.model.slots.filter(|s| !(1..=256).contains(s)) {
             return Err(invalid(
                 "model.slots",
-                format!("must be between 1 and 256, got {}", self.model.slots),
+                format!("must be between 1 and 256, got {slots}"),
             ));
         }
         Ok(())
