@@ -27,25 +27,31 @@ pub fn fixture_dir() -> PathBuf {
 /// The tiny Qwen2-architecture fixture (Q8_0), generated once.
 pub fn tiny_fixture() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| named_fixture("tiny")).clone()
+}
+
+/// A fixture of a named [`FixtureShape`] (Q8_0), written once per machine: fixtures are
+/// deterministic, so a file already there is reused.
+pub fn named_fixture(size: &str) -> PathBuf {
     static LOCK: Mutex<()> = Mutex::new(());
-    PATH.get_or_init(|| {
-        let _g = LOCK.lock().unwrap();
-        let path = fixture_dir().join("tiny-q8_0.gguf");
-        if !path.is_file() {
-            write_fixture(
-                &FixtureOptions {
-                    shape: FixtureShape::named("tiny").unwrap(),
-                    quant: QuantScheme::Q8_0,
-                    seed: 1,
-                },
-                &path,
-                &|_, _| {},
-            )
-            .expect("write tiny fixture");
-        }
-        path
-    })
-    .clone()
+    let _g = LOCK.lock().unwrap();
+    let path = fixture_dir().join(format!("{size}-q8_0.gguf"));
+    if !path.is_file() {
+        // Written under another name first, so a test killed mid-write leaves no torn file.
+        let partial = path.with_extension("partial");
+        write_fixture(
+            &FixtureOptions {
+                shape: FixtureShape::named(size).unwrap(),
+                quant: QuantScheme::Q8_0,
+                seed: 1,
+            },
+            &partial,
+            &|_, _| {},
+        )
+        .unwrap_or_else(|e| panic!("write the {size} fixture: {e}"));
+        std::fs::rename(&partial, &path).expect("move the fixture into place");
+    }
+    path
 }
 
 /// A server running in its own thread and runtime for the rest of the test binary.

@@ -17,7 +17,7 @@ pub struct FixtureArgs {
     /// Architecture (only qwen2 is generated).
     #[arg(long, default_value = "qwen2")]
     arch: String,
-    /// tiny, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b or qwen2.5-7b.
+    /// tiny, small, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-3b or qwen2.5-7b.
     #[arg(long, default_value = "tiny")]
     size: String,
     /// f32, f16, q4_0, q8_0 or q4_k_m (llama.cpp's mix, with its fallbacks for narrow rows).
