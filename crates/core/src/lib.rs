@@ -19,6 +19,7 @@
 pub mod autoscale;
 pub mod catalog;
 pub mod config;
+pub mod cpu_limit;
 pub mod engine;
 pub mod fixture;
 pub mod gguf_info;
@@ -28,11 +29,13 @@ pub mod metrics;
 pub mod model_source;
 pub mod policy;
 pub mod pool;
+pub mod power;
 pub mod quant_plan;
 pub mod queue;
 pub mod requantize;
 pub mod request;
 pub mod service;
+pub mod signals;
 
 pub use engine::{Engine, EngineConfig, EngineError, EngineInfo, GenerationStream};
 pub use request::{GenerationEvent, GenerationRequest};
