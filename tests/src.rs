@@ -13,8 +13,10 @@ use tidepool_core::ledger::Reservation;
 use tidepool_core::model_source::local_file;
 use tidepool_core::policy::PolicyConfig;
 use tidepool_core::pool::Pool;
+use tidepool_core::power::PowerConfig;
 use tidepool_core::quant_plan::QuantScheme;
 use tidepool_core::service::{ModelState, Service};
+use tidepool_core::signals::fake::FakeMachine;
 use tidepool_server::{AppState, HttpConfig};
 
 /// Where test fixtures live (reused across runs; they are deterministic).
@@ -58,6 +60,8 @@ pub fn named_fixture(size: &str) -> PathBuf {
 pub struct TestServer {
     pub addr: SocketAddr,
     pub service: Arc<Service>,
+    /// The machine the control loop reads (a fake: set the battery and temperature).
+    pub machine: FakeMachine,
     stop: Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
     done: Mutex<Option<std::sync::mpsc::Receiver<()>>>,
 }
@@ -103,6 +107,9 @@ pub struct ServerOptions {
     pub pool: Option<(usize, std::time::Duration)>,
     /// With `pool`: run the control loop with this policy, ticking every 200 ms.
     pub policy: Option<PolicyConfig>,
+    /// With `pool`: the power config; the machine is always a [`FakeMachine`] (plugged in,
+    /// 50 °C) that the test can drive through [`TestServer::machine`].
+    pub power: PowerConfig,
 }
 
 impl Default for ServerOptions {
@@ -113,6 +120,7 @@ impl Default for ServerOptions {
             http: HttpConfig::default(),
             pool: None,
             policy: None,
+            power: PowerConfig::for_cores(4),
         }
     }
 }
@@ -122,6 +130,8 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
     let (addr_tx, addr_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let machine = FakeMachine::new();
+    let sources = machine.machine();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -172,7 +182,13 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
                             max_workers: 2,
                             ..PolicyConfig::default()
                         });
-                        let scaler = Autoscaler::new(pool, service.clone(), policy);
+                        let scaler = Autoscaler::new(
+                            pool,
+                            service.clone(),
+                            policy,
+                            opts.power.clone(),
+                            sources,
+                        );
                         if ticking {
                             scaler.spawn(std::time::Duration::from_millis(200));
                         }
@@ -196,6 +212,7 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
     TestServer {
         addr,
         service,
+        machine,
         stop: Mutex::new(Some(stop_tx)),
         done: Mutex::new(Some(done_rx)),
     }

@@ -19,6 +19,7 @@ use tidepool_core::memory::{available_memory_bytes, human_bytes, process_rss_byt
 use tidepool_core::model_source::{self, LocalModel, ModelSpec, ModelStore};
 use tidepool_core::pool::Pool;
 use tidepool_core::service::{ModelState, Service};
+use tidepool_core::signals::Machine;
 use tidepool_server::{AppState, HttpConfig};
 
 use crate::progress::BarProgress;
@@ -44,6 +45,9 @@ pub struct ServeArgs {
     /// Run on the CPU even if a GPU is available.
     #[arg(long)]
     cpu: bool,
+    /// Power mode: performance, balanced, power-saver or auto (follows AC and battery).
+    #[arg(long)]
+    power_mode: Option<tidepool_core::power::PowerMode>,
     /// Concurrent sequences per worker [default: 2 on CPU, 8 on a GPU].
     #[arg(long)]
     slots: Option<usize>,
@@ -68,6 +72,9 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(s) = a.slots {
         cfg.model.slots = Some(s);
+    }
+    if let Some(m) = a.power_mode {
+        cfg.power.mode = m;
     }
     cfg.validate("command line")?;
 
@@ -259,7 +266,13 @@ async fn load_model(
         cfg.pool.queue_deadline_s,
     ));
     service.set_state(ModelState::Pooled(pool.clone()));
-    let scaler = Autoscaler::new(pool, service.clone(), cfg.policy.clone());
+    let scaler = Autoscaler::new(
+        pool,
+        service.clone(),
+        cfg.policy.clone(),
+        cfg.power.clone(),
+        Machine::real(),
+    );
     scaler.spawn(std::time::Duration::from_secs(1));
     let _ = autoscaler.set(scaler);
     Ok(())

@@ -1,14 +1,20 @@
-//! The control loop: every tick, read the load signals, ask the [`Policy`], and move the [`Pool`]
-//! toward its answer (add workers that fit the budget, drain the surplus).
+//! The control loop: every tick, read the load signals and the machine (battery, heat), turn the
+//! machine into limits through the power [`Governor`], ask the [`Policy`], and move the [`Pool`]
+//! toward its answer (add workers that fit the budget, drain the surplus). The limits that are not
+//! worker counts are applied here too: slots admitted per worker, the CPU cores inference runs
+//! on, and refusing the batch class while the machine is critically hot.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::cpu_limit::CpuLimiter;
 use crate::metrics::windowed_quantile;
-use crate::policy::{Decision, Override, Policy, PolicyConfig, PoolView, Signals};
+use crate::policy::{Decision, MachineLimits, Override, Policy, PolicyConfig, PoolView, Signals};
 use crate::pool::Pool;
+use crate::power::{Governor, PowerConfig, PowerState};
 use crate::queue::Class;
 use crate::service::Service;
+use crate::signals::{Machine, MachineReading};
 
 /// Seconds over which the arrival rate is averaged.
 const RATE_WINDOW_S: f64 = 5.0;
@@ -23,7 +29,20 @@ pub struct Autoscaler {
     service: Arc<Service>,
     policy: Mutex<Policy>,
     state: Mutex<LoopState>,
+    power: Mutex<PowerLoop>,
     epoch: Instant,
+}
+
+/// The machine side of the loop.
+struct PowerLoop {
+    machine: Machine,
+    config: PowerConfig,
+    governor: Governor,
+    cpu: CpuLimiter,
+    /// The CPU limit failed once (unsupported platform): said, not repeated.
+    cpu_error_said: bool,
+    reading: Option<MachineReading>,
+    state: Option<PowerState>,
 }
 
 struct LoopState {
@@ -37,9 +56,25 @@ struct LoopState {
 }
 
 impl Autoscaler {
-    pub fn new(pool: Arc<Pool>, service: Arc<Service>, config: PolicyConfig) -> Arc<Autoscaler> {
+    /// A control loop over `pool`, reading `machine` (real sources: [`Machine::real`]).
+    pub fn new(
+        pool: Arc<Pool>,
+        service: Arc<Service>,
+        config: PolicyConfig,
+        power: PowerConfig,
+        machine: Machine,
+    ) -> Arc<Autoscaler> {
         Arc::new(Autoscaler {
             policy: Mutex::new(Policy::new(config)),
+            power: Mutex::new(PowerLoop {
+                machine,
+                config: power,
+                governor: Governor::new(),
+                cpu: CpuLimiter::new(),
+                cpu_error_said: false,
+                reading: None,
+                state: None,
+            }),
             state: Mutex::new(LoopState {
                 last_tick: Instant::now(),
                 last_arrivals: service.arrivals(),
@@ -105,17 +140,19 @@ impl Autoscaler {
             };
             st.signals.clone()
         };
+        let limits = self.machine_tick();
         let view = PoolView {
             workers: self.pool.active_workers(),
             budget_workers: self.pool.budget_workers(),
-            power_cap: None,
+            limits,
         };
+        let current = view.workers;
         let decision =
             self.policy
                 .lock()
                 .unwrap()
                 .tick(self.epoch.elapsed().as_secs_f64(), &signals, view);
-        let mut active = view.workers;
+        let mut active = current;
         while active < decision.workers {
             if self.pool.add_worker(&decision.reason).is_err() {
                 break;
@@ -134,6 +171,67 @@ impl Autoscaler {
         }
         st.decision = Some(decision.clone());
         decision
+    }
+
+    /// Reads the machine, updates the power state, applies the limits that are not worker counts
+    /// (slots, CPU cores, shedding) and returns those that are, for the policy.
+    fn machine_tick(&self) -> MachineLimits {
+        let mut p = self.power.lock().unwrap();
+        let reading = p.machine.read();
+        let cfg = p.config.clone();
+        let state = p.governor.update(&cfg, &reading);
+        self.pool.set_slot_cap(state.slots_per_worker);
+        match p.cpu.apply(state.cpu_threads) {
+            Ok(_) => p.cpu_error_said = false,
+            Err(e) if !p.cpu_error_said => {
+                tracing::warn!("the power mode's CPU limit is not applied: {e}");
+                p.cpu_error_said = true;
+            }
+            Err(_) => {}
+        }
+        let shed = state.shed.then(|| state.reason.clone());
+        if shed != self.service.shedding() {
+            match &shed {
+                Some(why) => tracing::warn!("shedding batch requests: {why}"),
+                None => tracing::info!("no longer shedding batch requests"),
+            }
+            self.service.set_shedding(shed);
+        }
+        if p.state.as_ref().map(|s| &s.reason) != Some(&state.reason) {
+            tracing::info!(mode = %state.effective, "power: {}", state.reason);
+        }
+        let limits = MachineLimits {
+            max_workers: state.max_workers,
+            no_growth: state.no_growth,
+            idle_ttl_s: state.idle_ttl_s,
+            pause_schedule: state.pause_schedule,
+            why: state.reason.clone(),
+        };
+        p.reading = Some(reading);
+        p.state = Some(state);
+        limits
+    }
+
+    /// The latest machine reading and the power state derived from it.
+    pub fn machine(&self) -> (Option<MachineReading>, Option<PowerState>) {
+        let p = self.power.lock().unwrap();
+        (p.reading.clone(), p.state.clone())
+    }
+
+    /// CPU cores inference may use now.
+    pub fn cpu_cores(&self) -> usize {
+        let p = self.power.lock().unwrap();
+        p.cpu.current().unwrap_or(p.cpu.cores())
+    }
+
+    pub fn power_config(&self) -> PowerConfig {
+        self.power.lock().unwrap().config.clone()
+    }
+
+    /// Replaces the power config (already validated) and applies it at once.
+    pub fn set_power_config(&self, config: PowerConfig) -> Decision {
+        self.power.lock().unwrap().config = config;
+        self.tick()
     }
 
     /// The latest decision and the signals it was made on.

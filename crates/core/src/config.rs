@@ -35,6 +35,7 @@ pub struct Config {
     pub model: ModelConfig,
     pub pool: PoolConfig,
     pub policy: crate::policy::PolicyConfig,
+    pub power: crate::power::PowerConfig,
 }
 
 /// The worker pool's memory budget, reservations and queue.
@@ -195,6 +196,9 @@ impl Config {
             return Err(invalid("pool.context_tokens", "must be at least 1".into()));
         }
         if let Err((key, message)) = self.policy.validate() {
+            return Err(invalid(&key, message));
+        }
+        if let Err((key, message)) = self.power.validate() {
             return Err(invalid(&key, message));
         }
         if let Some(slots) = self.model.slots.filter(|s| !(1..=256).contains(s)) {

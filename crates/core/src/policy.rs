@@ -203,14 +203,28 @@ pub struct Signals {
 }
 
 /// The pool as the policy sees it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Default)]
 pub struct PoolView {
     /// Workers Loading or Ready (Draining ones are on their way out).
     pub workers: usize,
     /// How many workers the memory budget holds in all.
     pub budget_workers: usize,
-    /// A cap from the power mode (battery, heat); `None` when unconstrained.
-    pub power_cap: Option<usize>,
+    /// What the machine allows now (power mode, battery, heat).
+    pub limits: MachineLimits,
+}
+
+/// Limits from the machine's state (see [`crate::power`]); the default limits nothing.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MachineLimits {
+    pub max_workers: Option<usize>,
+    /// Too warm to add workers.
+    pub no_growth: bool,
+    /// A shorter idle TTL (on battery).
+    pub idle_ttl_s: Option<f64>,
+    /// Scheduled pre-scaling is paused (on battery).
+    pub pause_schedule: bool,
+    /// The machine's state in words, for reasons.
+    pub why: String,
 }
 
 /// A manual override: this many workers until `until` (policy time, seconds).
@@ -260,28 +274,33 @@ impl Policy {
     pub fn tick(&mut self, now: f64, s: &Signals, pool: PoolView) -> Decision {
         let c = &self.config;
         let current = pool.workers;
+        let limits = &pool.limits;
         let ceiling = c
             .max_workers
             .min(pool.budget_workers)
-            .min(pool.power_cap.unwrap_or(usize::MAX));
+            .min(limits.max_workers.unwrap_or(usize::MAX));
         let ceiling_why = if ceiling == c.max_workers {
             format!("max_workers {}", c.max_workers)
         } else if ceiling == pool.budget_workers {
             format!("the memory budget holds {}", pool.budget_workers)
         } else {
-            format!("the power mode allows {ceiling}")
+            format!("the machine allows {ceiling} ({})", limits.why)
         };
+        let idle_ttl_s = c.idle_ttl_s.min(limits.idle_ttl_s.unwrap_or(f64::INFINITY));
 
         if let Some(o) = self.manual {
             if now < o.until {
-                let w = o.workers.min(pool.budget_workers);
+                let machine = limits.max_workers.unwrap_or(usize::MAX);
+                let w = o.workers.min(pool.budget_workers).min(machine);
                 let mut reason = format!(
                     "manual override to {} for {:.0} s more",
                     o.workers,
                     o.until - now
                 );
-                if w < o.workers {
+                if w < o.workers && w == pool.budget_workers {
                     reason += &format!(" (the memory budget holds {w})");
+                } else if w < o.workers {
+                    reason += &format!(" (the machine allows {w}: {})", limits.why);
                 }
                 return Decision { workers: w, reason };
             }
@@ -352,17 +371,37 @@ impl Policy {
         // The floor: configured minimum, schedules, activity.
         let mut floor = c.min_workers;
         let mut floor_why = format!("min_workers {}", c.min_workers);
+        let mut paused_schedule = None;
         for r in &c.schedule {
             if r.contains(s.minute_of_day) && r.min_workers > floor {
+                if limits.pause_schedule {
+                    paused_schedule = Some(format!(
+                        "schedule {}–{} paused ({})",
+                        r.start, r.end, limits.why
+                    ));
+                    continue;
+                }
                 floor = r.min_workers;
                 floor_why = format!("schedule {}–{} keeps {}", r.start, r.end, r.min_workers);
             }
         }
+        // On battery an idle pool gives up even its warm floor after the (shorter) battery TTL.
+        let mut released = None;
+        if let Some(ttl) = limits.idle_ttl_s {
+            let idle = s.idle_s.unwrap_or(now);
+            if floor > 0 && s.in_flight == 0 && s.queue_depth == 0 && idle >= ttl {
+                floor = 0;
+                released = Some(format!(
+                    "idle {idle:.0} s, past {ttl:.0} s ({}): warm floor released",
+                    limits.why
+                ));
+            }
+        }
         let active =
-            s.in_flight > 0 || s.queue_depth > 0 || s.idle_s.is_some_and(|i| i < c.idle_ttl_s);
+            s.in_flight > 0 || s.queue_depth > 0 || s.idle_s.is_some_and(|i| i < idle_ttl_s);
         if active && current > 0 && floor < 1 {
             floor = 1;
-            floor_why = format!("a request within idle_ttl_s {:.0}", c.idle_ttl_s);
+            floor_why = format!("a request within idle TTL {idle_ttl_s:.0} s");
         }
         let floor = floor.min(ceiling);
 
@@ -420,6 +459,16 @@ impl Policy {
             reason = format!("{reason}; capped: {ceiling_why}");
             target = ceiling;
         }
+        if limits.no_growth && target > current && current > 0 {
+            reason = format!("hold at {current}, not growing: {}", limits.why);
+            target = current;
+        }
+        if let Some(p) = paused_schedule {
+            reason = format!("{reason}; {p}");
+        }
+        if let Some(r) = released.filter(|_| target < current) {
+            reason = format!("{reason}; {r}");
+        }
         Decision {
             workers: target,
             reason,
@@ -435,7 +484,7 @@ mod tests {
         PoolView {
             workers,
             budget_workers: 8,
-            power_cap: None,
+            limits: MachineLimits::default(),
         }
     }
 
@@ -561,7 +610,7 @@ mod tests {
                 PoolView {
                     workers: 1,
                     budget_workers: 2,
-                    power_cap: None,
+                    limits: MachineLimits::default(),
                 },
             );
         }
@@ -573,11 +622,15 @@ mod tests {
             PoolView {
                 workers: 2,
                 budget_workers: 8,
-                power_cap: Some(1),
+                limits: MachineLimits {
+                    max_workers: Some(1),
+                    why: "power-saver mode".into(),
+                    ..MachineLimits::default()
+                },
             },
         );
         assert_eq!(d.workers, 1);
-        assert!(d.reason.contains("power"), "{}", d.reason);
+        assert!(d.reason.contains("power-saver"), "{}", d.reason);
     }
 
     #[test]
@@ -678,6 +731,74 @@ mod tests {
         // Expired: back to policy (stabilization keeps 3 for now, so check the override is gone).
         p.tick(150.0, &at(12 * 60), pool(3));
         assert!(p.manual.is_none());
+    }
+
+    fn on_battery(why: &str) -> MachineLimits {
+        MachineLimits {
+            idle_ttl_s: Some(60.0),
+            pause_schedule: true,
+            why: why.into(),
+            ..MachineLimits::default()
+        }
+    }
+
+    #[test]
+    fn on_battery_schedules_pause_and_an_idle_pool_releases_its_floor() {
+        let mut c = cfg();
+        c.down.stabilization_s = 0.0;
+        c.schedule.push(ScheduleRule {
+            start: "07:50".into(),
+            end: "09:00".into(),
+            min_workers: 2,
+        });
+        let mut p = Policy::new(c);
+        let s = |idle: f64| Signals {
+            minute_of_day: 8 * 60,
+            idle_s: Some(idle),
+            ..Signals::default()
+        };
+        let view = |workers| PoolView {
+            limits: on_battery("balanced, on battery at 50 %"),
+            ..pool(workers)
+        };
+        // The schedule would keep 2; on battery it is paused and says so.
+        let d = p.tick(0.0, &s(10.0), view(1));
+        assert_eq!(d.workers, 1, "{d}");
+        assert!(d.reason.contains("paused"), "{d}");
+        // Idle past the battery TTL (60 s, shorter than idle_ttl_s): even min_workers goes.
+        let d = p.tick(1.0, &s(61.0), view(1));
+        assert_eq!(d.workers, 0, "{d}");
+        assert!(d.reason.contains("warm floor released"), "{d}");
+        // On AC the same tick keeps the schedule's floor.
+        let d = p.tick(2.0, &s(61.0), pool(1));
+        assert_eq!(d.workers, 2, "{d}");
+    }
+
+    #[test]
+    fn too_warm_holds_the_count_but_lets_it_shrink() {
+        let mut p = Policy::new(cfg());
+        let busy = Signals {
+            arrival_rate: 30.0,
+            idle_s: Some(0.0),
+            ..Signals::default()
+        };
+        let warm = |workers| PoolView {
+            limits: MachineLimits {
+                no_growth: true,
+                why: "88 °C reached the warning 85 °C".into(),
+                ..MachineLimits::default()
+            },
+            ..pool(workers)
+        };
+        for t in 0..10 {
+            let d = p.tick(t as f64, &busy, warm(2));
+            assert_eq!(d.workers, 2, "{d}");
+            if t > 3 {
+                assert!(d.reason.contains("not growing"), "{d}");
+            }
+        }
+        // Nothing is stopped by heat alone below critical; once cool, it grows.
+        assert_eq!(p.tick(10.0, &busy, pool(2)).workers, 4);
     }
 
     #[test]

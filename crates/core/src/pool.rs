@@ -63,6 +63,8 @@ pub struct WorkerStatus {
     pub slots_total: usize,
     pub reserved_bytes: u64,
     pub age_s: f64,
+    /// Where the worker runs (`cpu`, `cuda:0`, …), once loaded.
+    pub device: Option<String>,
 }
 
 /// Why no slot was handed out.
@@ -93,6 +95,15 @@ struct Inner {
     events_total: u64,
     next_id: u64,
     stopped: bool,
+    /// Slots admitted per worker now (a power mode may admit fewer than a worker has).
+    slot_cap: Option<usize>,
+}
+
+impl Inner {
+    /// The slots worker `w` admits under the current cap.
+    fn admits(&self, w: &Worker) -> usize {
+        self.slot_cap.map_or(w.slots, |c| w.slots.min(c))
+    }
 }
 
 /// The pool. Share it as `Arc<Pool>`.
@@ -141,6 +152,7 @@ impl Pool {
                 events_total: 0,
                 next_id: 1,
                 stopped: false,
+                slot_cap: None,
             }),
             factory,
             epoch: Instant::now(),
@@ -211,10 +223,11 @@ impl Pool {
     }
 
     fn try_lease(self: &Arc<Self>, inner: &mut Inner) -> Option<Lease> {
+        let cap = inner.slot_cap.unwrap_or(usize::MAX);
         let w = inner
             .workers
             .iter_mut()
-            .filter(|w| w.state == WorkerState::Ready && w.busy < w.slots)
+            .filter(|w| w.state == WorkerState::Ready && w.busy < w.slots.min(cap))
             .min_by_key(|w| (w.busy, w.id))?;
         w.busy += 1;
         Some(Lease {
@@ -443,6 +456,16 @@ impl Pool {
             .and_then(|w| w.engine.clone())
     }
 
+    /// Admits at most `cap` concurrent requests per worker (`None`: each worker's own slots).
+    /// Requests already running keep their slots; a raised cap serves waiting requests at once.
+    pub fn set_slot_cap(self: &Arc<Self>, cap: Option<usize>) {
+        let mut inner = self.lock();
+        if inner.slot_cap != cap {
+            inner.slot_cap = cap;
+            self.dispatch(&mut inner);
+        }
+    }
+
     /// Workers Loading or Ready (the count the policy steers).
     pub fn active_workers(&self) -> usize {
         self.lock()
@@ -461,9 +484,10 @@ impl Pool {
                 id: w.id,
                 state: w.state,
                 slots_busy: w.busy,
-                slots_total: w.slots,
+                slots_total: inner.admits(w),
                 reserved_bytes: inner.ledger.get(w.id).map_or(0, |r| r.total()),
                 age_s: w.started.elapsed().as_secs_f64(),
+                device: w.engine.as_ref().map(|e| e.info().device.name.clone()),
             })
             .collect()
     }
@@ -514,7 +538,7 @@ fn ready_slots(inner: &Inner) -> usize {
         .workers
         .iter()
         .filter(|w| w.state == WorkerState::Ready)
-        .map(|w| w.slots)
+        .map(|w| inner.admits(w))
         .sum()
 }
 

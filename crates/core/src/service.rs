@@ -16,6 +16,9 @@ use crate::pool::{AcquireError, Pool};
 use crate::queue::Class;
 use crate::request::{GenerationEvent, GenerationRequest, Prompt, ToolSpec};
 
+/// What a shed request is told to wait before retrying: a machine cools over tens of seconds.
+const SHED_RETRY_AFTER_S: u64 = 30;
+
 /// Why a request could not be started.
 #[derive(Debug, Error, Clone)]
 pub enum SubmitError {
@@ -28,6 +31,9 @@ pub enum SubmitError {
     /// Every worker is busy and the queue is full (HTTP 429).
     #[error("{message}")]
     Busy { message: String, retry_after_s: u64 },
+    /// The machine is too hot and sheds this class of request (HTTP 503 with Retry-After).
+    #[error("{message}")]
+    Shed { message: String, retry_after_s: u64 },
     /// No worker freed a slot before the request's deadline (HTTP 503).
     #[error("{0}")]
     DeadlineExceeded(String),
@@ -86,6 +92,8 @@ pub struct Service {
     last_arrival: std::sync::Mutex<Option<Instant>>,
     /// How long a pooled request may wait for a slot.
     queue_deadline: RwLock<std::time::Duration>,
+    /// Why batch-class requests are refused now (critical heat), if they are.
+    shedding: RwLock<Option<String>>,
     pub metrics: Arc<Metrics>,
 }
 
@@ -118,6 +126,7 @@ impl Service {
             arrivals: Default::default(),
             last_arrival: Default::default(),
             queue_deadline: RwLock::new(std::time::Duration::from_secs(30)),
+            shedding: RwLock::new(None),
             metrics: Default::default(),
         })
     }
@@ -238,9 +247,9 @@ impl Service {
             Ok(_) => {}
             Err(SubmitError::Busy { .. }) => self.metrics.record(Outcome::QueueFull),
             Err(SubmitError::DeadlineExceeded(_)) => self.metrics.record(Outcome::Deadline),
-            Err(SubmitError::NotReady(_) | SubmitError::ShuttingDown) => {
-                self.metrics.record(Outcome::Unavailable)
-            }
+            Err(
+                SubmitError::NotReady(_) | SubmitError::ShuttingDown | SubmitError::Shed { .. },
+            ) => self.metrics.record(Outcome::Unavailable),
             Err(SubmitError::Engine(EngineError::Invalid(_))) => {
                 self.metrics.record(Outcome::Invalid)
             }
@@ -267,6 +276,14 @@ impl Service {
         if self.is_shutting_down() {
             return Err(SubmitError::ShuttingDown);
         }
+        if class == Class::Batch {
+            if let Some(why) = self.shedding.read().unwrap().clone() {
+                return Err(SubmitError::Shed {
+                    message: format!("Batch requests are refused while the machine cools: {why}."),
+                    retry_after_s: SHED_RETRY_AFTER_S,
+                });
+            }
+        }
         let backend = self.backend()?;
         self.arrivals.fetch_add(1, Ordering::Relaxed);
         *self.last_arrival.lock().unwrap() = Some(Instant::now());
@@ -284,6 +301,16 @@ impl Service {
             let _running = (&guard, &lease);
             event
         })))
+    }
+
+    /// Refuses batch-class requests with `why` (`None`: accept them again). Other classes still
+    /// queue as usual.
+    pub fn set_shedding(&self, why: Option<String>) {
+        *self.shedding.write().unwrap() = why;
+    }
+
+    pub fn shedding(&self) -> Option<String> {
+        self.shedding.read().unwrap().clone()
     }
 
     /// Generations submitted and not yet finished (or dropped).

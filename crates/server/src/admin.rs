@@ -19,9 +19,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tidepool_core::autoscale::Autoscaler;
 use tidepool_core::memory::process_rss_bytes;
 use tidepool_core::policy::PolicyConfig;
 use tidepool_core::pool::WorkerState;
+use tidepool_core::power::{PowerConfig, PowerMode, ThermalLevel};
 use tidepool_core::queue::Class;
 
 use crate::error::{ApiError, ApiJson};
@@ -53,6 +55,7 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
     let scaler = app.autoscaler.get().ok_or_else(pool_error)?;
     let pool = scaler.pool();
     let (decision, signals) = scaler.last();
+    let (machine, power) = scaler.machine();
     let (budget, reserved) = pool.memory();
     let queue: serde_json::Map<String, Value> = Class::ALL
         .iter()
@@ -71,6 +74,10 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
             "process_rss_bytes": process_rss_bytes(),
         },
         "policy": scaler.config(),
+        "machine": machine,
+        "power": power,
+        "cpu_cores_in_use": scaler.cpu_cores(),
+        "shedding": app.service.shedding(),
     })))
 }
 
@@ -117,27 +124,48 @@ pub async fn scale(
 /// GET /admin/config
 pub async fn get_config(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
     let scaler = app.autoscaler.get().ok_or_else(pool_error)?;
-    Ok(Json(json!({ "policy": scaler.config() })))
+    Ok(Json(live_config(scaler)))
+}
+
+fn live_config(scaler: &Autoscaler) -> Value {
+    json!({ "policy": scaler.config(), "power": scaler.power_config() })
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigUpdate {
-    policy: PolicyConfig,
+    policy: Option<PolicyConfig>,
+    power: Option<PowerConfig>,
 }
 
-/// PUT /admin/config `{"policy": {...}}`: the whole policy; omitted fields take their defaults.
+/// PUT /admin/config `{"policy": {...}, "power": {...}}`: either or both sections, each whole
+/// (omitted fields take their defaults). Both are validated before either is applied.
 pub async fn put_config(
     State(app): State<AppState>,
     ApiJson(update): ApiJson<ConfigUpdate>,
 ) -> Result<Json<Value>, ApiError> {
     let scaler = app.autoscaler.get().ok_or_else(pool_error)?;
-    update
-        .policy
-        .validate()
-        .map_err(|(key, message)| ApiError::invalid_param(&key, format!("`{key}` {message}")))?;
-    scaler.set_config(update.policy);
-    Ok(Json(json!({ "policy": scaler.config() })))
+    if update.policy.is_none() && update.power.is_none() {
+        return Err(ApiError::bad_request(
+            "Send `policy`, `power` or both: the sections to replace.",
+        ));
+    }
+    let invalid = |(key, message): (String, String)| {
+        ApiError::invalid_param(&key, format!("`{key}` {message}"))
+    };
+    if let Some(p) = &update.policy {
+        p.validate().map_err(invalid)?;
+    }
+    if let Some(p) = &update.power {
+        p.validate().map_err(invalid)?;
+    }
+    if let Some(p) = update.policy {
+        scaler.set_config(p);
+    }
+    if let Some(p) = update.power {
+        scaler.set_power_config(p);
+    }
+    Ok(Json(live_config(scaler)))
 }
 
 /// GET /metrics: Prometheus text format.
@@ -206,6 +234,65 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
             "# HELP tidepool_pool_events_total Worker and scaling events since start.\n# TYPE tidepool_pool_events_total counter\ntidepool_pool_events_total {}",
             pool.events_total()
         );
+        let (reading, power) = scaler.machine();
+        if let Some(power) = power {
+            gauge(
+                &mut out,
+                "tidepool_power_mode",
+                "The power mode in force (1 for the effective mode).",
+            );
+            for m in PowerMode::ALL.into_iter().filter(|&m| m != PowerMode::Auto) {
+                let on = u8::from(power.effective == m);
+                let _ = writeln!(out, "tidepool_power_mode{{mode=\"{m}\"}} {on}");
+            }
+            gauge(
+                &mut out,
+                "tidepool_thermal_level",
+                "0 normal, 1 warm (not growing), 2 critical (shedding).",
+            );
+            let level = match power.thermal {
+                ThermalLevel::Normal => 0,
+                ThermalLevel::Warm => 1,
+                ThermalLevel::Critical => 2,
+            };
+            let _ = writeln!(out, "tidepool_thermal_level {level}");
+            gauge(
+                &mut out,
+                "tidepool_on_battery",
+                "1 when running on battery.",
+            );
+            let _ = writeln!(out, "tidepool_on_battery {}", u8::from(power.on_battery));
+            gauge(
+                &mut out,
+                "tidepool_cpu_cores_in_use",
+                "CPU cores inference may run on under the power mode.",
+            );
+            let _ = writeln!(out, "tidepool_cpu_cores_in_use {}", scaler.cpu_cores());
+        }
+        if let Some(r) = reading {
+            if let Some(c) = r.max_celsius() {
+                gauge(
+                    &mut out,
+                    "tidepool_max_celsius",
+                    "The hottest CPU sensor or GPU.",
+                );
+                let _ = writeln!(out, "tidepool_max_celsius {c}");
+            }
+            if let Some(p) = r.battery.percent() {
+                gauge(&mut out, "tidepool_battery_percent", "Battery charge.");
+                let _ = writeln!(out, "tidepool_battery_percent {p}");
+            }
+            if !r.gpus.gpus().is_empty() {
+                gauge(&mut out, "tidepool_gpu_free_bytes", "Free GPU memory.");
+            }
+            for g in r.gpus.gpus() {
+                let _ = writeln!(
+                    out,
+                    "tidepool_gpu_free_bytes{{gpu=\"{}\"}} {}",
+                    g.index, g.free_bytes
+                );
+            }
+        }
     }
     (
         [(

@@ -144,6 +144,13 @@ impl From<SubmitError> for ApiError {
                 retry_after: Some(retry_after_s),
                 ..ApiError::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
             },
+            SubmitError::Shed {
+                message,
+                retry_after_s,
+            } => ApiError {
+                code: Some("shedding_load"),
+                ..ApiError::unavailable(message, retry_after_s)
+            },
             SubmitError::DeadlineExceeded(m) => ApiError {
                 code: Some("deadline_exceeded"),
                 ..ApiError::unavailable(m, 1)
