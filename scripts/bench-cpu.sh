@@ -40,6 +40,8 @@ for m in smollm2-135m-instruct-q4_1 smollm2-135m-instruct-q4_0 smollm2-135m-inst
   "$v3" pull "$m" >&2
 done
 
+echo "| build | model | types | load | RSS | TTFT | decode | cores | CPU s / 1000 tokens | tokens per run |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for build in v3 plain; do
   bin="$v3"; label="AVX2+FMA (x86-64-v3)"
   if [ "$build" = plain ]; then bin="$plain"; label="no vector features (x86-64)"; fi

@@ -1,18 +1,22 @@
 //! `tidepool bench`: measurements that print numbers (never timed assertions in tests).
 //!
 //! `bench engine` loads a model in-process and measures load time, resident memory after load,
-//! time to first token and single-stream decode speed, with no HTTP in between.
+//! time to first token, single-stream decode speed and CPU time per token, with no HTTP in
+//! between; `--power-mode` runs it under a power mode's CPU limit.
 
 use std::time::Instant;
 
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use serde::Serialize;
+use tidepool_core::cpu_limit::CpuLimiter;
 use tidepool_core::engine::mistral::MistralEngine;
 use tidepool_core::engine::{DevicePreference, EngineConfig};
 use tidepool_core::memory::{human_bytes, process_rss_bytes};
 use tidepool_core::model_source::{self, ModelSpec, ModelStore};
+use tidepool_core::power::{Governor, PowerConfig, PowerMode};
 use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
+use tidepool_core::signals::Machine;
 use tidepool_core::Engine;
 
 use crate::progress::BarProgress;
@@ -52,6 +56,10 @@ struct EngineBench {
     /// A label for the row (e.g. the build flavour).
     #[arg(long, default_value = "")]
     label: String,
+    /// Run under this power mode's CPU limit (performance, balanced, power-saver), as the
+    /// server's control loop would apply it on this machine.
+    #[arg(long)]
+    power_mode: Option<PowerMode>,
 }
 
 #[derive(Serialize)]
@@ -66,6 +74,10 @@ struct EngineResult {
     ttft_ms_median: f64,
     decode_tok_s_median: f64,
     tokens_per_run: Vec<u32>,
+    /// CPU cores the process ran on.
+    cpu_cores: usize,
+    /// Process CPU time (user + system) per 1000 generated tokens, prompt work included.
+    cpu_s_per_1k_tokens: f64,
 }
 
 pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
@@ -104,6 +116,18 @@ async fn engine(b: EngineBench) -> anyhow::Result<()> {
         )
     })
     .await??;
+    let mut limiter = CpuLimiter::new();
+    let cores = match b.power_mode {
+        Some(mode) => {
+            let caps = PowerConfig {
+                mode,
+                ..PowerConfig::default()
+            };
+            let state = Governor::new().update(&caps, &Machine::real().read());
+            limiter.apply(state.cpu_threads)?
+        }
+        None => limiter.cores(),
+    };
     let rss0 = process_rss_bytes();
     let t0 = Instant::now();
     let engine = MistralEngine::load(
@@ -124,7 +148,9 @@ async fn engine(b: EngineBench) -> anyhow::Result<()> {
     let mut ttfts = Vec::new();
     let mut speeds = Vec::new();
     let mut tokens = Vec::new();
+    let mut cpu_s = 0.0;
     for i in 0..=b.runs {
+        let cpu_before = process_cpu_seconds();
         let mut req = GenerationRequest::chat(vec![ChatMessage::new(Role::User, prompt)]);
         req.sampling.max_tokens = Some(b.max_tokens);
         req.sampling.temperature = Some(0.0);
@@ -140,7 +166,11 @@ async fn engine(b: EngineBench) -> anyhow::Result<()> {
                 _ => {}
             }
         }
+        if i > 0 {
+            cpu_s += process_cpu_seconds() - cpu_before;
+        }
     }
+    let generated: u32 = tokens.iter().sum();
     let info = engine.info();
     let r = EngineResult {
         label: b.label,
@@ -157,12 +187,14 @@ async fn engine(b: EngineBench) -> anyhow::Result<()> {
         ttft_ms_median: median(ttfts),
         decode_tok_s_median: median(speeds),
         tokens_per_run: tokens,
+        cpu_cores: cores,
+        cpu_s_per_1k_tokens: cpu_s * 1000.0 / f64::from(generated.max(1)),
     };
     if b.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
-            "| {} | {} | {} | {:.2} s | {} | {:.0} ms | {:.1} tok/s | {:?} |",
+            "| {} | {} | {} | {:.2} s | {} | {:.0} ms | {:.1} tok/s | {} | {:.1} s | {:?} |",
             r.label,
             r.model,
             r.types,
@@ -170,8 +202,21 @@ async fn engine(b: EngineBench) -> anyhow::Result<()> {
             human_bytes(r.rss_after_load_bytes),
             r.ttft_ms_median,
             r.decode_tok_s_median,
+            r.cpu_cores,
+            r.cpu_s_per_1k_tokens,
             r.tokens_per_run
         );
     }
     Ok(())
+}
+
+/// CPU time (user + system) this process has used, in seconds.
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes into the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) } != 0 {
+        return 0.0;
+    }
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(u.ru_utime) + secs(u.ru_stime)
 }

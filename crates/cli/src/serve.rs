@@ -19,7 +19,7 @@ use tidepool_core::memory::{available_memory_bytes, human_bytes, process_rss_byt
 use tidepool_core::model_source::{self, LocalModel, ModelSpec, ModelStore};
 use tidepool_core::pool::Pool;
 use tidepool_core::service::{ModelState, Service};
-use tidepool_core::signals::Machine;
+use tidepool_core::signals::{gpu, GpuReadings, Machine};
 use tidepool_server::{AppState, HttpConfig};
 
 use crate::progress::BarProgress;
@@ -219,14 +219,34 @@ async fn load_model(
         slots: slots as u64,
         context_tokens: cfg.pool.context_tokens,
         kv_elem_bytes: 2,
-        activation_bytes: 4,
+        // The embedding table is held dense: f32 on CPU, half precision on a GPU.
+        activation_bytes: if gpu { 2 } else { 4 },
         overhead: cfg.pool.overhead_mib << 20,
     };
     let reservation = ledger::reservation(&gguf, &shape);
+    // Workers on a GPU reserve its memory: free VRAM as NVML (or Metal) reports it now.
+    let available = if gpu {
+        match gpu::real_source().read() {
+            GpuReadings::Present { gpus } if !gpus.is_empty() => {
+                let free = gpus.iter().map(|g| g.free_bytes).max().unwrap_or(0);
+                tracing::info!(free = %human_bytes(free), "memory budget from the GPU's free memory");
+                free
+            }
+            GpuReadings::Present { .. } => available_memory_bytes(),
+            GpuReadings::Absent { reason } => {
+                tracing::warn!(
+                    "running on a GPU without memory readings ({reason}): budgeting against RAM"
+                );
+                available_memory_bytes()
+            }
+        }
+    } else {
+        available_memory_bytes()
+    };
     let budget = ledger::budget(
         cfg.pool.memory_cap_mib.map(|m| m << 20),
         cfg.pool.memory_fraction,
-        available_memory_bytes(),
+        available,
         0,
     );
     tracing::info!(
