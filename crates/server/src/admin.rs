@@ -358,5 +358,7 @@ mod tests {
         }
         let (status, _) = from_peer("127.0.0.1:1", "/metrics").await;
         assert_eq!(status, StatusCode::OK);
+        let (status, _) = from_peer("127.0.0.1:1", "/").await;
+        assert_eq!(status, StatusCode::OK, "the dashboard");
     }
 }

@@ -6,6 +6,7 @@
 //! [`GenerationRequest`]: tidepool_core::request::GenerationRequest
 
 pub mod admin;
+pub mod dashboard;
 pub mod error;
 pub mod openai;
 
@@ -84,6 +85,8 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
                     get(admin::get_config).put(admin::put_config),
                 )
                 .route("/metrics", get(admin::metrics))
+                .route("/", get(dashboard::asset))
+                .route("/ui/{*path}", get(dashboard::asset))
                 .layer(middleware::from_fn(admin::loopback_only)),
         )
         .fallback(not_found)
