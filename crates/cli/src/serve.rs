@@ -20,6 +20,7 @@ use tidepool_core::model_source::{self, LocalModel, ModelSpec, ModelStore};
 use tidepool_core::pool::Pool;
 use tidepool_core::service::{ModelState, Service};
 use tidepool_core::signals::{gpu, GpuReadings, Machine};
+use tidepool_server::sharing::Sharing;
 use tidepool_server::{AppState, HttpConfig};
 
 use crate::progress::BarProgress;
@@ -45,6 +46,10 @@ pub struct ServeArgs {
     /// Run on the CPU even if a GPU is available.
     #[arg(long)]
     cpu: bool,
+    /// Also serve other machines on the LAN (a bearer token is required from them; one is
+    /// generated unless server.lan_token or TIDEPOOL_LAN_TOKEN sets it).
+    #[arg(long)]
+    share_lan: bool,
     /// Power mode: performance, balanced, power-saver or auto (follows AC and battery).
     #[arg(long)]
     power_mode: Option<tidepool_core::power::PowerMode>,
@@ -76,6 +81,12 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
     if let Some(m) = a.power_mode {
         cfg.power.mode = m;
     }
+    if a.share_lan {
+        cfg.server.share_lan = true;
+    }
+    if let Ok(t) = std::env::var("TIDEPOOL_LAN_TOKEN") {
+        cfg.server.lan_token = Some(t);
+    }
     cfg.validate("command line")?;
 
     let explicit_model = cfg.model.id.is_some();
@@ -99,16 +110,31 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
                 .ok_or(())
         })
         .map_err(|_| anyhow::anyhow!("invalid --host `{}`", cfg.server.host))?;
+    if !addr.ip().is_loopback() && cfg.server.lan_token.is_none() && !cfg.server.share_lan {
+        anyhow::bail!(
+            "refusing to listen on {addr} without a LAN token: other machines could use this \
+             server. Set server.lan_token (or TIDEPOOL_LAN_TOKEN), or use --share-lan, which \
+             generates one; to stay on this machine, use the default host 127.0.0.1"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
     let local = listener.local_addr()?;
     println!("Tidepool listening on http://{local}  (OpenAI API at http://{local}/v1)");
-    if !local.ip().is_loopback() {
-        tracing::warn!("listening on a non-loopback address: other machines can reach this server");
-    }
 
-    let state = AppState::new(service.clone());
+    let sharing_on = cfg.server.share_lan || !local.ip().is_loopback();
+    if sharing_on && cfg.server.lan_token.is_none() {
+        let token = tidepool_server::sharing::generate_token();
+        println!("LAN sharing is on; LAN clients must send: Authorization: Bearer {token}");
+        cfg.server.lan_token = Some(token);
+    }
+    let mut state = AppState::new(service.clone());
+    state.sharing = Arc::new(Sharing::new(
+        sharing_on,
+        cfg.server.lan_token.clone(),
+        cfg.server.lan_rate_per_minute,
+    ));
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
     {
         let service = service.clone();

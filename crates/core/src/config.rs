@@ -69,6 +69,9 @@ impl Default for PoolConfig {
     }
 }
 
+/// The shortest LAN token accepted from a config (generated ones are 64 hex characters).
+pub const MIN_TOKEN_LEN: usize = 16;
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ServerConfig {
@@ -78,6 +81,14 @@ pub struct ServerConfig {
     pub body_limit_mib: usize,
     /// Seconds shutdown waits for running requests.
     pub drain_timeout_s: u64,
+    /// Also listen on this machine's LAN addresses (every non-loopback request then needs the
+    /// token). Off by default.
+    pub share_lan: bool,
+    /// The bearer token LAN peers must send; unset with `share_lan` generates one at start.
+    /// `TIDEPOOL_LAN_TOKEN` overrides it.
+    pub lan_token: Option<String>,
+    /// Requests per minute one LAN address may make (429 with Retry-After beyond).
+    pub lan_rate_per_minute: u32,
 }
 
 impl Default for ServerConfig {
@@ -87,6 +98,9 @@ impl Default for ServerConfig {
             port: DEFAULT_PORT,
             body_limit_mib: 4,
             drain_timeout_s: 60,
+            share_lan: false,
+            lan_token: None,
+            lan_rate_per_minute: 100,
         }
     }
 }
@@ -170,6 +184,22 @@ impl Config {
         };
         if self.server.host.trim().is_empty() {
             return Err(invalid("server.host", "must not be empty".into()));
+        }
+        if let Some(t) = &self.server.lan_token {
+            if t.len() < MIN_TOKEN_LEN || t.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                return Err(invalid(
+                    "server.lan_token",
+                    format!(
+                        "must be at least {MIN_TOKEN_LEN} characters with no spaces (a random one is generated when unset)"
+                    ),
+                ));
+            }
+        }
+        if self.server.lan_rate_per_minute == 0 {
+            return Err(invalid(
+                "server.lan_rate_per_minute",
+                "must be at least 1".into(),
+            ));
         }
         if !(1..=1024).contains(&self.server.body_limit_mib) {
             return Err(invalid(

@@ -55,6 +55,23 @@ impl ApiError {
         }
     }
 
+    /// 401: a LAN peer without the right bearer token.
+    pub fn unauthorized(message: impl Into<String>) -> Self {
+        ApiError {
+            code: Some("invalid_api_key"),
+            ..Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", message)
+        }
+    }
+
+    /// 429 with Retry-After: a LAN peer over its rate limit.
+    pub fn rate_limited(message: impl Into<String>, retry_after_s: u64) -> Self {
+        ApiError {
+            code: Some("rate_limit_exceeded"),
+            retry_after: Some(retry_after_s),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", message)
+        }
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", message)
     }

@@ -9,6 +9,7 @@ pub mod admin;
 pub mod dashboard;
 pub mod error;
 pub mod openai;
+pub mod sharing;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -52,6 +53,8 @@ pub struct AppState {
     pub started_unix: u64,
     /// The pool's control loop, once the model is loaded into a pool.
     pub autoscaler: Arc<OnceLock<Arc<Autoscaler>>>,
+    /// LAN sharing: off unless switched on.
+    pub sharing: Arc<sharing::Sharing>,
 }
 
 impl AppState {
@@ -59,6 +62,7 @@ impl AppState {
         AppState {
             service,
             autoscaler: Default::default(),
+            sharing: Arc::new(sharing::Sharing::new(false, None, 100)),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -85,6 +89,8 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
                     get(admin::get_config).put(admin::put_config),
                 )
                 .route("/metrics", get(admin::metrics))
+                .route("/admin/sharing", get(sharing::get).put(sharing::put))
+                .route("/admin/sharing/rotate", post(sharing::rotate))
                 .route("/", get(dashboard::asset))
                 .route("/ui/{*path}", get(dashboard::asset))
                 .layer(middleware::from_fn(admin::loopback_only)),
@@ -95,6 +101,11 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
         .layer(middleware::from_fn_with_state(
             state.clone(),
             refuse_while_shutting_down,
+        ))
+        // Outermost: a LAN peer is authenticated and rate limited before anything else.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            sharing::lan_guard,
         ))
         .with_state(state)
 }
@@ -162,10 +173,15 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let service = state.service.clone();
+    let sharing = state.sharing.clone();
+    if let Ok(local) = listener.local_addr() {
+        sharing.started(&state, local, cfg.clone());
+    }
     let app = router(state, &cfg).into_make_service_with_connect_info::<SocketAddr>();
     let drained = async move {
         shutdown.await;
         service.begin_shutdown();
+        sharing.stop_listeners();
         let start = Instant::now();
         let mut last_log = Instant::now() - Duration::from_secs(10);
         while service.in_flight() > 0 && start.elapsed() < cfg.drain_timeout {
