@@ -7,6 +7,7 @@
 
 pub mod admin;
 pub mod error;
+pub mod ollama;
 pub mod openai;
 
 use std::future::Future;
@@ -74,6 +75,12 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{id}", get(openai::get_model))
         .route("/health", get(health))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/show", post(ollama::show))
+        .route("/api/version", get(ollama::version))
         .merge(
             Router::new()
                 .route("/admin/status", get(admin::status))
