@@ -64,3 +64,13 @@ def smollm2_server():
     server = Server(["--model", "smollm2-135m-instruct"])
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory):
+    """Tidepool serving the tiny random-weight fixture (fast; output is noise, shapes are real)."""
+    path = tmp_path_factory.mktemp("fixture") / "tiny.gguf"
+    subprocess.run([tidepool_bin(), "fixture", "--size", "tiny", "--out", str(path)], check=True)
+    server = Server(["--model", str(path), "--slots", "2"])
+    yield server
+    server.stop()
