@@ -101,7 +101,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         tracing::warn!("listening on a non-loopback address: other machines can reach this server");
     }
 
-    let state = AppState::new(service.clone());
+    let state = AppState::with_gateway(service.clone(), cfg.gateway());
     let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
     {
         let service = service.clone();

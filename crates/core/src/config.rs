@@ -35,6 +35,8 @@ pub struct Config {
     pub model: ModelConfig,
     pub pool: PoolConfig,
     pub policy: crate::policy::PolicyConfig,
+    /// The answer cache.
+    pub cache: crate::answer_cache::CacheConfig,
 }
 
 /// The worker pool's memory budget, reservations and queue.
@@ -122,6 +124,13 @@ impl Default for ModelConfig {
 }
 
 impl Config {
+    /// The settings of the request gateway (cache, ...).
+    pub fn gateway(&self) -> crate::gateway::GatewayConfig {
+        crate::gateway::GatewayConfig {
+            cache: self.cache.clone(),
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -175,6 +184,9 @@ impl Config {
             return Err(invalid("pool.context_tokens", "must be at least 1".into()));
         }
         if let Err((key, message)) = self.policy.validate() {
+            return Err(invalid(&key, message));
+        }
+        if let Err((key, message)) = self.cache.validate() {
             return Err(invalid(&key, message));
         }
         if !(1..=256).contains(&self.model.slots) {

@@ -14,13 +14,17 @@
 //! - [`queue`]: the router's bounded priority queue with deadlines.
 //! - [`pool`]: workers (engine instances) and the slots requests lease from them.
 //! - [`autoscale`]: the control loop from signals through the policy to the pool.
+//! - [`gateway`]: between the API adapters and the service: answer cache.
+//! - [`answer_cache`]: exact-match reuse of deterministic answers (byte-bounded LRU with a TTL).
 //! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
 
+pub mod answer_cache;
 pub mod autoscale;
 pub mod catalog;
 pub mod config;
 pub mod engine;
 pub mod fixture;
+pub mod gateway;
 pub mod gguf_info;
 pub mod ledger;
 pub mod memory;

@@ -153,6 +153,14 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<tidepool_core::gateway::GatewayError> for ApiError {
+    fn from(e: tidepool_core::gateway::GatewayError) -> Self {
+        match e {
+            tidepool_core::gateway::GatewayError::Submit(e) => e.into(),
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {

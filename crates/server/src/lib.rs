@@ -9,6 +9,7 @@ pub mod admin;
 pub mod error;
 pub mod ollama;
 pub mod openai;
+pub mod report;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -23,6 +24,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tidepool_core::autoscale::Autoscaler;
+use tidepool_core::gateway::{Gateway, GatewayConfig};
 use tidepool_core::service::{ModelStatus, Service};
 
 use error::ApiError;
@@ -52,11 +54,19 @@ pub struct AppState {
     pub started_unix: u64,
     /// The pool's control loop, once the model is loaded into a pool.
     pub autoscaler: Arc<OnceLock<Arc<Autoscaler>>>,
+    /// Answer cache (and the other request-path features) in front of the service.
+    pub gateway: Arc<Gateway>,
 }
 
 impl AppState {
+    /// The state with the default gateway settings.
     pub fn new(service: Arc<Service>) -> Self {
+        Self::with_gateway(service, GatewayConfig::default())
+    }
+
+    pub fn with_gateway(service: Arc<Service>, gateway: GatewayConfig) -> Self {
         AppState {
+            gateway: Gateway::new(service.clone(), gateway),
             service,
             autoscaler: Default::default(),
             started_unix: std::time::SystemTime::now()

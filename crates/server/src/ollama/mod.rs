@@ -21,8 +21,10 @@ use tidepool_core::pool::WorkerState;
 use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
 use tidepool_core::GenerationStream;
 
-use crate::openai::{collect, Priority};
+use crate::error::ApiError;
+use crate::openai::{collect, with_report, Priority};
 use crate::AppState;
+use tidepool_core::gateway::Submission;
 use types::{
     ChatRequest, GenerateRequest, KeepAlive, KeepAliveSetting, OllamaError, OllamaJson, ShowRequest,
 };
@@ -241,10 +243,19 @@ async fn respond(
     keep_alive: &Option<KeepAlive>,
 ) -> Result<Response, OllamaError> {
     let started = Instant::now();
-    let events = app.service.submit_as(generation, class).await?;
+    let answer = app
+        .gateway
+        .submit(Submission {
+            request: generation,
+            class,
+        })
+        .await
+        .map_err(ApiError::from)?;
+    let (events, report) = (answer.stream, answer.report);
     apply_keep_alive(app, keep_alive)?;
     if stream {
-        return Ok(stream_response(events, shape, model, started));
+        let resp = stream_response(events, shape, model, started);
+        return Ok(with_report(resp, &report));
     }
     let out = collect(events).await?;
     let mut v = shape.object(&model, &out.text, &out.tool_calls);
@@ -254,7 +265,7 @@ async fn respond(
         out.finish.unwrap_or(FinishReason::Stop),
         started,
     );
-    Ok(Json(v).into_response())
+    Ok(with_report(Json(v).into_response(), &report))
 }
 
 /// The answer to a request with no prompt: the model is (un)loaded, nothing generated.

@@ -11,6 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
+use tidepool_core::gateway::{Report, Submission};
 use tidepool_core::queue::Class;
 use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
 use tidepool_core::GenerationStream;
@@ -114,12 +115,19 @@ pub async fn chat_completions(
 ) -> Result<Response, ApiError> {
     let model = check_model(&app, req.model.as_deref())?;
     let generation = req.to_generation()?;
-    let stream = app.service.submit_as(generation, class).await?;
+    let answer = app
+        .gateway
+        .submit(Submission {
+            request: generation,
+            class,
+        })
+        .await?;
+    let (stream, report) = (answer.stream, answer.report);
     let id = new_id("chatcmpl");
     let created = now_secs();
     if req.is_stream() {
         let events = chat_sse(stream, id, created, model, req.include_usage());
-        return Ok(Sse::new(events).into_response());
+        return Ok(with_report(Sse::new(events).into_response(), &report));
     }
     let out = collect(stream).await?;
     let finish = out.finish.unwrap_or(FinishReason::Stop);
@@ -145,6 +153,13 @@ pub async fn chat_completions(
         "usage": usage_json(&out.usage),
     }))
     .into_response())
+    .map(|r| with_report(r, &report))
+}
+
+/// Adds the gateway's report (`x-tidepool-*` headers) to a response.
+pub(crate) fn with_report(mut resp: Response, report: &Report) -> Response {
+    crate::report::insert_headers(resp.headers_mut(), report);
+    resp
 }
 
 fn chat_sse(
@@ -214,14 +229,18 @@ pub async fn completions(
     let generations = req.to_generations()?;
     // Start every prompt before reading any, so they share the worker's slots.
     let mut streams = Vec::with_capacity(generations.len());
+    let mut reports = Vec::with_capacity(generations.len());
     for g in generations {
-        streams.push(app.service.submit_as(g, class).await?);
+        let answer = app.gateway.submit(Submission { request: g, class }).await?;
+        streams.push(answer.stream);
+        reports.push(answer.report);
     }
+    let report = crate::report::merge(&reports);
     let id = new_id("cmpl");
     let created = now_secs();
     if req.is_stream() {
         let events = completion_sse(streams, id, created, model, req.include_usage());
-        return Ok(Sse::new(events).into_response());
+        return Ok(with_report(Sse::new(events).into_response(), &report));
     }
     let results = futures::future::join_all(streams.into_iter().map(collect)).await;
     let mut choices = Vec::new();
@@ -247,6 +266,7 @@ pub async fn completions(
         "usage": usage_json(&usage),
     }))
     .into_response())
+    .map(|r| with_report(r, &report))
 }
 
 fn completion_sse(

@@ -1,0 +1,212 @@
+//! What happens to a request between an API adapter (OpenAI, Ollama) and the [`Service`]: the
+//! answer cache is consulted, and a fresh generation is recorded into it. Both adapters call
+//! [`Gateway::submit`] and turn its [`Report`] into headers and `usage` fields, so every API
+//! behaves the same.
+
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::answer_cache::{AnswerCache, CacheConfig, CacheKey, CacheStats, CachedAnswer};
+use crate::engine::GenerationStream;
+use crate::queue::Class;
+use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
+use crate::service::{Service, SubmitError};
+
+/// The gateway's part of the configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct GatewayConfig {
+    pub cache: CacheConfig,
+}
+
+/// Why a request was not started.
+#[derive(Debug, Error, Clone)]
+pub enum GatewayError {
+    #[error(transparent)]
+    Submit(#[from] SubmitError),
+}
+
+/// Whether an answer came from the cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+        }
+    }
+}
+
+/// What the gateway did to a request, for the adapter to report.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Report {
+    /// `None` when the cache is off.
+    pub cache: Option<CacheStatus>,
+}
+
+/// A started answer: its events and what was done to get them.
+pub struct Answer {
+    pub stream: GenerationStream,
+    pub report: Report,
+}
+
+/// One request as an adapter hands it over.
+#[derive(Debug, Clone)]
+pub struct Submission {
+    pub request: GenerationRequest,
+    pub class: Class,
+}
+
+/// The gateway. Share it as `Arc<Gateway>`.
+pub struct Gateway {
+    service: Arc<Service>,
+    config: RwLock<GatewayConfig>,
+    cache: Arc<Mutex<AnswerCache>>,
+}
+
+impl Gateway {
+    pub fn new(service: Arc<Service>, config: GatewayConfig) -> Arc<Gateway> {
+        Arc::new(Gateway {
+            service,
+            cache: Arc::new(Mutex::new(AnswerCache::from_config(&config.cache))),
+            config: RwLock::new(config),
+        })
+    }
+
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
+    }
+
+    pub fn config(&self) -> GatewayConfig {
+        self.config.read().unwrap().clone()
+    }
+
+    pub fn cache_stats(&self) -> CacheStats {
+        self.cache.lock().unwrap().stats()
+    }
+
+    /// Starts (or replays) one answer.
+    pub async fn submit(&self, sub: Submission) -> Result<Answer, GatewayError> {
+        let cfg = self.config();
+        let mut report = Report::default();
+        let cacheable =
+            cfg.cache.enabled && (cfg.cache.sampled || sub.request.sampling.is_deterministic());
+        let key = if cfg.cache.enabled {
+            report.cache = Some(CacheStatus::Miss);
+            cacheable.then(|| CacheKey::of(&self.service.model_name(), "", &sub.request))
+        } else {
+            None
+        };
+        if let Some(key) = &key {
+            let found = self.cache.lock().unwrap().get(key, Instant::now());
+            if let Some(answer) = found {
+                report.cache = Some(CacheStatus::Hit);
+                return Ok(Answer {
+                    stream: replay(answer),
+                    report,
+                });
+            }
+        }
+        let stream = self.service.submit_as(sub.request, sub.class).await?;
+        let stream = match key {
+            Some(key) => record(stream, key, self.cache.clone()),
+            None => stream,
+        };
+        Ok(Answer { stream, report })
+    }
+
+    /// The gateway's metrics in Prometheus text format.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let s = self.cache_stats();
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_answer_cache_lookups_total Answer cache lookups by result.\n# TYPE tidepool_answer_cache_lookups_total counter"
+        );
+        let _ = writeln!(
+            out,
+            "tidepool_answer_cache_lookups_total{{result=\"hit\"}} {}\ntidepool_answer_cache_lookups_total{{result=\"miss\"}} {}",
+            s.hits, s.misses
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_answer_cache_hit_ratio Hits over lookups since start.\n# TYPE tidepool_answer_cache_hit_ratio gauge\ntidepool_answer_cache_hit_ratio {}",
+            s.hit_rate()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_answer_cache_entries Answers stored.\n# TYPE tidepool_answer_cache_entries gauge\ntidepool_answer_cache_entries {}",
+            s.entries
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_answer_cache_bytes Bytes the stored answers account for.\n# TYPE tidepool_answer_cache_bytes gauge\ntidepool_answer_cache_bytes {}",
+            s.bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_answer_cache_evictions_total Answers evicted to stay within the byte bound.\n# TYPE tidepool_answer_cache_evictions_total counter\ntidepool_answer_cache_evictions_total {}",
+            s.evictions
+        );
+    }
+}
+
+/// A stored answer as a stream: the same text chunks, then how it ended (no compute, so no time).
+fn replay(a: CachedAnswer) -> GenerationStream {
+    let mut events: Vec<GenerationEvent> =
+        a.chunks.into_iter().map(GenerationEvent::Text).collect();
+    if !a.tool_calls.is_empty() {
+        events.push(GenerationEvent::ToolCalls(a.tool_calls));
+    }
+    events.push(GenerationEvent::Done {
+        finish_reason: a.finish_reason,
+        usage: Usage {
+            time_to_first_token: Duration::ZERO,
+            total_time: Duration::ZERO,
+            ..a.usage
+        },
+    });
+    Box::pin(futures::stream::iter(events))
+}
+
+/// Passes a generation through, storing it under `key` once it finishes (not when it fails or
+/// is cancelled).
+fn record(
+    stream: GenerationStream,
+    key: CacheKey,
+    cache: Arc<Mutex<AnswerCache>>,
+) -> GenerationStream {
+    let mut chunks = Vec::new();
+    let mut tool_calls = Vec::new();
+    Box::pin(stream.map(move |ev| {
+        match &ev {
+            GenerationEvent::Text(t) => chunks.push(t.clone()),
+            GenerationEvent::ToolCalls(c) => tool_calls.extend(c.iter().cloned()),
+            GenerationEvent::Done {
+                finish_reason:
+                    finish_reason
+                    @ (FinishReason::Stop | FinishReason::Length | FinishReason::ToolCalls),
+                usage,
+            } => {
+                let answer = CachedAnswer {
+                    chunks: std::mem::take(&mut chunks),
+                    tool_calls: std::mem::take(&mut tool_calls),
+                    finish_reason: *finish_reason,
+                    usage: *usage,
+                    notes: Vec::new(),
+                };
+                cache.lock().unwrap().insert(key, answer, Instant::now());
+            }
+            GenerationEvent::Done { .. } | GenerationEvent::Error(_) => {}
+        }
+        ev
+    }))
+}

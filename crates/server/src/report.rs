@@ -1,0 +1,25 @@
+//! How both APIs tell a client what the gateway did to its request: `x-tidepool-*` response
+//! headers, the same for OpenAI and Ollama.
+
+use axum::http::{HeaderMap, HeaderValue};
+use tidepool_core::gateway::{CacheStatus, Report};
+
+/// `hit` or `miss` (absent when the answer cache is off).
+pub const CACHE_HEADER: &str = "x-tidepool-cache";
+
+/// Adds the report's headers.
+pub fn insert_headers(headers: &mut HeaderMap, report: &Report) {
+    if let Some(c) = report.cache {
+        headers.insert(CACHE_HEADER, HeaderValue::from_static(c.as_str()));
+    }
+}
+
+/// One report for several answers to one request (`/v1/completions` with a list of prompts): a
+/// hit only if every answer was.
+pub fn merge(reports: &[Report]) -> Report {
+    let mut out = reports.first().cloned().unwrap_or_default();
+    if reports.iter().any(|r| r.cache == Some(CacheStatus::Miss)) {
+        out.cache = Some(CacheStatus::Miss);
+    }
+    out
+}
