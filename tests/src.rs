@@ -117,6 +117,7 @@ impl Default for ServerOptions {
                     enabled: false,
                     ..CacheConfig::default()
                 },
+                ..GatewayConfig::default()
             },
         }
     }

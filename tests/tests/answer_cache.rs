@@ -17,6 +17,7 @@ fn server(sampled: bool) -> TestServer {
                 sampled,
                 ..CacheConfig::default()
             },
+            ..GatewayConfig::default()
         },
         ..Default::default()
     })

@@ -83,12 +83,12 @@ pub struct CachedAnswer {
     pub tool_calls: Vec<ToolCall>,
     pub finish_reason: FinishReason,
     pub usage: Usage,
-    /// Adapter notes that travel with the answer (a truncation report, say).
-    pub notes: Vec<(String, String)>,
+    /// How the prompt was truncated to fit the context, reported again on every replay.
+    pub truncation: Option<crate::context_fit::Truncation>,
 }
 
 impl CachedAnswer {
-    /// Bytes the entry accounts for (text, tool calls, notes and a fixed overhead).
+    /// Bytes the entry accounts for (text, tool calls and a fixed overhead).
     pub fn bytes(&self) -> usize {
         let text: usize = self.chunks.iter().map(|c| c.len() + 24).sum();
         let calls: usize = self
@@ -96,8 +96,7 @@ impl CachedAnswer {
             .iter()
             .map(|c| c.id.len() + c.name.len() + c.arguments.len() + 72)
             .sum();
-        let notes: usize = self.notes.iter().map(|(a, b)| a.len() + b.len() + 48).sum();
-        text + calls + notes + 160
+        text + calls + 160
     }
 }
 
@@ -257,7 +256,7 @@ mod tests {
             tool_calls: Vec::new(),
             finish_reason: FinishReason::Stop,
             usage: Usage::default(),
-            notes: Vec::new(),
+            truncation: None,
         }
     }
 

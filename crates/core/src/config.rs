@@ -37,6 +37,8 @@ pub struct Config {
     pub policy: crate::policy::PolicyConfig,
     /// The answer cache.
     pub cache: crate::answer_cache::CacheConfig,
+    /// Long inputs: the context budget and what happens past it.
+    pub context: crate::context_fit::ContextConfig,
 }
 
 /// The worker pool's memory budget, reservations and queue.
@@ -128,6 +130,14 @@ impl Config {
     pub fn gateway(&self) -> crate::gateway::GatewayConfig {
         crate::gateway::GatewayConfig {
             cache: self.cache.clone(),
+            context: crate::context_fit::ContextConfig {
+                budget_tokens: Some(
+                    self.context
+                        .budget_tokens
+                        .unwrap_or(self.pool.context_tokens.min(u32::MAX as u64) as u32),
+                ),
+                ..self.context.clone()
+            },
         }
     }
 
@@ -187,6 +197,9 @@ impl Config {
             return Err(invalid(&key, message));
         }
         if let Err((key, message)) = self.cache.validate() {
+            return Err(invalid(&key, message));
+        }
+        if let Err((key, message)) = self.context.validate() {
             return Err(invalid(&key, message));
         }
         if !(1..=256).contains(&self.model.slots) {

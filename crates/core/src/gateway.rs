@@ -1,5 +1,7 @@
 //! What happens to a request between an API adapter (OpenAI, Ollama) and the [`Service`]: the
-//! answer cache is consulted, and a fresh generation is recorded into it. Both adapters call
+//! answer cache is consulted; on a miss, a prompt too long for the context budget is rejected or
+//! truncated ([`crate::context_fit`]), and the fresh generation is recorded into the cache. Both
+//! adapters call
 //! [`Gateway::submit`] and turn its [`Report`] into headers and `usage` fields, so every API
 //! behaves the same.
 
@@ -11,15 +13,19 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::answer_cache::{AnswerCache, CacheConfig, CacheKey, CacheStats, CachedAnswer};
+use crate::context_fit::{
+    token_upper_bound, ContextConfig, Layout, Overflow, TailSearch, Truncation,
+};
 use crate::engine::GenerationStream;
 use crate::queue::Class;
-use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Usage};
+use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Prompt, Usage};
 use crate::service::{Service, SubmitError};
 
 /// The gateway's part of the configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct GatewayConfig {
     pub cache: CacheConfig,
+    pub context: ContextConfig,
 }
 
 /// Why a request was not started.
@@ -27,6 +33,9 @@ pub struct GatewayConfig {
 pub enum GatewayError {
     #[error(transparent)]
     Submit(#[from] SubmitError),
+    /// Prompt + `max_tokens` exceed the context budget (HTTP 400).
+    #[error("{0}")]
+    ContextTooLong(String),
 }
 
 /// Whether an answer came from the cache.
@@ -50,6 +59,8 @@ impl CacheStatus {
 pub struct Report {
     /// `None` when the cache is off.
     pub cache: Option<CacheStatus>,
+    /// Set when messages were dropped to fit the context budget.
+    pub truncation: Option<Truncation>,
 }
 
 /// A started answer: its events and what was done to get them.
@@ -109,18 +120,125 @@ impl Gateway {
             let found = self.cache.lock().unwrap().get(key, Instant::now());
             if let Some(answer) = found {
                 report.cache = Some(CacheStatus::Hit);
+                report.truncation = answer.truncation;
                 return Ok(Answer {
                     stream: replay(answer),
                     report,
                 });
             }
         }
-        let stream = self.service.submit_as(sub.request, sub.class).await?;
+        let (request, truncation) = self.fit(sub.request, &cfg.context).await?;
+        report.truncation = truncation;
+        let stream = self.service.submit_as(request, sub.class).await?;
         let stream = match key {
-            Some(key) => record(stream, key, self.cache.clone()),
+            Some(key) => record(stream, key, truncation, self.cache.clone()),
             None => stream,
         };
         Ok(Answer { stream, report })
+    }
+
+    /// Applies the long-input policy: the request as is when it fits the context budget, else
+    /// rejected or truncated. Tokens are counted only when the prompt's byte size says it might
+    /// not fit.
+    async fn fit(
+        &self,
+        mut request: GenerationRequest,
+        cfg: &ContextConfig,
+    ) -> Result<(GenerationRequest, Option<Truncation>), GatewayError> {
+        let engine_max = self
+            .service
+            .engine()
+            .ok()
+            .map(|e| e.info().max_sequence_length as u64);
+        let budget = match (cfg.budget_tokens.map(u64::from), engine_max) {
+            (Some(b), Some(m)) => b.min(m),
+            (Some(b), None) => b,
+            (None, Some(m)) => m,
+            (None, None) => return Ok((request, None)),
+        };
+        let max_tokens = u64::from(request.sampling.max_tokens.unwrap_or(0));
+        if max_tokens >= budget {
+            return Err(GatewayError::ContextTooLong(format!(
+                "max_tokens ({max_tokens}) alone reaches the context budget of {budget} tokens; ask for fewer."
+            )));
+        }
+        let available = budget - max_tokens;
+        let tools_bytes = serde_json::to_vec(&request.tools).map_or(0, |v| v.len());
+        let bound = match &request.prompt {
+            Prompt::Chat(m) => token_upper_bound(m, tools_bytes),
+            Prompt::Text(t) => t.len() as u64 + 16,
+        };
+        if bound <= available {
+            return Ok((request, None));
+        }
+        let total = match self.count(&request.prompt, &request).await {
+            Some(n) => n,
+            // No engine to count with: the engine checks the length itself when it runs.
+            None => return Ok((request, None)),
+        };
+        if total <= available {
+            return Ok((request, None));
+        }
+        let too_long = |why: &str| {
+            GatewayError::ContextTooLong(format!(
+                "The prompt ({total} tokens) plus max_tokens ({max_tokens}) is {} tokens, above the context budget of {budget} tokens. Shorten the input or lower max_tokens{why}.",
+                total + max_tokens
+            ))
+        };
+        let messages = match (&request.prompt, cfg.on_overflow) {
+            (_, Overflow::Reject) => {
+                return Err(too_long(
+                    " (or set [context] on_overflow = \"truncate\" on the server)",
+                ))
+            }
+            (Prompt::Text(_), Overflow::Truncate) => {
+                return Err(too_long(" (text prompts are never truncated)"))
+            }
+            (Prompt::Chat(m), Overflow::Truncate) => m.clone(),
+        };
+        let layout = Layout::new(messages, cfg.keep_head);
+        for with_head in [true, false] {
+            let mut search = TailSearch::new(layout.max_tail(with_head));
+            while let Some(tail) = search.next() {
+                let (kept, _) = layout.select(with_head, tail);
+                let n = self
+                    .count(&Prompt::Chat(kept), &request)
+                    .await
+                    .unwrap_or(u64::MAX);
+                search.report(n <= available);
+            }
+            if let Some(tail) = search.best() {
+                let (kept, dropped) = layout.select(with_head, tail);
+                tracing::info!(
+                    dropped,
+                    original_tokens = total,
+                    budget,
+                    "truncated a long conversation to fit the context"
+                );
+                request.prompt = Prompt::Chat(kept);
+                return Ok((
+                    request,
+                    Some(Truncation {
+                        dropped_messages: dropped,
+                        original_prompt_tokens: total as u32,
+                    }),
+                ));
+            }
+        }
+        Err(too_long(
+            " (even the system prompt and the last message alone do not fit)",
+        ))
+    }
+
+    /// Tokens of `prompt` with the request's tools, `None` when no engine can count.
+    async fn count(&self, prompt: &Prompt, request: &GenerationRequest) -> Option<u64> {
+        match self.service.count_tokens(prompt, &request.tools).await {
+            Ok(n) => Some(u64::from(n)),
+            Err(e) => {
+                tracing::debug!("cannot count tokens: {e}");
+                None
+            }
+        }
     }
 
     /// The gateway's metrics in Prometheus text format.
@@ -182,6 +300,7 @@ fn replay(a: CachedAnswer) -> GenerationStream {
 fn record(
     stream: GenerationStream,
     key: CacheKey,
+    truncation: Option<Truncation>,
     cache: Arc<Mutex<AnswerCache>>,
 ) -> GenerationStream {
     let mut chunks = Vec::new();
@@ -201,7 +320,7 @@ fn record(
                     tool_calls: std::mem::take(&mut tool_calls),
                     finish_reason: *finish_reason,
                     usage: *usage,
-                    notes: Vec::new(),
+                    truncation,
                 };
                 cache.lock().unwrap().insert(key, answer, Instant::now());
             }

@@ -14,7 +14,8 @@
 //! - [`queue`]: the router's bounded priority queue with deadlines.
 //! - [`pool`]: workers (engine instances) and the slots requests lease from them.
 //! - [`autoscale`]: the control loop from signals through the policy to the pool.
-//! - [`gateway`]: between the API adapters and the service: answer cache.
+//! - [`gateway`]: between the API adapters and the service: answer cache, long-input policy.
+//! - [`context_fit`]: rejecting or truncating prompts too long for the context budget.
 //! - [`answer_cache`]: exact-match reuse of deterministic answers (byte-bounded LRU with a TTL).
 //! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
 
@@ -22,6 +23,7 @@ pub mod answer_cache;
 pub mod autoscale;
 pub mod catalog;
 pub mod config;
+pub mod context_fit;
 pub mod engine;
 pub mod fixture;
 pub mod gateway;

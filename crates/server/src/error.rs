@@ -157,6 +157,10 @@ impl From<tidepool_core::gateway::GatewayError> for ApiError {
     fn from(e: tidepool_core::gateway::GatewayError) -> Self {
         match e {
             tidepool_core::gateway::GatewayError::Submit(e) => e.into(),
+            tidepool_core::gateway::GatewayError::ContextTooLong(m) => ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid_param("messages", m)
+            },
         }
     }
 }

@@ -7,12 +7,29 @@ use tidepool_core::gateway::{CacheStatus, Report};
 /// `hit` or `miss` (absent when the answer cache is off).
 pub const CACHE_HEADER: &str = "x-tidepool-cache";
 
+/// The number of messages dropped to fit the context budget (absent when none were).
+pub const TRUNCATED_HEADER: &str = "x-tidepool-truncated";
+
 /// Adds the report's headers.
 pub fn insert_headers(headers: &mut HeaderMap, report: &Report) {
     if let Some(c) = report.cache {
         headers.insert(CACHE_HEADER, HeaderValue::from_static(c.as_str()));
     }
+    if let Some(t) = report.truncation {
+        headers.insert(TRUNCATED_HEADER, HeaderValue::from(t.dropped_messages));
+    }
 }
+
+/// The truncation report as it appears in `usage` (OpenAI) or the final object (Ollama):
+/// `{"dropped_messages": N, "original_prompt_tokens": T}`.
+pub fn truncation_json(report: &Report) -> Option<serde_json::Value> {
+    report
+        .truncation
+        .map(|t| serde_json::to_value(t).expect("serializes"))
+}
+
+/// The field that carries [`truncation_json`].
+pub const TRUNCATION_FIELD: &str = "tidepool_truncation";
 
 /// One report for several answers to one request (`/v1/completions` with a list of prompts): a
 /// hit only if every answer was.

@@ -24,7 +24,7 @@ use tidepool_core::GenerationStream;
 use crate::error::ApiError;
 use crate::openai::{collect, with_report, Priority};
 use crate::AppState;
-use tidepool_core::gateway::Submission;
+use tidepool_core::gateway::{Report, Submission};
 use types::{
     ChatRequest, GenerateRequest, KeepAlive, KeepAliveSetting, OllamaError, OllamaJson, ShowRequest,
 };
@@ -136,7 +136,10 @@ fn done_reason(f: FinishReason) -> &'static str {
 }
 
 /// The statistics Ollama puts on the last object of a response.
-fn stats(v: &mut Value, usage: &Usage, finish: FinishReason, started: Instant) {
+fn stats(v: &mut Value, usage: &Usage, finish: FinishReason, started: Instant, report: &Report) {
+    if let Some(t) = crate::report::truncation_json(report) {
+        v[crate::report::TRUNCATION_FIELD] = t;
+    }
     v["done"] = json!(true);
     v["done_reason"] = json!(done_reason(finish));
     v["total_duration"] = json!(ns(started.elapsed()));
@@ -206,6 +209,7 @@ fn stream_response(
     shape: Shape,
     model: String,
     started: Instant,
+    report: Report,
 ) -> Response {
     let lines = stream.filter_map(move |ev| {
         let out = match ev {
@@ -217,7 +221,7 @@ fn stream_response(
                 usage,
             } => {
                 let mut v = shape.object(&model, "", &[]);
-                stats(&mut v, &usage, finish_reason, started);
+                stats(&mut v, &usage, finish_reason, started, &report);
                 Some(v)
             }
             GenerationEvent::Error(e) => Some(
@@ -254,7 +258,7 @@ async fn respond(
     let (events, report) = (answer.stream, answer.report);
     apply_keep_alive(app, keep_alive)?;
     if stream {
-        let resp = stream_response(events, shape, model, started);
+        let resp = stream_response(events, shape, model, started, report.clone());
         return Ok(with_report(resp, &report));
     }
     let out = collect(events).await?;
@@ -264,6 +268,7 @@ async fn respond(
         &out.usage,
         out.finish.unwrap_or(FinishReason::Stop),
         started,
+        &report,
     );
     Ok(with_report(Json(v).into_response(), &report))
 }

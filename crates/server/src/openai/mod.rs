@@ -126,7 +126,7 @@ pub async fn chat_completions(
     let id = new_id("chatcmpl");
     let created = now_secs();
     if req.is_stream() {
-        let events = chat_sse(stream, id, created, model, req.include_usage());
+        let events = chat_sse(stream, id, created, model, req.include_usage(), &report);
         return Ok(with_report(Sse::new(events).into_response(), &report));
     }
     let out = collect(stream).await?;
@@ -150,10 +150,19 @@ pub async fn chat_completions(
             "logprobs": null,
             "finish_reason": finish.as_openai(),
         }],
-        "usage": usage_json(&out.usage),
+        "usage": usage_with_report(&out.usage, &report),
     }))
     .into_response())
     .map(|r| with_report(r, &report))
+}
+
+/// `usage`, with the gateway's truncation report when there is one.
+fn usage_with_report(u: &Usage, report: &Report) -> Value {
+    let mut v = usage_json(u);
+    if let Some(t) = crate::report::truncation_json(report) {
+        v[crate::report::TRUNCATION_FIELD] = t;
+    }
+    v
 }
 
 /// Adds the gateway's report (`x-tidepool-*` headers) to a response.
@@ -168,7 +177,9 @@ fn chat_sse(
     created: u64,
     model: String,
     include_usage: bool,
+    report: &Report,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
+    let report = report.clone();
     let chunk = move |delta: Value, finish: Option<&str>| {
         let mut c = json!({
             "id": id,
@@ -201,7 +212,7 @@ fn chat_sse(
                 if include_usage {
                     let mut last = chunk(json!({}), None);
                     last["choices"] = json!([]);
-                    last["usage"] = usage_json(&usage);
+                    last["usage"] = usage_with_report(&usage, &report);
                     v.push(last);
                 }
                 v
