@@ -23,6 +23,7 @@ fn server(on_overflow: Overflow) -> TestServer {
                 on_overflow,
                 keep_head: 1,
             },
+            ..GatewayConfig::default()
         },
         ..Default::default()
     })

@@ -39,6 +39,8 @@ pub struct Config {
     pub cache: crate::answer_cache::CacheConfig,
     /// Long inputs: the context budget and what happens past it.
     pub context: crate::context_fit::ContextConfig,
+    /// Short answers under backlog.
+    pub degraded: crate::degrade::DegradedConfig,
 }
 
 /// The worker pool's memory budget, reservations and queue.
@@ -138,6 +140,7 @@ impl Config {
                 ),
                 ..self.context.clone()
             },
+            degraded: self.degraded.clone(),
         }
     }
 
@@ -200,6 +203,9 @@ impl Config {
             return Err(invalid(&key, message));
         }
         if let Err((key, message)) = self.context.validate() {
+            return Err(invalid(&key, message));
+        }
+        if let Err((key, message)) = self.degraded.validate() {
             return Err(invalid(&key, message));
         }
         if !(1..=256).contains(&self.model.slots) {

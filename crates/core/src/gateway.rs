@@ -1,10 +1,12 @@
 //! What happens to a request between an API adapter (OpenAI, Ollama) and the [`Service`]: the
-//! answer cache is consulted; on a miss, a prompt too long for the context budget is rejected or
+//! answer cache is consulted; on a miss, a standard request under backlog is degraded
+//! ([`crate::degrade`]), a prompt too long for the context budget is rejected or
 //! truncated ([`crate::context_fit`]), and the fresh generation is recorded into the cache. Both
 //! adapters call
 //! [`Gateway::submit`] and turn its [`Report`] into headers and `usage` fields, so every API
 //! behaves the same.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -16,6 +18,7 @@ use crate::answer_cache::{AnswerCache, CacheConfig, CacheKey, CacheStats, Cached
 use crate::context_fit::{
     token_upper_bound, ContextConfig, Layout, Overflow, TailSearch, Truncation,
 };
+use crate::degrade::DegradedConfig;
 use crate::engine::GenerationStream;
 use crate::queue::Class;
 use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Prompt, Usage};
@@ -26,6 +29,7 @@ use crate::service::{Service, SubmitError};
 pub struct GatewayConfig {
     pub cache: CacheConfig,
     pub context: ContextConfig,
+    pub degraded: DegradedConfig,
 }
 
 /// Why a request was not started.
@@ -61,6 +65,8 @@ pub struct Report {
     pub cache: Option<CacheStatus>,
     /// Set when messages were dropped to fit the context budget.
     pub truncation: Option<Truncation>,
+    /// The request got the short answer of degraded mode.
+    pub degraded: bool,
 }
 
 /// A started answer: its events and what was done to get them.
@@ -81,6 +87,7 @@ pub struct Gateway {
     service: Arc<Service>,
     config: RwLock<GatewayConfig>,
     cache: Arc<Mutex<AnswerCache>>,
+    degraded_total: AtomicU64,
 }
 
 impl Gateway {
@@ -89,6 +96,7 @@ impl Gateway {
             service,
             cache: Arc::new(Mutex::new(AnswerCache::from_config(&config.cache))),
             config: RwLock::new(config),
+            degraded_total: AtomicU64::new(0),
         })
     }
 
@@ -127,14 +135,40 @@ impl Gateway {
                 });
             }
         }
-        let (request, truncation) = self.fit(sub.request, &cfg.context).await?;
+        let mut request = sub.request;
+        if cfg.degraded.applies(sub.class, self.backlog()) {
+            request = cfg.degraded.degrade(request);
+            report.degraded = true;
+            self.degraded_total.fetch_add(1, Ordering::Relaxed);
+        }
+        let (request, truncation) = self.fit(request, &cfg.context).await?;
         report.truncation = truncation;
         let stream = self.service.submit_as(request, sub.class).await?;
+        // A degraded answer is not the answer to the request: never stored.
+        let key = key.filter(|_| !report.degraded);
         let stream = match key {
             Some(key) => record(stream, key, truncation, self.cache.clone()),
             None => stream,
         };
         Ok(Answer { stream, report })
+    }
+
+    /// Requests waiting for a slot: the pool's queue, or for a single engine the generations
+    /// beyond its slots.
+    pub fn backlog(&self) -> usize {
+        match self.service.pool() {
+            Some(pool) => crate::queue::Class::ALL
+                .iter()
+                .map(|&c| pool.queue_depth(c))
+                .sum(),
+            None => {
+                let slots = self
+                    .service
+                    .engine()
+                    .map_or(usize::MAX, |e| e.info().max_sequences);
+                self.service.in_flight().saturating_sub(slots)
+            }
+        }
     }
 
     /// Applies the long-input policy: the request as is when it fits the context budget, else
@@ -268,6 +302,11 @@ impl Gateway {
             out,
             "# HELP tidepool_answer_cache_bytes Bytes the stored answers account for.\n# TYPE tidepool_answer_cache_bytes gauge\ntidepool_answer_cache_bytes {}",
             s.bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_degraded_total Requests given the short answer of degraded mode.\n# TYPE tidepool_degraded_total counter\ntidepool_degraded_total {}",
+            self.degraded_total.load(Ordering::Relaxed)
         );
         let _ = writeln!(
             out,

@@ -14,7 +14,9 @@
 //! - [`queue`]: the router's bounded priority queue with deadlines.
 //! - [`pool`]: workers (engine instances) and the slots requests lease from them.
 //! - [`autoscale`]: the control loop from signals through the policy to the pool.
-//! - [`gateway`]: between the API adapters and the service: answer cache, long-input policy.
+//! - [`gateway`]: between the API adapters and the service: answer cache, degraded mode,
+//!   long-input policy.
+//! - [`degrade`]: short answers for standard requests under backlog.
 //! - [`context_fit`]: rejecting or truncating prompts too long for the context budget.
 //! - [`answer_cache`]: exact-match reuse of deterministic answers (byte-bounded LRU with a TTL).
 //! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
@@ -24,6 +26,7 @@ pub mod autoscale;
 pub mod catalog;
 pub mod config;
 pub mod context_fit;
+pub mod degrade;
 pub mod engine;
 pub mod fixture;
 pub mod gateway;

@@ -10,10 +10,16 @@ pub const CACHE_HEADER: &str = "x-tidepool-cache";
 /// The number of messages dropped to fit the context budget (absent when none were).
 pub const TRUNCATED_HEADER: &str = "x-tidepool-truncated";
 
+/// `true` when the request got degraded mode's short answer (absent otherwise).
+pub const DEGRADED_HEADER: &str = "x-tidepool-degraded";
+
 /// Adds the report's headers.
 pub fn insert_headers(headers: &mut HeaderMap, report: &Report) {
     if let Some(c) = report.cache {
         headers.insert(CACHE_HEADER, HeaderValue::from_static(c.as_str()));
+    }
+    if report.degraded {
+        headers.insert(DEGRADED_HEADER, HeaderValue::from_static("true"));
     }
     if let Some(t) = report.truncation {
         headers.insert(TRUNCATED_HEADER, HeaderValue::from(t.dropped_messages));
@@ -38,5 +44,6 @@ pub fn merge(reports: &[Report]) -> Report {
     if reports.iter().any(|r| r.cache == Some(CacheStatus::Miss)) {
         out.cache = Some(CacheStatus::Miss);
     }
+    out.degraded = reports.iter().any(|r| r.degraded);
     out
 }
