@@ -41,6 +41,8 @@ pub struct Config {
     pub context: crate::context_fit::ContextConfig,
     /// Short answers under backlog.
     pub degraded: crate::degrade::DegradedConfig,
+    /// Task profiles by name (`[profiles.NAME]`), added to the built-in ones.
+    pub profiles: crate::profile::Profiles,
 }
 
 /// The worker pool's memory budget, reservations and queue.
@@ -141,6 +143,7 @@ impl Config {
                 ..self.context.clone()
             },
             degraded: self.degraded.clone(),
+            profiles: self.profiles.clone(),
         }
     }
 
@@ -206,6 +209,11 @@ impl Config {
             return Err(invalid(&key, message));
         }
         if let Err((key, message)) = self.degraded.validate() {
+            return Err(invalid(&key, message));
+        }
+        if let Err((key, message)) =
+            crate::profile::validate(&crate::profile::resolve(&self.profiles))
+        {
             return Err(invalid(&key, message));
         }
         if !(1..=256).contains(&self.model.slots) {

@@ -128,8 +128,8 @@ impl Layout {
 }
 
 /// Binary search for the largest tail in `1..=max` that fits, one token count per step:
-/// `next` names the tail to try, `report` says whether it fitted; `best` is the answer once
-/// `next` returns `None` (`None` when not even one message fits).
+/// `next_tail` names the tail to try, `report` says whether it fitted; `best` is the answer once
+/// `next_tail` returns `None` (`None` when not even one message fits).
 #[derive(Debug, Clone)]
 pub struct TailSearch {
     lo: usize,
@@ -150,11 +150,11 @@ impl TailSearch {
         }
     }
 
-    pub fn next(&mut self) -> Option<usize> {
+    pub fn next_tail(&mut self) -> Option<usize> {
         if self.lo > self.hi {
             return None;
         }
-        let mid = self.lo + (self.hi - self.lo + 1) / 2;
+        let mid = self.lo + (self.hi - self.lo).div_ceil(2);
         // Try the largest first: most requests fit whole or nearly.
         let probe = if std::mem::take(&mut self.first) {
             self.hi
@@ -239,7 +239,7 @@ mod tests {
     fn search(max: usize, fits: impl Fn(usize) -> bool) -> (Option<usize>, usize) {
         let mut s = TailSearch::new(max);
         let mut steps = 0;
-        while let Some(t) = s.next() {
+        while let Some(t) = s.next_tail() {
             steps += 1;
             s.report(fits(t));
         }

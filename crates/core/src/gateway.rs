@@ -19,7 +19,9 @@ use crate::context_fit::{
     token_upper_bound, ContextConfig, Layout, Overflow, TailSearch, Truncation,
 };
 use crate::degrade::DegradedConfig;
+use crate::engine::EngineError;
 use crate::engine::GenerationStream;
+use crate::profile::{self, Plan, ProfileError, Profiles};
 use crate::queue::Class;
 use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Prompt, Usage};
 use crate::service::{Service, SubmitError};
@@ -30,6 +32,8 @@ pub struct GatewayConfig {
     pub cache: CacheConfig,
     pub context: ContextConfig,
     pub degraded: DegradedConfig,
+    /// Configured task profiles (the built-in ones are always there unless replaced).
+    pub profiles: Profiles,
 }
 
 /// Why a request was not started.
@@ -40,6 +44,9 @@ pub enum GatewayError {
     /// Prompt + `max_tokens` exceed the context budget (HTTP 400).
     #[error("{0}")]
     ContextTooLong(String),
+    /// An unknown profile (404) or one that cannot serve this request (400).
+    #[error(transparent)]
+    Profile(#[from] ProfileError),
 }
 
 /// Whether an answer came from the cache.
@@ -67,6 +74,13 @@ pub struct Report {
     pub truncation: Option<Truncation>,
     /// The request got the short answer of degraded mode.
     pub degraded: bool,
+    /// The task profile that served the request.
+    pub profile: Option<String>,
+    /// A combined profile's label (its answer also starts with it).
+    pub label: Option<String>,
+    /// A combined profile's label generation: its tokens and timings (the rest of the answer's
+    /// usage is the reply's).
+    pub label_usage: Option<Usage>,
 }
 
 /// A started answer: its events and what was done to get them.
@@ -79,13 +93,29 @@ pub struct Answer {
 #[derive(Debug, Clone)]
 pub struct Submission {
     pub request: GenerationRequest,
-    pub class: Class,
+    /// The class the client asked for; `None` lets the profile decide (else standard).
+    pub class: Option<Class>,
+    /// The task profile, by name.
+    pub profile: Option<String>,
+}
+
+impl Submission {
+    /// A request with no profile, in the class the client asked for (or standard).
+    pub fn new(request: GenerationRequest, class: Option<Class>) -> Submission {
+        Submission {
+            request,
+            class,
+            profile: None,
+        }
+    }
 }
 
 /// The gateway. Share it as `Arc<Gateway>`.
 pub struct Gateway {
     service: Arc<Service>,
     config: RwLock<GatewayConfig>,
+    /// Built-in and configured profiles.
+    profiles: Profiles,
     cache: Arc<Mutex<AnswerCache>>,
     degraded_total: AtomicU64,
 }
@@ -95,6 +125,7 @@ impl Gateway {
         Arc::new(Gateway {
             service,
             cache: Arc::new(Mutex::new(AnswerCache::from_config(&config.cache))),
+            profiles: profile::resolve(&config.profiles),
             config: RwLock::new(config),
             degraded_total: AtomicU64::new(0),
         })
@@ -112,18 +143,51 @@ impl Gateway {
         self.cache.lock().unwrap().stats()
     }
 
+    /// The profiles requests may name.
+    pub fn profiles(&self) -> &Profiles {
+        &self.profiles
+    }
+
     /// Starts (or replays) one answer.
     pub async fn submit(&self, sub: Submission) -> Result<Answer, GatewayError> {
         let cfg = self.config();
         let mut report = Report::default();
-        let cacheable =
-            cfg.cache.enabled && (cfg.cache.sampled || sub.request.sampling.is_deterministic());
-        let key = if cfg.cache.enabled {
-            report.cache = Some(CacheStatus::Miss);
-            cacheable.then(|| CacheKey::of(&self.service.model_name(), "", &sub.request))
-        } else {
-            None
+        let (mut request, class, label_profile) = match &sub.profile {
+            None => (sub.request, sub.class.unwrap_or(Class::Standard), None),
+            Some(name) => {
+                report.profile = Some(name.clone());
+                match profile::plan(&self.profiles, name, sub.request)? {
+                    Plan::Single { request, class } => (
+                        request,
+                        sub.class.or(class).unwrap_or(Class::Standard),
+                        None,
+                    ),
+                    Plan::Combined {
+                        label_profile,
+                        reply,
+                        class,
+                    } => (
+                        reply,
+                        sub.class.or(class).unwrap_or(Class::Standard),
+                        Some(label_profile),
+                    ),
+                }
+            }
         };
+        if cfg.cache.enabled {
+            report.cache = Some(CacheStatus::Miss);
+        }
+        // Combined answers are not cached (their label travels in a header).
+        let cacheable = cfg.cache.enabled
+            && label_profile.is_none()
+            && (cfg.cache.sampled || request.sampling.is_deterministic());
+        let key = cacheable.then(|| {
+            CacheKey::of(
+                &self.service.model_name(),
+                sub.profile.as_deref().unwrap_or(""),
+                &request,
+            )
+        });
         if let Some(key) = &key {
             let found = self.cache.lock().unwrap().get(key, Instant::now());
             if let Some(answer) = found {
@@ -135,15 +199,17 @@ impl Gateway {
                 });
             }
         }
-        let mut request = sub.request;
-        if cfg.degraded.applies(sub.class, self.backlog()) {
+        if cfg.degraded.applies(class, self.backlog()) {
             request = cfg.degraded.degrade(request);
             report.degraded = true;
             self.degraded_total.fetch_add(1, Ordering::Relaxed);
         }
         let (request, truncation) = self.fit(request, &cfg.context).await?;
         report.truncation = truncation;
-        let stream = self.service.submit_as(request, sub.class).await?;
+        if let Some(label_profile) = label_profile {
+            return self.combined(&label_profile, request, class, report).await;
+        }
+        let stream = self.service.submit_as(request, class).await?;
         // A degraded answer is not the answer to the request: never stored.
         let key = key.filter(|_| !report.degraded);
         let stream = match key {
@@ -151,6 +217,68 @@ impl Gateway {
             None => stream,
         };
         Ok(Answer { stream, report })
+    }
+
+    /// A combined profile: the label, then the reply, on one worker slot. The label's prompt is
+    /// the reply's conversation plus the label question, so when the reply starts, the engine's
+    /// prefix cache already holds the conversation's KV cache and computes only the few tokens
+    /// after it.
+    async fn combined(
+        &self,
+        label_profile: &str,
+        reply: GenerationRequest,
+        class: Class,
+        mut report: Report,
+    ) -> Result<Answer, GatewayError> {
+        let profile = profile::find(&self.profiles, label_profile)?;
+        let label_request = profile::label_request(label_profile, profile, &reply)?;
+        let pinned = self.service.pin(class).await?;
+        let mut label_stream = self.service.submit_pinned(&pinned, label_request).await?;
+        let mut label = String::new();
+        let mut label_usage = None;
+        while let Some(ev) = label_stream.next().await {
+            match ev {
+                GenerationEvent::Text(t) => label.push_str(&t),
+                GenerationEvent::Done { usage, .. } => label_usage = Some(usage),
+                GenerationEvent::ToolCalls(_) => {}
+                GenerationEvent::Error(e) => {
+                    return Err(SubmitError::Engine(EngineError::Internal(format!(
+                        "the label generation failed: {e}"
+                    )))
+                    .into())
+                }
+            }
+        }
+        drop(label_stream);
+        let label_usage = label_usage.unwrap_or_default();
+        let label = label.trim().to_string();
+        let reply_stream = self.service.submit_pinned(&pinned, reply).await?;
+        drop(pinned);
+        report.label = Some(label.clone());
+        report.label_usage = Some(label_usage);
+        let head = futures::stream::iter(vec![
+            GenerationEvent::Text(label),
+            GenerationEvent::Text("\n\n".into()),
+        ]);
+        let body = reply_stream.map(move |ev| match ev {
+            GenerationEvent::Done {
+                finish_reason,
+                usage,
+            } => GenerationEvent::Done {
+                finish_reason,
+                usage: Usage {
+                    prompt_tokens: usage.prompt_tokens + label_usage.prompt_tokens,
+                    completion_tokens: usage.completion_tokens + label_usage.completion_tokens,
+                    time_to_first_token: label_usage.time_to_first_token,
+                    total_time: label_usage.total_time + usage.total_time,
+                },
+            },
+            other => other,
+        });
+        Ok(Answer {
+            stream: Box::pin(head.chain(body)),
+            report,
+        })
     }
 
     /// Requests waiting for a slot: the pool's queue, or for a single engine the generations
@@ -233,7 +361,7 @@ impl Gateway {
         let layout = Layout::new(messages, cfg.keep_head);
         for with_head in [true, false] {
             let mut search = TailSearch::new(layout.max_tail(with_head));
-            while let Some(tail) = search.next() {
+            while let Some(tail) = search.next_tail() {
                 let (kept, _) = layout.select(with_head, tail);
                 let n = self
                     .count(&Prompt::Chat(kept), &request)

@@ -14,9 +14,10 @@
 //! - [`queue`]: the router's bounded priority queue with deadlines.
 //! - [`pool`]: workers (engine instances) and the slots requests lease from them.
 //! - [`autoscale`]: the control loop from signals through the policy to the pool.
-//! - [`gateway`]: between the API adapters and the service: answer cache, degraded mode,
-//!   long-input policy.
+//! - [`gateway`]: between the API adapters and the service: task profiles, answer cache,
+//!   degraded mode, long-input policy.
 //! - [`degrade`]: short answers for standard requests under backlog.
+//! - [`profile`]: task profiles (system prompt, sampling, label grammar, priority; combined ones).
 //! - [`context_fit`]: rejecting or truncating prompts too long for the context budget.
 //! - [`answer_cache`]: exact-match reuse of deterministic answers (byte-bounded LRU with a TTL).
 //! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
@@ -37,6 +38,7 @@ pub mod metrics;
 pub mod model_source;
 pub mod policy;
 pub mod pool;
+pub mod profile;
 pub mod quant_plan;
 pub mod queue;
 pub mod requantize;

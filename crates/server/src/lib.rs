@@ -10,6 +10,7 @@ pub mod error;
 pub mod ollama;
 pub mod openai;
 pub mod report;
+pub mod selection;
 
 use std::future::Future;
 use std::net::SocketAddr;

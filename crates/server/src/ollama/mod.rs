@@ -22,7 +22,8 @@ use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
 use tidepool_core::GenerationStream;
 
 use crate::error::ApiError;
-use crate::openai::{collect, with_report, Priority};
+use crate::openai::{collect, with_report};
+use crate::selection::{model_and_profile, Selection};
 use crate::AppState;
 use tidepool_core::gateway::{Report, Submission};
 use types::{
@@ -34,23 +35,6 @@ pub const OLLAMA_API_VERSION: &str = "0.12.0";
 
 /// A far-future expiry, as Ollama reports for models kept loaded indefinitely.
 const FOREVER_UNIX: u64 = 11_000_000_000;
-
-/// The request's priority class (`X-Tidepool-Priority`), with an Ollama-shaped error.
-pub struct OllamaPriority(pub tidepool_core::queue::Class);
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for OllamaPriority {
-    type Rejection = OllamaError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        match Priority::from_request_parts(parts, state).await {
-            Ok(Priority(c)) => Ok(OllamaPriority(c)),
-            Err(e) => Err(e.into()),
-        }
-    }
-}
 
 /// RFC 3339 UTC time with nanoseconds, as Ollama writes `created_at`.
 pub fn rfc3339(t: SystemTime) -> String {
@@ -76,19 +60,43 @@ pub fn rfc3339(t: SystemTime) -> String {
     )
 }
 
-/// Resolves the request's `model` (Ollama names may carry a `:latest` tag).
-fn check_model(app: &AppState, model: Option<&str>) -> Result<String, OllamaError> {
+/// Resolves the request's `model` (Ollama names may carry a `:latest` tag, or `:PROFILE`) and the
+/// task profile.
+fn check_model(
+    app: &AppState,
+    model: Option<&str>,
+    body_profile: Option<&str>,
+    selection: &Selection,
+) -> Result<(String, Option<String>), OllamaError> {
     let Some(m) = model.map(str::trim).filter(|m| !m.is_empty()) else {
         return Err(OllamaError::bad_request("model is required"));
     };
-    let bare = m.strip_suffix(":latest").unwrap_or(m);
-    if app.service.serves(m) || app.service.serves(bare) {
-        Ok(m.to_string())
-    } else {
-        Err(OllamaError::not_found(format!(
-            "model '{m}' not found; this server serves '{}'",
-            app.service.model_name()
-        )))
+    model_and_profile(app, Some(m), body_profile, selection.profile.as_deref()).map_err(|e| {
+        if e.status == axum::http::StatusCode::NOT_FOUND {
+            OllamaError::not_found(format!(
+                "model '{m}' not found; this server serves '{}'",
+                app.service.model_name()
+            ))
+        } else {
+            e.into()
+        }
+    })
+}
+
+/// The request's selections (priority class, profile), with Ollama-shaped errors.
+pub struct OllamaSelection(pub Selection);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for OllamaSelection {
+    type Rejection = OllamaError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match Selection::from_request_parts(parts, state).await {
+            Ok(s) => Ok(OllamaSelection(s)),
+            Err(e) => Err(e.into()),
+        }
     }
 }
 
@@ -139,6 +147,9 @@ fn done_reason(f: FinishReason) -> &'static str {
 fn stats(v: &mut Value, usage: &Usage, finish: FinishReason, started: Instant, report: &Report) {
     if let Some(t) = crate::report::truncation_json(report) {
         v[crate::report::TRUNCATION_FIELD] = t;
+    }
+    if let Some(l) = crate::report::label_json(report) {
+        v[crate::report::LABEL_FIELD] = l;
     }
     v["done"] = json!(true);
     v["done_reason"] = json!(done_reason(finish));
@@ -239,8 +250,7 @@ fn stream_response(
 /// Runs one request: NDJSON stream or one JSON body.
 async fn respond(
     app: &AppState,
-    generation: tidepool_core::GenerationRequest,
-    class: tidepool_core::queue::Class,
+    submission: Submission,
     stream: bool,
     shape: Shape,
     model: String,
@@ -249,10 +259,7 @@ async fn respond(
     let started = Instant::now();
     let answer = app
         .gateway
-        .submit(Submission {
-            request: generation,
-            class,
-        })
+        .submit(submission)
         .await
         .map_err(ApiError::from)?;
     let (events, report) = (answer.stream, answer.report);
@@ -288,10 +295,15 @@ fn load_only(model: &str, shape: Shape, ka: &Option<KeepAlive>) -> Response {
 /// POST /api/generate
 pub async fn generate(
     State(app): State<AppState>,
-    OllamaPriority(class): OllamaPriority,
+    OllamaSelection(selection): OllamaSelection,
     OllamaJson(req): OllamaJson<GenerateRequest>,
 ) -> Result<Response, OllamaError> {
-    let model = check_model(&app, req.model.as_deref())?;
+    let (model, profile) = check_model(
+        &app,
+        req.model.as_deref(),
+        req.profile.as_deref(),
+        &selection,
+    )?;
     if req.is_load_only() {
         apply_keep_alive(&app, &req.keep_alive)?;
         return Ok(load_only(&model, Shape::Generate, &req.keep_alive));
@@ -299,8 +311,11 @@ pub async fn generate(
     let generation = req.to_generation()?;
     respond(
         &app,
-        generation,
-        class,
+        Submission {
+            request: generation,
+            class: selection.class,
+            profile,
+        },
         req.is_stream(),
         Shape::Generate,
         model,
@@ -312,10 +327,15 @@ pub async fn generate(
 /// POST /api/chat
 pub async fn chat(
     State(app): State<AppState>,
-    OllamaPriority(class): OllamaPriority,
+    OllamaSelection(selection): OllamaSelection,
     OllamaJson(req): OllamaJson<ChatRequest>,
 ) -> Result<Response, OllamaError> {
-    let model = check_model(&app, req.model.as_deref())?;
+    let (model, profile) = check_model(
+        &app,
+        req.model.as_deref(),
+        req.profile.as_deref(),
+        &selection,
+    )?;
     if req.is_load_only() {
         apply_keep_alive(&app, &req.keep_alive)?;
         return Ok(load_only(&model, Shape::Chat, &req.keep_alive));
@@ -323,8 +343,11 @@ pub async fn chat(
     let generation = req.to_generation()?;
     respond(
         &app,
-        generation,
-        class,
+        Submission {
+            request: generation,
+            class: selection.class,
+            profile,
+        },
         req.is_stream(),
         Shape::Chat,
         model,
@@ -471,7 +494,7 @@ pub async fn show(
 ) -> Result<Json<Value>, OllamaError> {
     let _ = req.verbose;
     let name = req.model.as_deref().or(req.name.as_deref());
-    let model = check_model(&app, name)?;
+    let (model, _) = check_model(&app, name, None, &Selection::default())?;
     let info = engine_info(&app);
     let mut model_info = serde_json::Map::new();
     if let Some(i) = &info {

@@ -277,6 +277,9 @@ pub struct GenerateRequest {
     pub keep_alive: Option<KeepAlive>,
     #[serde(default)]
     pub think: Option<serde_json::Value>,
+    /// Tidepool's task profile (also `x-tidepool-profile` or `"model": "NAME:PROFILE"`).
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 /// A tool call in Ollama's shape: arguments are a JSON object, not a string.
@@ -342,6 +345,9 @@ pub struct ChatRequest {
     pub keep_alive: Option<KeepAlive>,
     #[serde(default)]
     pub think: Option<serde_json::Value>,
+    /// Tidepool's task profile (also `x-tidepool-profile` or `"model": "NAME:PROFILE"`).
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 /// POST /api/show

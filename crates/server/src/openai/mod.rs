@@ -17,6 +17,7 @@ use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
 use tidepool_core::GenerationStream;
 
 use crate::error::{ApiError, ApiJson};
+use crate::selection::{model_and_profile, Selection};
 use crate::AppState;
 use types::{ChatCompletionRequest, CompletionRequest};
 
@@ -110,16 +111,22 @@ fn sse_data(v: &Value) -> Result<Event, Infallible> {
 /// POST /v1/chat/completions
 pub async fn chat_completions(
     State(app): State<AppState>,
-    Priority(class): Priority,
+    selection: Selection,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let model = check_model(&app, req.model.as_deref())?;
+    let (model, profile) = model_and_profile(
+        &app,
+        req.model.as_deref(),
+        req.profile.as_deref(),
+        selection.profile.as_deref(),
+    )?;
     let generation = req.to_generation()?;
     let answer = app
         .gateway
         .submit(Submission {
             request: generation,
-            class,
+            class: selection.class,
+            profile,
         })
         .await?;
     let (stream, report) = (answer.stream, answer.report);
@@ -161,6 +168,9 @@ fn usage_with_report(u: &Usage, report: &Report) -> Value {
     let mut v = usage_json(u);
     if let Some(t) = crate::report::truncation_json(report) {
         v[crate::report::TRUNCATION_FIELD] = t;
+    }
+    if let Some(l) = crate::report::label_json(report) {
+        v[crate::report::LABEL_FIELD] = l;
     }
     v
 }
@@ -233,16 +243,28 @@ fn chat_sse(
 /// POST /v1/completions
 pub async fn completions(
     State(app): State<AppState>,
-    Priority(class): Priority,
+    selection: Selection,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let model = check_model(&app, req.model.as_deref())?;
+    let (model, profile) = model_and_profile(
+        &app,
+        req.model.as_deref(),
+        None,
+        selection.profile.as_deref(),
+    )?;
+    if profile.is_some() {
+        return Err(ApiError::invalid_param(
+            "profile",
+            "Task profiles apply to chat requests (/v1/chat/completions), not text completions.",
+        ));
+    }
+    let class = selection.class;
     let generations = req.to_generations()?;
     // Start every prompt before reading any, so they share the worker's slots.
     let mut streams = Vec::with_capacity(generations.len());
     let mut reports = Vec::with_capacity(generations.len());
     for g in generations {
-        let answer = app.gateway.submit(Submission { request: g, class }).await?;
+        let answer = app.gateway.submit(Submission::new(g, class)).await?;
         streams.push(answer.stream);
         reports.push(answer.report);
     }

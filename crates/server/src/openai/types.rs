@@ -163,6 +163,9 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Vec<InTool>>,
     #[serde(default)]
     pub tool_choice: Option<InToolChoice>,
+    /// Tidepool's task profile (also `x-tidepool-profile` or `model: "NAME:PROFILE"`).
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 /// `prompt`: one string or a list of strings.
