@@ -252,8 +252,21 @@ impl Gateway {
         drop(label_stream);
         let label_usage = label_usage.unwrap_or_default();
         let label = label.trim().to_string();
-        let reply_stream = self.service.submit_pinned(&pinned, reply).await?;
-        drop(pinned);
+        // The reply starts when the client has the label: the answer streams out at once.
+        let service = self.service.clone();
+        let reply_stream = futures::stream::once(async move {
+            match service.submit_pinned(&pinned, reply).await {
+                Ok(s) => s,
+                Err(e) => {
+                    let failed: GenerationStream =
+                        Box::pin(futures::stream::iter([GenerationEvent::Error(
+                            e.to_string(),
+                        )]));
+                    failed
+                }
+            }
+        })
+        .flatten();
         report.label = Some(label.clone());
         report.label_usage = Some(label_usage);
         let head = futures::stream::iter(vec![
