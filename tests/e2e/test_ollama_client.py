@@ -80,6 +80,17 @@ def test_errors_are_response_errors(tiny, tiny_server):
     assert e.value.status_code == 400 and "temperature" in e.value.error
 
 
+def test_sentiment_profile_by_model_tag(tiny, tiny_server):
+    # Random weights, sampled hot: only the profile's grammar keeps every answer a label.
+    for seed, text in enumerate(["I love it", "This is awful", "It is Monday", "meh", "!!!"]):
+        r = tiny.chat(
+            model=f"{tiny_server.model}:sentiment",
+            messages=[{"role": "user", "content": text}],
+            options={"temperature": 1.3, "seed": seed},
+        )
+        assert r.message.content in ("positive", "negative", "neutral"), r.message.content
+
+
 def test_smollm2_knows_paris(smollm2_server):
     client = ollama.Client(host=smollm2_server.base)
     r = client.chat(

@@ -265,6 +265,14 @@ async fn errors_are_ollama_shaped() {
     assert_eq!(r.status(), 400);
     assert_ollama_error(&r.json().await.unwrap());
 
+    // Route-level errors under /api are Ollama-shaped too.
+    let r = client().get(s.url("/api/pull")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    assert_ollama_error(&r.json().await.unwrap());
+    let r = client().get(s.url("/api/chat")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert_ollama_error(&r.json().await.unwrap());
+
     let r = client()
         .post(s.url("/api/chat"))
         .header("x-tidepool-priority", "urgent")

@@ -144,16 +144,22 @@ async fn health(State(app): State<AppState>) -> Response {
     }
 }
 
-async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found(format!("Unknown route: {}", uri.path()))
+async fn not_found(uri: Uri) -> Response {
+    ollama::in_shape_for(
+        uri.path(),
+        ApiError::not_found(format!("Unknown route: {}", uri.path())),
+    )
 }
 
-async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::method_not_allowed(format!(
-        "Method {} is not allowed on {}",
-        req.method(),
-        req.uri().path()
-    ))
+async fn method_not_allowed(req: Request) -> Response {
+    ollama::in_shape_for(
+        req.uri().path(),
+        ApiError::method_not_allowed(format!(
+            "Method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        )),
+    )
 }
 
 /// Once shutdown has begun, new requests get 503 (health still answers, with its own 503).
@@ -163,7 +169,10 @@ async fn refuse_while_shutting_down(
     next: Next,
 ) -> Response {
     if app.service.is_shutting_down() && req.uri().path() != "/health" {
-        return ApiError::unavailable("The server is shutting down.", 5).into_response();
+        return ollama::in_shape_for(
+            req.uri().path(),
+            ApiError::unavailable("The server is shutting down.", 5),
+        );
     }
     next.run(req).await
 }

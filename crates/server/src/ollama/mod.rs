@@ -36,6 +36,16 @@ pub const OLLAMA_API_VERSION: &str = "0.12.0";
 /// A far-future expiry, as Ollama reports for models kept loaded indefinitely.
 const FOREVER_UNIX: u64 = 11_000_000_000;
 
+/// An error for a route-level failure (unknown route, wrong method, shutting down) in the shape
+/// of the API the path belongs to: Ollama's under `/api/`, OpenAI's elsewhere.
+pub fn in_shape_for(path: &str, e: crate::error::ApiError) -> Response {
+    if path.starts_with("/api/") {
+        OllamaError::from(e).into_response()
+    } else {
+        e.into_response()
+    }
+}
+
 /// RFC 3339 UTC time with nanoseconds, as Ollama writes `created_at`.
 pub fn rfc3339(t: SystemTime) -> String {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
