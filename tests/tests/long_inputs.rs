@@ -88,6 +88,23 @@ async fn reject_is_the_default_and_says_why() {
     .await;
     assert_eq!(r.status(), 400);
 
+    // With no max_tokens, the answer may use what the prompt leaves of the budget (here less
+    // than the room an open answer gets by default, half the budget).
+    let r = post(
+        &s,
+        "/v1/chat/completions",
+        json!({"messages": conversation(5), "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let (prompt, completion) = (
+        v["usage"]["prompt_tokens"].as_u64().unwrap(),
+        v["usage"]["completion_tokens"].as_u64().unwrap(),
+    );
+    assert!(prompt > (BUDGET / 2) as u64, "{v}");
+    assert!(prompt + completion <= BUDGET as u64, "{v}");
+
     // A short request passes untouched.
     let r = post(
         &s,

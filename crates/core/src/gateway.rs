@@ -1,8 +1,9 @@
-//! What happens to a request between an API adapter (OpenAI, Ollama) and the [`Service`]: the
-//! answer cache is consulted; on a miss, a standard request under backlog is degraded
-//! ([`crate::degrade`]), a prompt too long for the context budget is rejected or
-//! truncated ([`crate::context_fit`]), and the fresh generation is recorded into the cache. Both
-//! adapters call
+//! What happens to a request between an API adapter (OpenAI, Ollama) and the [`Service`], in
+//! order: its task profile is applied ([`crate::profile`]); the answer cache is consulted
+//! ([`crate::answer_cache`]); on a miss, a standard request under backlog is degraded
+//! ([`crate::degrade`]), a prompt too long for the context budget is rejected or truncated
+//! ([`crate::context_fit`]), and the fresh generation is recorded into the cache. A combined
+//! profile runs its label and reply generations on one pinned worker slot. Both adapters call
 //! [`Gateway::submit`] and turn its [`Report`] into headers and `usage` fields, so every API
 //! behaves the same.
 
@@ -25,6 +26,13 @@ use crate::profile::{self, Plan, ProfileError, Profiles};
 use crate::queue::Class;
 use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Prompt, Usage};
 use crate::service::{Service, SubmitError};
+
+/// The most tokens an answer may have when the request names no limit and the context has room:
+/// bounded so that a client that forgets `max_tokens` cannot hold a slot for the whole context.
+pub const DEFAULT_MAX_TOKENS: u32 = 1024;
+
+/// With no `max_tokens`, the least room an answer needs before the prompt counts as too long.
+const MIN_OPEN_ANSWER: u64 = 16;
 
 /// The gateway's part of the configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -313,13 +321,15 @@ impl Gateway {
     }
 
     /// Applies the long-input policy: the request as is when it fits the context budget, else
-    /// rejected or truncated. Tokens are counted only when the prompt's byte size says it might
+    /// rejected or truncated. A request with no `max_tokens` gets [`DEFAULT_MAX_TOKENS`], or what
+    /// the prompt leaves of the budget when that is less. Tokens are counted only when the prompt's byte size says it might
     /// not fit.
     async fn fit(
         &self,
         mut request: GenerationRequest,
         cfg: &ContextConfig,
     ) -> Result<(GenerationRequest, Option<Truncation>), GatewayError> {
+        let default_max = request.sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
         let engine_max = self
             .service
             .engine()
@@ -329,14 +339,23 @@ impl Gateway {
             (Some(b), Some(m)) => b.min(m),
             (Some(b), None) => b,
             (None, Some(m)) => m,
-            (None, None) => return Ok((request, None)),
+            (None, None) => {
+                request.sampling.max_tokens = Some(default_max);
+                return Ok((request, None));
+            }
         };
-        let max_tokens = u64::from(request.sampling.max_tokens.unwrap_or(0));
-        if max_tokens >= budget {
-            return Err(GatewayError::ContextTooLong(format!(
-                "max_tokens ({max_tokens}) alone reaches the context budget of {budget} tokens; ask for fewer."
-            )));
-        }
+        let explicit = request.sampling.max_tokens;
+        let max_tokens = match explicit {
+            Some(m) if u64::from(m) >= budget => {
+                return Err(GatewayError::ContextTooLong(format!(
+                    "max_tokens ({m}) alone reaches the context budget of {budget} tokens; ask for fewer."
+                )))
+            }
+            Some(m) => u64::from(m),
+            // Room kept for an answer whose length the client left open.
+            None => u64::from(DEFAULT_MAX_TOKENS).min(budget / 2),
+        };
+        request.sampling.max_tokens = Some(max_tokens as u32);
         let available = budget - max_tokens;
         let tools_bytes = serde_json::to_vec(&request.tools).map_or(0, |v| v.len());
         let bound = match &request.prompt {
@@ -352,6 +371,11 @@ impl Gateway {
             None => return Ok((request, None)),
         };
         if total <= available {
+            return Ok((request, None));
+        }
+        if explicit.is_none() && total + MIN_OPEN_ANSWER <= budget {
+            // The client named no limit: the answer may use what the prompt leaves.
+            request.sampling.max_tokens = Some((budget - total) as u32);
             return Ok((request, None));
         }
         let too_long = |why: &str| {

@@ -13,7 +13,7 @@ use tidepool_core::request::{
 };
 
 use crate::error::{ApiError, ApiJson};
-use crate::openai::types::{SamplingFields, StopSpec, DEFAULT_MAX_TOKENS};
+use crate::openai::types::{SamplingFields, StopSpec};
 
 /// An error in Ollama's shape: `{"error": "message"}` with an HTTP status.
 #[derive(Debug, Clone)]
@@ -101,7 +101,7 @@ pub struct Options {
     pub top_p: Option<f64>,
     #[serde(default)]
     pub top_k: Option<i64>,
-    /// Tokens to generate; -1 (and -2) mean "no limit", bounded here by the server default.
+    /// Tokens to generate; -1 (and -2) mean "no limit": the server's default, within the context.
     #[serde(default)]
     pub num_predict: Option<i64>,
     #[serde(default)]
@@ -217,7 +217,8 @@ impl Options {
     pub fn to_sampling(&self) -> Result<tidepool_core::request::Sampling, OllamaError> {
         let max_tokens = match self.num_predict {
             None => None,
-            Some(n) if n < 0 => Some(DEFAULT_MAX_TOKENS as i64),
+            // The gateway's default, shortened to what the context leaves.
+            Some(n) if n < 0 => None,
             Some(0) => {
                 return Err(OllamaError::bad_request(
                     "options.num_predict must be at least 1 (or -1 for the server's limit)",
