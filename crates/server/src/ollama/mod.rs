@@ -267,6 +267,10 @@ async fn respond(
     keep_alive: &Option<KeepAlive>,
 ) -> Result<Response, OllamaError> {
     let started = Instant::now();
+    // A bad keep_alive is refused before anything runs.
+    if let Some(k) = keep_alive {
+        k.setting()?;
+    }
     let answer = app
         .gateway
         .submit(submission)
@@ -531,7 +535,9 @@ pub async fn show(
     Ok(Json(json!({
         "modelfile": format!("# Served by Tidepool\nFROM {model}\n"),
         "parameters": "",
-        "template": "{{ chat template from the GGUF file }}",
+        // The model's own chat template (inside the GGUF) renders every prompt; Ollama's
+        // Go-template dialect is not used.
+        "template": "",
         "details": details(info.as_ref()),
         "model_info": model_info,
         "capabilities": ["completion", "tools"],
