@@ -259,6 +259,32 @@ mod tests {
     }
 
     #[test]
+    fn gateway_sections_are_validated() {
+        let e = Config::parse("[cache]\nttl_s = 0\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("cache.ttl_s"), "{e}");
+        let e = Config::parse("[context]\non_overflow = \"drop\"\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = Config::parse("[degraded]\nbacklog_threshold = 0\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("degraded.backlog_threshold"), "{e}");
+        let e = Config::parse(
+            "[profiles.both]\ncombine = [\"chat\", \"sentiment\"]\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("profiles.both.combine"), "{e}");
+        let e = Config::parse("[profiles.x]\nlabel = [\"a\"]\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let c = Config::parse(
+            "[pool]\ncontext_tokens = 2048\n[context]\non_overflow = \"truncate\"\n[profiles.yn]\nlabels = [\"yes\", \"no\"]\n",
+            "t.toml",
+        )
+        .unwrap();
+        let g = c.gateway();
+        assert_eq!(g.context.budget_tokens, Some(2048));
+        assert_eq!(g.profiles["yn"].labels, ["yes", "no"]);
+    }
+
+    #[test]
     fn semantic_validation() {
         let e = Config::parse("[model]\nslots = 0\n", "t.toml").unwrap_err();
         assert!(e.to_string().contains("model.slots"), "{e}");
