@@ -112,3 +112,23 @@ def test_smollm2_knows_paris(smollm2_server):
         )
     )
     assert "paris" in streamed.lower(), streamed
+
+
+def test_smollm2_sentiment_and_combined_profiles(smollm2_server):
+    client = ollama.Client(host=smollm2_server.base)
+    model = f"{smollm2_server.model}:sentiment"
+    for text, label in [
+        ("I absolutely love this, best day ever!", "positive"),
+        ("This is terrible, I hate it. Worst purchase of my life.", "negative"),
+        ("The waiter was rude and the soup was cold.", "negative"),
+    ]:
+        r = client.chat(model=model, messages=[{"role": "user", "content": text}])
+        assert r.message.content == label, (text, r.message.content)
+    r = client.chat(
+        model=f"{smollm2_server.model}:sentiment+chat",
+        messages=[{"role": "user", "content": "I absolutely love this beach, best day ever!"}],
+        options={"num_predict": 24},
+    )
+    label, reply = r.message.content.split("\n\n", 1)
+    assert label == "positive"
+    assert len(reply.split()) >= 3, reply
