@@ -130,7 +130,8 @@ impl Default for ModelConfig {
 }
 
 impl Config {
-    /// The settings of the request gateway (cache, ...).
+    /// The settings of the request gateway: answer cache, context budget (default: the pool's
+    /// `context_tokens`), degraded mode and task profiles.
     pub fn gateway(&self) -> crate::gateway::GatewayConfig {
         crate::gateway::GatewayConfig {
             cache: self.cache.clone(),

@@ -1,4 +1,5 @@
-//! Tidepool's HTTP face, over axum: the OpenAI-compatible API, `/health`, and graceful shutdown.
+//! Tidepool's HTTP face, over axum: the OpenAI- and Ollama-compatible APIs, `/health`, and graceful
+//! shutdown.
 //!
 //! The server holds no inference logic: every request becomes a [`GenerationRequest`] handed to
 //! the core [`Service`].
@@ -55,7 +56,8 @@ pub struct AppState {
     pub started_unix: u64,
     /// The pool's control loop, once the model is loaded into a pool.
     pub autoscaler: Arc<OnceLock<Arc<Autoscaler>>>,
-    /// Answer cache (and the other request-path features) in front of the service.
+    /// Task profiles, answer cache, degraded mode and the long-input policy, in front of the
+    /// service.
     pub gateway: Arc<Gateway>,
 }
 
@@ -65,6 +67,7 @@ impl AppState {
         Self::with_gateway(service, GatewayConfig::default())
     }
 
+    /// The state with these gateway settings (from the configuration file).
     pub fn with_gateway(service: Arc<Service>, gateway: GatewayConfig) -> Self {
         AppState {
             gateway: Gateway::new(service.clone(), gateway),
