@@ -5,10 +5,12 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use tidepool_core::answer_cache::CacheConfig;
 use tidepool_core::autoscale::Autoscaler;
 use tidepool_core::engine::mistral::{MistralEngine, MistralWorkers};
 use tidepool_core::engine::{DevicePreference, EngineConfig};
 use tidepool_core::fixture::{write_fixture, FixtureOptions, FixtureShape};
+use tidepool_core::gateway::GatewayConfig;
 use tidepool_core::ledger::Reservation;
 use tidepool_core::model_source::local_file;
 use tidepool_core::policy::PolicyConfig;
@@ -110,6 +112,9 @@ pub struct ServerOptions {
     /// With `pool`: the power config; the machine is always a [`FakeMachine`] (plugged in,
     /// 50 °C) that the test can drive through [`TestServer::machine`].
     pub power: PowerConfig,
+    /// The request gateway (answer cache, ...). The default turns the answer cache off, so that
+    /// tests of the engine see the engine; cache tests turn it on.
+    pub gateway: GatewayConfig,
 }
 
 impl Default for ServerOptions {
@@ -121,6 +126,13 @@ impl Default for ServerOptions {
             pool: None,
             policy: None,
             power: PowerConfig::for_cores(4),
+            gateway: GatewayConfig {
+                cache: CacheConfig {
+                    enabled: false,
+                    ..CacheConfig::default()
+                },
+                ..GatewayConfig::default()
+            },
         }
     }
 }
@@ -145,7 +157,7 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
                 .map(model_name)
                 .unwrap_or_else(|| "never-loads".into());
             let service = Service::new(name, Vec::new());
-            let state = AppState::new(service.clone());
+            let state = AppState::with_gateway(service.clone(), opts.gateway.clone());
             if let Some(path) = &opts.model {
                 let local = local_file(path).expect("fixture exists");
                 let config = EngineConfig {

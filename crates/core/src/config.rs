@@ -36,6 +36,14 @@ pub struct Config {
     pub pool: PoolConfig,
     pub policy: crate::policy::PolicyConfig,
     pub power: crate::power::PowerConfig,
+    /// The answer cache.
+    pub cache: crate::answer_cache::CacheConfig,
+    /// Long inputs: the context budget and what happens past it.
+    pub context: crate::context_fit::ContextConfig,
+    /// Short answers under backlog.
+    pub degraded: crate::degrade::DegradedConfig,
+    /// Task profiles by name (`[profiles.NAME]`), added to the built-in ones.
+    pub profiles: crate::profile::Profiles,
 }
 
 /// The worker pool's memory budget, reservations and queue.
@@ -157,6 +165,24 @@ impl ModelConfig {
 }
 
 impl Config {
+    /// The settings of the request gateway: answer cache, context budget (default: the pool's
+    /// `context_tokens`), degraded mode and task profiles.
+    pub fn gateway(&self) -> crate::gateway::GatewayConfig {
+        crate::gateway::GatewayConfig {
+            cache: self.cache.clone(),
+            context: crate::context_fit::ContextConfig {
+                budget_tokens: Some(
+                    self.context
+                        .budget_tokens
+                        .unwrap_or(self.pool.context_tokens.min(u32::MAX as u64) as u32),
+                ),
+                ..self.context.clone()
+            },
+            degraded: self.degraded.clone(),
+            profiles: self.profiles.clone(),
+        }
+    }
+
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -231,6 +257,20 @@ impl Config {
         if let Err((key, message)) = self.power.validate() {
             return Err(invalid(&key, message));
         }
+        if let Err((key, message)) = self.cache.validate() {
+            return Err(invalid(&key, message));
+        }
+        if let Err((key, message)) = self.context.validate() {
+            return Err(invalid(&key, message));
+        }
+        if let Err((key, message)) = self.degraded.validate() {
+            return Err(invalid(&key, message));
+        }
+        if let Err((key, message)) =
+            crate::profile::validate(&crate::profile::resolve(&self.profiles))
+        {
+            return Err(invalid(&key, message));
+        }
         if let Some(slots) = self.model.slots.filter(|s| !(1..=256).contains(s)) {
             return Err(invalid(
                 "model.slots",
@@ -271,6 +311,32 @@ mod tests {
         let c = Config::parse(&readme[start..start + len], "README.md").unwrap();
         assert_eq!(c.policy.up.window_s, 3.0);
         assert_eq!(c.pool.queue_capacity, 64);
+    }
+
+    #[test]
+    fn gateway_sections_are_validated() {
+        let e = Config::parse("[cache]\nttl_s = 0\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("cache.ttl_s"), "{e}");
+        let e = Config::parse("[context]\non_overflow = \"drop\"\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let e = Config::parse("[degraded]\nbacklog_threshold = 0\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("degraded.backlog_threshold"), "{e}");
+        let e = Config::parse(
+            "[profiles.both]\ncombine = [\"chat\", \"sentiment\"]\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("profiles.both.combine"), "{e}");
+        let e = Config::parse("[profiles.x]\nlabel = [\"a\"]\n", "t.toml").unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+        let c = Config::parse(
+            "[pool]\ncontext_tokens = 2048\n[context]\non_overflow = \"truncate\"\n[profiles.yn]\nlabels = [\"yes\", \"no\"]\n",
+            "t.toml",
+        )
+        .unwrap();
+        let g = c.gateway();
+        assert_eq!(g.context.budget_tokens, Some(2048));
+        assert_eq!(g.profiles["yn"].labels, ["yes", "no"]);
     }
 
     #[test]

@@ -14,14 +14,24 @@
 //! - [`queue`]: the router's bounded priority queue with deadlines.
 //! - [`pool`]: workers (engine instances) and the slots requests lease from them.
 //! - [`autoscale`]: the control loop from signals through the policy to the pool.
+//! - [`gateway`]: between the API adapters and the service: task profiles, answer cache,
+//!   degraded mode, long-input policy.
+//! - [`degrade`]: short answers for standard requests under backlog.
+//! - [`profile`]: task profiles (system prompt, sampling, label grammar, priority; combined ones).
+//! - [`context_fit`]: rejecting or truncating prompts too long for the context budget.
+//! - [`answer_cache`]: exact-match reuse of deterministic answers (byte-bounded LRU with a TTL).
 //! - [`policy`]: the pure scaling policy (signals in, desired workers and a reason out).
 
+pub mod answer_cache;
 pub mod autoscale;
 pub mod catalog;
 pub mod config;
+pub mod context_fit;
 pub mod cpu_limit;
+pub mod degrade;
 pub mod engine;
 pub mod fixture;
+pub mod gateway;
 pub mod gguf_info;
 pub mod ledger;
 pub mod memory;
@@ -30,6 +40,7 @@ pub mod model_source;
 pub mod policy;
 pub mod pool;
 pub mod power;
+pub mod profile;
 pub mod quant_plan;
 pub mod queue;
 pub mod requantize;

@@ -243,29 +243,96 @@ impl Service {
     ) -> Result<GenerationStream, SubmitError> {
         let started = Instant::now();
         let result = self.start(request, class).await;
-        match &result {
-            Ok(_) => {}
-            Err(SubmitError::Busy { .. }) => self.metrics.record(Outcome::QueueFull),
-            Err(SubmitError::DeadlineExceeded(_)) => self.metrics.record(Outcome::Deadline),
-            Err(
-                SubmitError::NotReady(_) | SubmitError::ShuttingDown | SubmitError::Shed { .. },
-            ) => self.metrics.record(Outcome::Unavailable),
-            Err(SubmitError::Engine(EngineError::Invalid(_))) => {
-                self.metrics.record(Outcome::Invalid)
-            }
-            Err(SubmitError::Engine(_)) => self.metrics.record(Outcome::Error),
+        if let Err(e) = &result {
+            self.record_refusal(e);
         }
-        let stream = result?;
+        Ok(self.track(result?, started))
+    }
+
+    fn record_refusal(&self, e: &SubmitError) {
+        match e {
+            SubmitError::Busy { .. } => self.metrics.record(Outcome::QueueFull),
+            SubmitError::DeadlineExceeded(_) => self.metrics.record(Outcome::Deadline),
+            SubmitError::NotReady(_) | SubmitError::ShuttingDown | SubmitError::Shed { .. } => {
+                self.metrics.record(Outcome::Unavailable)
+            }
+            SubmitError::Engine(EngineError::Invalid(_)) => self.metrics.record(Outcome::Invalid),
+            SubmitError::Engine(_) => self.metrics.record(Outcome::Error),
+        }
+    }
+
+    /// Takes one slot on one worker for generations run one after another
+    /// ([`Service::submit_pinned`]): later ones reuse the KV cache of earlier ones' prompts
+    /// through the engine's prefix cache, which a different worker would not have. The slot is
+    /// held until the [`Pinned`] and every stream started on it are dropped.
+    pub async fn pin(&self, class: Class) -> Result<Arc<Pinned>, SubmitError> {
+        let result = async {
+            if self.is_shutting_down() {
+                return Err(SubmitError::ShuttingDown);
+            }
+            let backend = self.backend()?;
+            self.arrivals.fetch_add(1, Ordering::Relaxed);
+            *self.last_arrival.lock().unwrap() = Some(Instant::now());
+            let guard = InFlightGuard::new(&self.in_flight);
+            Ok(match backend {
+                Backend::Engine(engine) => Pinned {
+                    engine,
+                    _guard: guard,
+                    _lease: None,
+                },
+                Backend::Pool(pool) => {
+                    let deadline = *self.queue_deadline.read().unwrap();
+                    let lease = pool.acquire(class, deadline).await?;
+                    Pinned {
+                        engine: lease.engine().clone(),
+                        _guard: guard,
+                        _lease: Some(lease),
+                    }
+                }
+            })
+        }
+        .await;
+        if let Err(e) = &result {
+            self.record_refusal(e);
+        }
+        Ok(Arc::new(result?))
+    }
+
+    /// Starts a generation on a pinned worker.
+    pub async fn submit_pinned(
+        &self,
+        pinned: &Arc<Pinned>,
+        request: GenerationRequest,
+    ) -> Result<GenerationStream, SubmitError> {
+        let started = Instant::now();
+        let result = pinned
+            .engine
+            .generate(request)
+            .await
+            .map_err(SubmitError::from);
+        if let Err(e) = &result {
+            self.record_refusal(e);
+        }
+        let hold = pinned.clone();
+        let stream = Box::pin(result?.map(move |event| {
+            let _held = &hold;
+            event
+        }));
+        Ok(self.track(stream, started))
+    }
+
+    /// Records how a started generation ends.
+    fn track(&self, stream: GenerationStream, started: Instant) -> GenerationStream {
         let mut tracker = Tracker {
             metrics: self.metrics.clone(),
             started,
             first: None,
             ended: false,
         };
-        Ok(Box::pin(stream.map(move |event| {
+        Box::pin(stream.map(move |event| {
             tracker.see(&event);
             event
-        })))
+        }))
     }
 
     async fn start(
@@ -367,6 +434,13 @@ impl Drop for Tracker {
             self.metrics.record(Outcome::Cancelled);
         }
     }
+}
+
+/// One worker slot held for a sequence of generations (see [`Service::pin`]).
+pub struct Pinned {
+    engine: Arc<dyn Engine>,
+    _guard: InFlightGuard,
+    _lease: Option<crate::pool::Lease>,
 }
 
 enum Backend {

@@ -173,6 +173,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     use std::fmt::Write;
     let mut out = String::new();
     app.service.metrics.render(&mut out);
+    app.gateway.render_metrics(&mut out);
     let gauge = |out: &mut String, name: &str, help: &str| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
     };

@@ -177,6 +177,32 @@ impl From<SubmitError> for ApiError {
     }
 }
 
+impl From<tidepool_core::gateway::GatewayError> for ApiError {
+    fn from(e: tidepool_core::gateway::GatewayError) -> Self {
+        match e {
+            tidepool_core::gateway::GatewayError::Submit(e) => e.into(),
+            tidepool_core::gateway::GatewayError::Profile(
+                e @ tidepool_core::profile::ProfileError::Unknown { .. },
+            ) => ApiError {
+                code: Some("profile_not_found"),
+                param: Some("profile".into()),
+                ..ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "invalid_request_error",
+                    format!("{e}."),
+                )
+            },
+            tidepool_core::gateway::GatewayError::Profile(e) => {
+                ApiError::invalid_param("profile", format!("{e}."))
+            }
+            tidepool_core::gateway::GatewayError::ContextTooLong(m) => ApiError {
+                code: Some("context_length_exceeded"),
+                ..ApiError::invalid_param("messages", m)
+            },
+        }
+    }
+}
+
 impl From<EngineError> for ApiError {
     fn from(e: EngineError) -> Self {
         match e {

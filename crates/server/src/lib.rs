@@ -1,4 +1,5 @@
-//! Tidepool's HTTP face, over axum: the OpenAI-compatible API, `/health`, and graceful shutdown.
+//! Tidepool's HTTP face, over axum: the OpenAI- and Ollama-compatible APIs, `/health`, and graceful
+//! shutdown.
 //!
 //! The server holds no inference logic: every request becomes a [`GenerationRequest`] handed to
 //! the core [`Service`].
@@ -8,7 +9,10 @@
 pub mod admin;
 pub mod dashboard;
 pub mod error;
+pub mod ollama;
 pub mod openai;
+pub mod report;
+pub mod selection;
 pub mod sharing;
 
 use std::future::Future;
@@ -24,6 +28,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
 use tidepool_core::autoscale::Autoscaler;
+use tidepool_core::gateway::{Gateway, GatewayConfig};
 use tidepool_core::service::{ModelStatus, Service};
 
 use error::ApiError;
@@ -55,11 +60,21 @@ pub struct AppState {
     pub autoscaler: Arc<OnceLock<Arc<Autoscaler>>>,
     /// LAN sharing: off unless switched on.
     pub sharing: Arc<sharing::Sharing>,
+    /// Task profiles, answer cache, degraded mode and the long-input policy, in front of the
+    /// service.
+    pub gateway: Arc<Gateway>,
 }
 
 impl AppState {
+    /// The state with the default gateway settings.
     pub fn new(service: Arc<Service>) -> Self {
+        Self::with_gateway(service, GatewayConfig::default())
+    }
+
+    /// The state with these gateway settings (from the configuration file).
+    pub fn with_gateway(service: Arc<Service>, gateway: GatewayConfig) -> Self {
         AppState {
+            gateway: Gateway::new(service.clone(), gateway),
             service,
             autoscaler: Default::default(),
             sharing: Arc::new(sharing::Sharing::new(false, None, 100)),
@@ -79,6 +94,12 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{id}", get(openai::get_model))
         .route("/health", get(health))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/ps", get(ollama::ps))
+        .route("/api/show", post(ollama::show))
+        .route("/api/version", get(ollama::version))
         .merge(
             Router::new()
                 .route("/admin/status", get(admin::status))
@@ -140,16 +161,22 @@ async fn health(State(app): State<AppState>) -> Response {
     }
 }
 
-async fn not_found(uri: Uri) -> ApiError {
-    ApiError::not_found(format!("Unknown route: {}", uri.path()))
+async fn not_found(uri: Uri) -> Response {
+    ollama::in_shape_for(
+        uri.path(),
+        ApiError::not_found(format!("Unknown route: {}", uri.path())),
+    )
 }
 
-async fn method_not_allowed(req: Request) -> ApiError {
-    ApiError::method_not_allowed(format!(
-        "Method {} is not allowed on {}",
-        req.method(),
-        req.uri().path()
-    ))
+async fn method_not_allowed(req: Request) -> Response {
+    ollama::in_shape_for(
+        req.uri().path(),
+        ApiError::method_not_allowed(format!(
+            "Method {} is not allowed on {}",
+            req.method(),
+            req.uri().path()
+        )),
+    )
 }
 
 /// Once shutdown has begun, new requests get 503 (health still answers, with its own 503).
@@ -159,7 +186,10 @@ async fn refuse_while_shutting_down(
     next: Next,
 ) -> Response {
     if app.service.is_shutting_down() && req.uri().path() != "/health" {
-        return ApiError::unavailable("The server is shutting down.", 5).into_response();
+        return ollama::in_shape_for(
+            req.uri().path(),
+            ApiError::unavailable("The server is shutting down.", 5),
+        );
     }
     next.run(req).await
 }

@@ -11,11 +11,13 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
+use tidepool_core::gateway::{Report, Submission};
 use tidepool_core::queue::Class;
 use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
 use tidepool_core::GenerationStream;
 
 use crate::error::{ApiError, ApiJson};
+use crate::selection::{model_and_profile, Selection};
 use crate::AppState;
 use types::{ChatCompletionRequest, CompletionRequest};
 
@@ -109,17 +111,30 @@ fn sse_data(v: &Value) -> Result<Event, Infallible> {
 /// POST /v1/chat/completions
 pub async fn chat_completions(
     State(app): State<AppState>,
-    Priority(class): Priority,
+    selection: Selection,
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let model = check_model(&app, req.model.as_deref())?;
+    let (model, profile) = model_and_profile(
+        &app,
+        req.model.as_deref(),
+        req.profile.as_deref(),
+        selection.profile.as_deref(),
+    )?;
     let generation = req.to_generation()?;
-    let stream = app.service.submit_as(generation, class).await?;
+    let answer = app
+        .gateway
+        .submit(Submission {
+            request: generation,
+            class: selection.class,
+            profile,
+        })
+        .await?;
+    let (stream, report) = (answer.stream, answer.report);
     let id = new_id("chatcmpl");
     let created = now_secs();
     if req.is_stream() {
-        let events = chat_sse(stream, id, created, model, req.include_usage());
-        return Ok(Sse::new(events).into_response());
+        let events = chat_sse(stream, id, created, model, req.include_usage(), &report);
+        return Ok(with_report(Sse::new(events).into_response(), &report));
     }
     let out = collect(stream).await?;
     let finish = out.finish.unwrap_or(FinishReason::Stop);
@@ -142,9 +157,28 @@ pub async fn chat_completions(
             "logprobs": null,
             "finish_reason": finish.as_openai(),
         }],
-        "usage": usage_json(&out.usage),
+        "usage": usage_with_report(&out.usage, &report),
     }))
     .into_response())
+    .map(|r| with_report(r, &report))
+}
+
+/// `usage`, with the gateway's truncation report when there is one.
+fn usage_with_report(u: &Usage, report: &Report) -> Value {
+    let mut v = usage_json(u);
+    if let Some(t) = crate::report::truncation_json(report) {
+        v[crate::report::TRUNCATION_FIELD] = t;
+    }
+    if let Some(l) = crate::report::label_json(report) {
+        v[crate::report::LABEL_FIELD] = l;
+    }
+    v
+}
+
+/// Adds the gateway's report (`x-tidepool-*` headers) to a response.
+pub(crate) fn with_report(mut resp: Response, report: &Report) -> Response {
+    crate::report::insert_headers(resp.headers_mut(), report);
+    resp
 }
 
 fn chat_sse(
@@ -153,7 +187,9 @@ fn chat_sse(
     created: u64,
     model: String,
     include_usage: bool,
+    report: &Report,
 ) -> impl Stream<Item = Result<Event, Infallible>> {
+    let report = report.clone();
     let chunk = move |delta: Value, finish: Option<&str>| {
         let mut c = json!({
             "id": id,
@@ -186,7 +222,7 @@ fn chat_sse(
                 if include_usage {
                     let mut last = chunk(json!({}), None);
                     last["choices"] = json!([]);
-                    last["usage"] = usage_json(&usage);
+                    last["usage"] = usage_with_report(&usage, &report);
                     v.push(last);
                 }
                 v
@@ -207,21 +243,37 @@ fn chat_sse(
 /// POST /v1/completions
 pub async fn completions(
     State(app): State<AppState>,
-    Priority(class): Priority,
+    selection: Selection,
     ApiJson(req): ApiJson<CompletionRequest>,
 ) -> Result<Response, ApiError> {
-    let model = check_model(&app, req.model.as_deref())?;
+    let (model, profile) = model_and_profile(
+        &app,
+        req.model.as_deref(),
+        None,
+        selection.profile.as_deref(),
+    )?;
+    if profile.is_some() {
+        return Err(ApiError::invalid_param(
+            "profile",
+            "Task profiles apply to chat requests (/v1/chat/completions), not text completions.",
+        ));
+    }
+    let class = selection.class;
     let generations = req.to_generations()?;
     // Start every prompt before reading any, so they share the worker's slots.
     let mut streams = Vec::with_capacity(generations.len());
+    let mut reports = Vec::with_capacity(generations.len());
     for g in generations {
-        streams.push(app.service.submit_as(g, class).await?);
+        let answer = app.gateway.submit(Submission::new(g, class)).await?;
+        streams.push(answer.stream);
+        reports.push(answer.report);
     }
+    let report = crate::report::merge(&reports);
     let id = new_id("cmpl");
     let created = now_secs();
     if req.is_stream() {
         let events = completion_sse(streams, id, created, model, req.include_usage());
-        return Ok(Sse::new(events).into_response());
+        return Ok(with_report(Sse::new(events).into_response(), &report));
     }
     let results = futures::future::join_all(streams.into_iter().map(collect)).await;
     let mut choices = Vec::new();
@@ -247,6 +299,7 @@ pub async fn completions(
         "usage": usage_json(&usage),
     }))
     .into_response())
+    .map(|r| with_report(r, &report))
 }
 
 fn completion_sse(

@@ -163,6 +163,9 @@ pub struct ChatCompletionRequest {
     pub tools: Option<Vec<InTool>>,
     #[serde(default)]
     pub tool_choice: Option<InToolChoice>,
+    /// Tidepool's task profile (also `x-tidepool-profile` or `model: "NAME:PROFILE"`).
+    #[serde(default)]
+    pub profile: Option<String>,
 }
 
 /// `prompt`: one string or a list of strings.
@@ -192,9 +195,9 @@ pub struct CompletionRequest {
     pub best_of: Option<i64>,
 }
 
-/// The most tokens one request may ask for when it names no limit: bounded so that a client that
-/// forgets `max_tokens` cannot hold a slot for the whole context window.
-pub const DEFAULT_MAX_TOKENS: u32 = 1024;
+/// The default answer length when a request names none (applied by the gateway, which also
+/// shortens it to what the context budget leaves).
+pub use tidepool_core::gateway::DEFAULT_MAX_TOKENS;
 
 impl SamplingFields {
     pub fn to_sampling(&self) -> Result<Sampling, ApiError> {
@@ -216,8 +219,8 @@ impl SamplingFields {
                     format!("`{param}` is too large."),
                 ))
             }
-            Some((_, v)) => v as u32,
-            None => DEFAULT_MAX_TOKENS,
+            Some((_, v)) => Some(v as u32),
+            None => None,
         };
         if let Some(n) = self.n {
             if n != 1 {
@@ -284,7 +287,7 @@ impl SamplingFields {
             ));
         }
         Ok(Sampling {
-            max_tokens: Some(max_tokens),
+            max_tokens,
             temperature,
             top_p,
             top_k,
