@@ -208,8 +208,14 @@ test("a setting changed in the UI reaches GET /admin/config", async () => {
 
 test("the chat playground streams a reply and shows its stats", async () => {
   await page.goto(URL + "/#chat");
+  // The tiny fixture model writes 200 tokens in a fraction of a second, which the browser may
+  // read in one or two network chunks; a slow link (20 kB/s, as over a poor LAN) spreads the
+  // same server-sent events over a couple of seconds, so the growth can be watched.
+  const cdp = await context.newCDPSession(page);
+  await cdp.send("Network.enable");
+  await cdp.send("Network.emulateNetworkConditions", { offline: false, latency: 0, downloadThroughput: 20000, uploadThroughput: -1 });
   const models = await api("/v1/models");
-  await until("the model list", async () => (await page.getByLabel("Model").inputValue()) === models.data[0].id);
+  await until("the model list", async () => (await page.getByLabel("Model", { exact: true }).inputValue()) === models.data[0].id);
   await page.getByLabel("Max tokens").fill("200");
   await page.getByLabel("Priority class").selectOption("interactive");
 
@@ -240,6 +246,8 @@ test("the chat playground streams a reply and shows its stats", async () => {
   assert.match(await stat("tps"), /tokens\/s$/);
   assert.match(await stat("finish"), /^(stop|length)$/);
   await page.screenshot({ path: join(SHOTS, "chat.png"), fullPage: false });
+  await cdp.send("Network.emulateNetworkConditions", { offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: -1 });
+  await cdp.detach();
 });
 
 test("the chat playground shows the server's error message", async () => {
@@ -265,4 +273,77 @@ test("the models tab lists models, or says downloads are not available", async (
     await until("one row per model", async () => (await page.locator("#models-list li").count()) === models.length);
   }
   await page.screenshot({ path: join(SHOTS, "models.png"), fullPage: true });
+});
+
+// The model catalog and LAN sharing endpoints are being added to the server; until then the
+// browser answers them here, in the agreed shapes, so the UI's side is tested either way.
+test("model downloads and LAN sharing, against the agreed API shapes (answered in the browser)", async () => {
+  const pulls = [];
+  let progress = 0;
+  const total = 1_100_000_000;
+  const catalog = () => ({
+    models: [
+      { id: "qwen2.5-0.5b-instruct-q8_0", name: "Qwen2.5 0.5B Instruct", downloaded: true, active: true, size_bytes: 531_000_000, download: null },
+      {
+        id: "qwen2.5-1.5b-instruct-q4_k_m", name: "Qwen2.5 1.5B Instruct", downloaded: false, active: false, size_bytes: total,
+        download: pulls.length ? { state: "downloading", bytes: Math.min(progress, total), total } : null,
+      },
+      { id: "qwen2.5-3b-instruct-q4_k_m", name: "Qwen2.5 3B Instruct", downloaded: false, active: false, size_bytes: 2_100_000_000, download: { state: "failed", bytes: 0, total: 0, error: "the hub is not reachable" } },
+    ],
+  });
+  let sharing = { enabled: false, urls: ["http://192.168.1.5:8433"], token: "tp-first-token", rate_per_minute: 100 };
+  const sharingPuts = [];
+  await page.route("**/admin/models", (r) => {
+    if (pulls.length) progress += 150_000_000;
+    return r.fulfill({ json: catalog() });
+  });
+  await page.route("**/admin/models/pull", (r) => {
+    pulls.push(r.request().postDataJSON());
+    return r.fulfill({ status: 202, json: { id: pulls.at(-1).id } });
+  });
+  await page.route("**/admin/sharing", (r) => {
+    if (r.request().method() === "PUT") {
+      const body = r.request().postDataJSON();
+      sharingPuts.push(body);
+      sharing = { ...sharing, ...body };
+    }
+    return r.fulfill({ json: sharing });
+  });
+  await page.route("**/admin/sharing/rotate", (r) => {
+    sharing = { ...sharing, token: "tp-second-token" };
+    return r.fulfill({ json: sharing });
+  });
+  page.on("dialog", (d) => d.accept());
+  try {
+    await page.goto("about:blank"); // a fresh page: the earlier one learned these routes were 404
+    await page.goto(URL + "/#models");
+    await until("three models", async () => (await page.locator("#models-list li").count()) === 3);
+    assert.ok(!(await page.locator("#models-unavailable").isVisible()));
+    assert.match(await page.locator('[data-model="qwen2.5-3b-instruct-q4_k_m"]').textContent(), /failed: the hub is not reachable/);
+    await page.getByRole("button", { name: "Download qwen2.5-1.5b-instruct-q4_k_m" }).click();
+    const bar = page.getByRole("progressbar", { name: "Downloading qwen2.5-1.5b-instruct-q4_k_m" });
+    await until("a progress bar", () => bar.count());
+    const first = Number(await bar.getAttribute("aria-valuenow"));
+    await until("progress moving", async () => Number(await bar.getAttribute("aria-valuenow")) > first, { timeout: 5000 });
+    assert.deepEqual(pulls[0], { id: "qwen2.5-1.5b-instruct-q4_k_m" });
+    await page.screenshot({ path: join(SHOTS, "models-downloading.png"), fullPage: true });
+
+    await page.goto(URL + "/#settings");
+    const toggle = page.getByLabel("Share on the local network");
+    await until("the sharing switch", () => toggle.isVisible());
+    assert.equal(await toggle.isChecked(), false);
+    assert.equal(await page.locator("#badge-lan").textContent(), "LAN off");
+    await toggle.check();
+    await until("the token shown", async () => (await page.locator("#sharing-token").textContent()) === "tp-first-token");
+    assert.deepEqual(sharingPuts[0], { enabled: true });
+    assert.match(await page.locator("#sharing-urls").textContent(), /192\.168\.1\.5:8433/);
+    assert.match(await page.locator("#badge-lan").textContent(), /LAN shared/);
+    await page.getByRole("button", { name: "Copy" }).click();
+    await until("copied or selected", async () => /copied|selected/.test(await page.locator("#sharing-msg").textContent()));
+    await page.getByRole("button", { name: "Rotate" }).click();
+    await until("the new token", async () => (await page.locator("#sharing-token").textContent()) === "tp-second-token");
+    await page.screenshot({ path: join(SHOTS, "settings-sharing.png"), fullPage: true });
+  } finally {
+    await page.unrouteAll({ behavior: "ignoreErrors" });
+  }
 });

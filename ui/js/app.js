@@ -58,6 +58,15 @@ function headerOnStatus(s, err) {
 }
 
 window.addEventListener("hashchange", showTab);
+// With <base href="/ui/"> a plain link to "#chat" would load /ui/#chat anew; switch in place.
+for (const v of VIEWS) {
+  $(`tab-${v}`).addEventListener("click", (ev) => {
+    ev.preventDefault();
+    if (location.hash !== `#${v}`) history.pushState(null, "", `${location.pathname}${location.search}#${v}`);
+    showTab();
+  });
+}
+window.addEventListener("popstate", showTab);
 onStatus(headerOnStatus);
 startDashboard();
 views = { chat: startChat(), settings: startSettings(), models: startModels() };

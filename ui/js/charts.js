@@ -24,9 +24,14 @@ export function rollingChart(container, { series, keep = 300, scales = {}, axes 
 
   const opts = {
     width: Math.max(200, container.clientWidth),
-    height: container.clientHeight || 190,
+    height: 170,
     cursor: { drag: { x: false, y: false }, points: { size: 6 } },
     legend: { live: true },
+    hooks: {
+      // Out of the chart the legend shows the latest values, not dashes.
+      setData: [(u) => { if (u.cursor.idx == null) showLatest(u); }],
+      setCursor: [(u) => { if (u.cursor.idx == null) showLatest(u); }],
+    },
     scales: { x: { time: true }, y: { range: yRange || ((u, min, max) => [0, Math.max(max * 1.15, 1)]) }, ...scales },
     series: [
       { value: (u, v) => (v == null ? "–" : new Date(v * 1000).toLocaleTimeString([], { hour12: false })) },
@@ -44,7 +49,8 @@ export function rollingChart(container, { series, keep = 300, scales = {}, axes 
       })),
     ],
     axes: [
-      { stroke: ink, grid, ticks: { show: false }, size: 28, font: "11px system-ui, sans-serif" },
+      { stroke: ink, grid, ticks: { show: false }, size: 24, space: 70, font: "11px system-ui, sans-serif",
+        values: (u, ticks) => ticks.map((t) => new Date(t * 1000).toLocaleTimeString([], { hour12: false, hour: "2-digit", minute: "2-digit", second: "2-digit" })) },
       ...(axes.length ? axes : [{}]).map((a) => ({
         stroke: ink,
         grid: a.side === 1 ? { show: false } : grid,
@@ -75,6 +81,11 @@ export function rollingChart(container, { series, keep = 300, scales = {}, axes 
       plot.setData(data);
     },
   };
+}
+
+function showLatest(u) {
+  const n = u.data[0].length;
+  if (n) u.setLegend({ idx: n - 1 }, false);
 }
 
 function defaultFmt(v) {

@@ -6,7 +6,7 @@ import { API, get, parseErrorBody } from "./api.js";
 import { sseParser } from "./sse.js";
 import { $, el, num } from "./format.js";
 
-let history = []; // [{role, content}] of the conversation so far (without the system prompt)
+let turns = []; // [{role, content}] of the conversation so far (without the system prompt)
 let controller = null;
 
 async function loadModels() {
@@ -64,8 +64,8 @@ async function send(text) {
   };
   const system = $("chat-system").value.trim();
   if (system) body.messages.push({ role: "system", content: system });
-  history.push({ role: "user", content: text });
-  body.messages.push(...history);
+  turns.push({ role: "user", content: text });
+  body.messages.push(...turns);
 
   addMessage("user", text);
   const reply = addMessage("assistant", "");
@@ -128,7 +128,7 @@ async function send(text) {
     setBusy(false);
   }
 
-  if (content) history.push({ role: "assistant", content });
+  if (content) turns.push({ role: "assistant", content });
   else if (!streamError) reply.textContent = "(no text)";
   if (!content && streamError) reply.remove();
   if (streamError) addMessage("error", streamError);
@@ -167,7 +167,7 @@ export function startChat() {
   $("chat-stop").addEventListener("click", () => controller && controller.abort());
   $("chat-clear").addEventListener("click", () => {
     if (controller) controller.abort();
-    history = [];
+    turns = [];
     $("chat-transcript").replaceChildren($("chat-empty"));
     $("chat-empty").hidden = false;
     $("chat-stats").replaceChildren();

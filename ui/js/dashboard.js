@@ -50,7 +50,6 @@ function makeCharts() {
       series: [
         { label: "reserved", color: COLORS.teal, fill: true, fmt: mib },
         { label: "resident (RSS)", color: COLORS.orange, fmt: mib },
-        { label: "budget", color: COLORS.grey, dash: [5, 4], width: 1.5, fmt: mib },
       ],
       axes: [{ size: 64, fmt: mib }],
     }),
@@ -117,7 +116,8 @@ function renderTiles(s, tps) {
   $("tile-workers").textContent = `${ready} / ${s.decision?.workers ?? "–"}`;
   $("tile-tps").textContent = tps == null ? "–" : num(tps, 1);
   $("tile-mem").textContent = bytes(s.memory?.reserved_bytes);
-  $("tile-mem-sub").textContent = `RSS ${bytes(s.memory?.process_rss_bytes)} · budget ${bytes(s.memory?.budget_bytes)}`;
+  $("tile-mem-sub").textContent = `RSS ${bytes(s.memory?.process_rss_bytes)}`;
+  $("tile-mem-sub").title = `budget ${bytes(s.memory?.budget_bytes)}`;
 
   const c = maxCelsius(s.machine);
   const thermal = s.power?.thermal;
@@ -140,7 +140,7 @@ function renderDecision(s) {
   const p = s.power;
   if (p) {
     $("power-effective").textContent = p.mode === p.effective || p.mode !== "auto" ? p.effective : `${p.effective} (auto)`;
-    $("power-reason").textContent = [p.reason, p.shed ? "shedding batch requests" : "", s.cpu_cores_in_use ? `${s.cpu_cores_in_use} CPU cores in use` : ""].filter(Boolean).join(" · ");
+    $("power-reason").textContent = [p.reason === `${p.effective} mode` ? "" : p.reason, p.shed ? "shedding batch requests" : "", s.cpu_cores_in_use ? `${s.cpu_cores_in_use} CPU cores in use` : ""].filter(Boolean).join(" · ");
   } else {
     $("power-effective").textContent = "–";
     $("power-reason").textContent = "no machine readings yet";
@@ -205,7 +205,7 @@ function pushCharts(s, tps, pps) {
   charts.requests.push(t, [s.signals?.arrival_rate ?? 0, s.in_flight]);
   charts.queue.push(t, [q.interactive ?? 0, q.standard ?? 0, q.batch ?? 0]);
   charts.workers.push(t, [count("ready"), count("loading"), count("draining"), s.decision?.workers]);
-  charts.memory.push(t, [s.memory?.reserved_bytes, s.memory?.process_rss_bytes, s.memory?.budget_bytes]);
+  charts.memory.push(t, [s.memory?.reserved_bytes, s.memory?.process_rss_bytes]);
   charts.tokens.push(t, [tps, pps]);
   const b = s.machine?.battery;
   charts.machine.push(t, [maxCelsius(s.machine), b && b.state === "present" ? b.percent : null, s.machine?.system?.cpu_percent]);

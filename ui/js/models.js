@@ -32,9 +32,9 @@ function render(models) {
       : el("button", {
           type: "button", class: "btn small", disabled: downloading, "aria-label": `Download ${m.id}`,
           onclick: () => pull(m.id),
-        }, downloading ? "Downloading…" : m.download?.state === "failed" ? "Retry" : "Download");
+        }, downloading ? "Downloading" : m.download?.state === "failed" ? "Retry" : "Download");
     list.append(el("li", { "data-model": m.id },
-      el("div", {}, el("div", { class: "model-name" }, m.name || m.id), el("div", { class: "model-id" }, `${m.id}${m.size_bytes ? " · " + bytes(m.size_bytes) : ""}`)),
+      el("div", {}, el("div", { class: "model-name" }, m.name || m.id), el("div", { class: "model-id" }, [m.name && m.name !== m.id ? m.id : "", m.size_bytes ? bytes(m.size_bytes) : ""].filter(Boolean).join(" · "))),
       stateOf(m),
       el("div", {}, action)));
   }

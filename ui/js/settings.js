@@ -36,7 +36,8 @@ function showError(form, msgEl, err) {
   const field = err.param && form.querySelector(`[data-param="${CSS.escape(err.param)}"]`);
   if (field) {
     field.classList.add("invalid");
-    field.querySelector(".field-err").textContent = err.message;
+    // The message names the key (`policy.min_workers` 9 is above …); next to the field it need not.
+    field.querySelector(".field-err").textContent = err.message.replace(/^`[^`]+`\s*/, "");
     msgEl.className = "form-msg bad";
     msgEl.textContent = "Not saved: see the highlighted field.";
   } else {
@@ -209,7 +210,7 @@ export function settingsOnStatus(s) {
   $("server-cores").textContent = s.cpu_cores_in_use ?? "–";
   const p = s.power;
   $("set-power-effective").textContent = p ? p.effective : "–";
-  $("set-power-reason").textContent = p ? p.reason : "";
+  $("set-power-reason").textContent = p && p.reason !== `${p.effective} mode` ? p.reason : "";
 }
 
 export function startSettings() {
