@@ -100,13 +100,13 @@ test("under a burst of requests the charts and the worker list follow the load",
   const rowsBefore = await page.locator("#workers-body tr[data-worker]").count();
   assert.equal(rowsBefore, 1, "min_workers = 1 at rest");
 
-  // Load: keep 6 streaming requests running (bounded: at most 25 s and 120 requests).
+  // Load: keep 6 streaming requests running (bounded: at most 25 s and 600 requests).
   let stop = false;
   let sent = 0;
   const statuses = [];
   const deadline = Date.now() + 25000;
   const client = async () => {
-    while (!stop && Date.now() < deadline && sent < 120) {
+    while (!stop && Date.now() < deadline && sent < 600) {
       sent++;
       statuses.push(await chat(96));
     }

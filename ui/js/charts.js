@@ -60,6 +60,7 @@ export function rollingChart(container, { series, keep = 300, scales = {}, axes 
         scale: a.scale || "y",
         side: a.side ?? 3,
         values: a.fmt ? (u, vals) => vals.map((v) => a.fmt(v)) : undefined,
+        incrs: a.incrs,
       })),
     ],
   };
@@ -82,6 +83,12 @@ export function rollingChart(container, { series, keep = 300, scales = {}, axes 
     },
   };
 }
+
+/** Tick steps for byte axes: powers of two, so ticks read 64 MiB, 128 MiB, … */
+export const BYTE_INCRS = Array.from({ length: 50 }, (_, i) => 2 ** i);
+
+/** Tick steps for counts: whole numbers only. */
+export const INT_INCRS = [1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000];
 
 function showLatest(u) {
   const n = u.data[0].length;

@@ -3,7 +3,7 @@
 // `window.tidepool` (the series, the last status) so tests can read the data, not the pixels.
 
 import { get, post, ApiError } from "./api.js";
-import { rollingChart, COLORS } from "./charts.js";
+import { rollingChart, COLORS, BYTE_INCRS, INT_INCRS } from "./charts.js";
 import { parsePrometheus, sample } from "./prometheus.js";
 import { $, el, bytes, num, duration, clock } from "./format.js";
 
@@ -27,7 +27,7 @@ function makeCharts() {
         { label: "in flight", color: COLORS.orange, scale: "n", stepped: true, fmt: (v) => v.toFixed(0) },
       ],
       scales: { n: { range: (u, min, max) => [0, Math.max(max * 1.15, 1)] } },
-      axes: [{ size: 40 }, { scale: "n", side: 1, size: 34, fmt: (v) => (Number.isInteger(v) ? v : "") }],
+      axes: [{ size: 40 }, { scale: "n", side: 1, size: 34, incrs: INT_INCRS }],
     }),
     queue: rollingChart($("chart-queue"), {
       series: [
@@ -35,7 +35,7 @@ function makeCharts() {
         { label: "standard", color: COLORS.teal, stepped: true, fmt: (v) => v.toFixed(0) },
         { label: "batch", color: COLORS.purple, stepped: true, fmt: (v) => v.toFixed(0) },
       ],
-      axes: [{ size: 34, fmt: (v) => (Number.isInteger(v) ? v : "") }],
+      axes: [{ size: 34, incrs: INT_INCRS }],
     }),
     workers: rollingChart($("chart-workers"), {
       series: [
@@ -44,14 +44,14 @@ function makeCharts() {
         { label: "draining", color: COLORS.orange, stepped: true, fmt: (v) => v.toFixed(0) },
         { label: "target", color: COLORS.grey, stepped: true, dash: [5, 4], width: 1.5, fmt: (v) => v.toFixed(0) },
       ],
-      axes: [{ size: 34, fmt: (v) => (Number.isInteger(v) ? v : "") }],
+      axes: [{ size: 34, incrs: INT_INCRS }],
     }),
     memory: rollingChart($("chart-memory"), {
       series: [
         { label: "reserved", color: COLORS.teal, fill: true, fmt: mib },
         { label: "resident (RSS)", color: COLORS.orange, fmt: mib },
       ],
-      axes: [{ size: 64, fmt: mib }],
+      axes: [{ size: 64, fmt: mib, incrs: BYTE_INCRS }],
     }),
     tokens: rollingChart($("chart-tokens"), {
       series: [
