@@ -150,6 +150,18 @@ test("under a burst of requests the charts and the worker list follow the load",
   assert.ok(status.workers.length >= 2, "the server agrees: two workers");
 });
 
+test("manual scale from the workers panel holds a worker count", async () => {
+  await page.goto(URL + "/#dashboard");
+  await page.getByLabel("Workers to hold").fill("1");
+  await page.getByLabel("Hold for seconds").fill("5");
+  await page.getByRole("button", { name: "Scale" }).click();
+  await until("the confirmation", async () => /Holding 1 worker/.test(await page.locator("#scale-msg").textContent()));
+  assert.match(await page.locator("#scale-msg").textContent(), /manual override to 1/);
+  const status = await api("/admin/status");
+  assert.match(status.decision.reason, /manual override/);
+  await until("the override on the dashboard", async () => /manual override/.test(await page.locator("#decision-reason").textContent()), { timeout: 5000 });
+});
+
 test("the dashboard reflows at a narrow width", async () => {
   await page.setViewportSize({ width: 420, height: 900 });
   await page.goto(URL + "/#dashboard");
@@ -248,6 +260,27 @@ test("the chat playground streams a reply and shows its stats", async () => {
   await page.screenshot({ path: join(SHOTS, "chat.png"), fullPage: false });
   await cdp.send("Network.emulateNetworkConditions", { offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: -1 });
   await cdp.detach();
+});
+
+test("the chat playground stops a reply on Stop", async () => {
+  await page.goto(URL + "/#chat");
+  const cdp = await context.newCDPSession(page);
+  await cdp.send("Network.enable");
+  await cdp.send("Network.emulateNetworkConditions", { offline: false, latency: 0, downloadThroughput: 4000, uploadThroughput: -1 });
+  try {
+    await page.getByLabel("Max tokens").fill("400");
+    await page.getByLabel("Message").fill("Tell me a long story.");
+    await page.getByRole("button", { name: "Send" }).click();
+    const reply = page.locator(".msg.assistant").last();
+    await until("some text", async () => (await reply.textContent()).length > 0);
+    await page.getByRole("button", { name: "Stop" }).click();
+    await until("the stats", () => page.locator('#chat-stats[data-done="true"]').count());
+    assert.equal(await page.locator('[data-stat="finish"] b').textContent(), "stopped");
+    assert.ok(await page.getByRole("button", { name: "Send" }).isEnabled());
+  } finally {
+    await cdp.send("Network.emulateNetworkConditions", { offline: false, latency: 0, downloadThroughput: -1, uploadThroughput: -1 });
+    await cdp.detach();
+  }
 });
 
 test("the chat playground shows the server's error message", async () => {

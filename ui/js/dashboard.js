@@ -194,7 +194,8 @@ function renderEvents(events) {
     );
     list.append(el("li", {},
       el("time", { datetime: new Date(e.at * 1000).toISOString() }, clock(e.at)),
-      el("div", {}, head, el("div", { class: "ev-msg" }, e.message))));
+      // "loading: scale up: …" repeats the state the badges show; keep the reason.
+      el("div", {}, head, el("div", { class: "ev-msg" }, e.to && e.message.startsWith(`${e.to}: `) ? e.message.slice(e.to.length + 2) : e.message))));
   }
 }
 
@@ -230,6 +231,8 @@ async function pollStatus() {
     debug.status = status;
     debug.tokensPerSecond = tps;
     debug.polls = (debug.polls || 0) + 1;
+    const hold = $("scale-workers");
+    if (!hold.dataset.touched && status.decision) hold.value = status.decision.workers;
     renderTiles(status, tps);
     renderDecision(status);
     renderWorkers(status);
@@ -255,6 +258,7 @@ function loop(fn, ms) {
 }
 
 function wireScale() {
+  $("scale-workers").addEventListener("input", (ev) => { ev.target.dataset.touched = "1"; });
   $("scale-form").addEventListener("submit", async (ev) => {
     ev.preventDefault();
     const msg = $("scale-msg");
