@@ -210,7 +210,14 @@ export function settingsOnStatus(s) {
   $("server-cores").textContent = s.cpu_cores_in_use ?? "–";
   const p = s.power;
   $("set-power-effective").textContent = p ? p.effective : "–";
-  $("set-power-reason").textContent = p && p.reason !== `${p.effective} mode` ? p.reason : "";
+  const caps = p ? [
+    p.reason !== `${p.effective} mode` ? p.reason : "",
+    p.max_workers != null ? `at most ${p.max_workers} worker${p.max_workers === 1 ? "" : "s"}` : "",
+    p.slots_per_worker != null ? `${p.slots_per_worker} slot${p.slots_per_worker === 1 ? "" : "s"} per worker` : "",
+    p.cpu_threads != null ? `${p.cpu_threads} CPU core${p.cpu_threads === 1 ? "" : "s"}` : "",
+    p.shed ? "shedding batch requests" : "",
+  ].filter(Boolean) : [];
+  $("set-power-reason").textContent = caps.length ? `· ${caps.join(" · ")}` : "";
 }
 
 export function startSettings() {
