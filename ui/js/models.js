@@ -1,0 +1,92 @@
+// The model picker: the catalog from GET /admin/models (where the server has it), with download
+// progress while POST /admin/models/pull runs. Without that endpoint it shows the served model.
+
+import { get, post, ApiError } from "./api.js";
+import { $, el, bytes } from "./format.js";
+
+let timer = null;
+let available = true;
+
+function stateOf(m) {
+  const d = m.download;
+  if (d && d.state === "downloading") {
+    const pct = d.total ? (100 * d.bytes) / d.total : 0;
+    return el("div", {},
+      el("div", { class: "progress", role: "progressbar", "aria-label": `Downloading ${m.id}`, "aria-valuemin": 0, "aria-valuemax": 100, "aria-valuenow": pct.toFixed(0) },
+        el("i", { style: `width:${pct.toFixed(1)}%` })),
+      el("div", { class: "model-state" }, `${bytes(d.bytes)} of ${d.total ? bytes(d.total) : "?"} · ${pct.toFixed(0)} %`));
+  }
+  if (d && d.state === "failed") return el("div", { class: "model-state" }, el("span", { class: "bad" }, `Download failed: ${d.error || "unknown error"}`));
+  if (m.active) return el("div", { class: "model-state" }, el("span", { class: "state ready" }, "serving"));
+  if (m.downloaded) return el("div", { class: "model-state" }, el("span", { class: "state" }, "downloaded"));
+  return el("div", { class: "model-state muted" }, "not downloaded");
+}
+
+function render(models) {
+  const list = $("models-list");
+  list.replaceChildren();
+  for (const m of models) {
+    const downloading = m.download && m.download.state === "downloading";
+    const action = m.downloaded || m.active
+      ? el("span", { class: "muted small" }, m.active ? "" : `tidepool serve --model ${m.id}`)
+      : el("button", {
+          type: "button", class: "btn small", disabled: downloading, "aria-label": `Download ${m.id}`,
+          onclick: () => pull(m.id),
+        }, downloading ? "Downloading" : m.download?.state === "failed" ? "Retry" : "Download");
+    list.append(el("li", { "data-model": m.id },
+      el("div", {}, el("div", { class: "model-name" }, m.name || m.id), el("div", { class: "model-id" }, [m.name && m.name !== m.id ? m.id : "", m.size_bytes ? bytes(m.size_bytes) : ""].filter(Boolean).join(" · "))),
+      stateOf(m),
+      el("div", {}, action)));
+  }
+  const active = models.find((m) => m.active);
+  $("models-active").textContent = active ? `serving ${active.id}` : "";
+  return models.some((m) => m.download && m.download.state === "downloading");
+}
+
+async function fallback() {
+  // The server has no model catalog endpoint: show what it serves, from the OpenAI API.
+  $("models-unavailable").hidden = false;
+  try {
+    const r = await get("/v1/models");
+    render((r.data || []).map((m, i) => ({ id: m.id, name: m.id, active: i === 0, downloaded: true })));
+  } catch { /* the header shows the connection */ }
+}
+
+async function load() {
+  if (!available) return;
+  clearTimeout(timer);
+  try {
+    const r = await get("/admin/models");
+    $("models-unavailable").hidden = true;
+    const busy = render(r.models || []);
+    timer = setTimeout(load, busy ? 1000 : 10000);
+  } catch (e) {
+    if (e instanceof ApiError && (e.status === 404 || e.status === 405)) {
+      available = false;
+      fallback();
+    } else {
+      $("models-msg").className = "form-msg bad";
+      $("models-msg").textContent = e.message;
+      timer = setTimeout(load, 5000);
+    }
+  }
+}
+
+async function pull(id) {
+  const msg = $("models-msg");
+  msg.textContent = "";
+  try {
+    await post("/admin/models/pull", { id });
+    msg.className = "form-msg";
+    msg.textContent = `Downloading ${id}…`;
+  } catch (e) {
+    msg.className = "form-msg bad";
+    msg.textContent = e.message;
+  }
+  load();
+}
+
+export function startModels() {
+  load();
+  return { refresh: () => { if (available) load(); } };
+}
