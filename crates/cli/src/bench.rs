@@ -19,7 +19,7 @@ use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Ro
 use tidepool_core::signals::Machine;
 use tidepool_core::Engine;
 
-use crate::progress::BarProgress;
+use tidepool_cli::progress::BarProgress;
 
 #[derive(Args)]
 pub struct BenchArgs {

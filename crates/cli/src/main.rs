@@ -8,9 +8,9 @@
 mod bench;
 mod load;
 mod models;
-mod progress;
-mod serve;
 mod tools;
+
+use tidepool_cli::serve;
 
 use clap::{Parser, Subcommand};
 

@@ -5,7 +5,7 @@ use tidepool_core::catalog::Catalog;
 use tidepool_core::engine::DevicePreference;
 use tidepool_core::model_source::ModelStore;
 
-use crate::progress::BarProgress;
+use tidepool_cli::progress::BarProgress;
 
 pub fn list() -> anyhow::Result<()> {
     let catalog = Catalog::builtin();

@@ -58,7 +58,51 @@ pub struct ServeArgs {
     slots: Option<usize>,
 }
 
+/// `tidepool serve`: runs until SIGINT/SIGTERM (then drains) or until the model fails to load.
 pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
+    let cfg = config_from_args(&a)?;
+    let mut running = start(cfg).await?;
+    // The loader drops its sender once the model is ready, so `recv` yields `None` then: only an
+    // error it sent ends the server early.
+    let fatal = tokio::select! {
+        _ = tidepool_server::shutdown_signal() => None,
+        Some(e) = running.fatal.recv() => Some(e),
+    };
+    running.stop().await?;
+    match fatal {
+        Some(e) => Err(e),
+        None => {
+            tracing::info!("stopped");
+            Ok(())
+        }
+    }
+}
+
+/// A server started by [`start`].
+pub struct Running {
+    /// Where it listens (`http://127.0.0.1:8433`).
+    pub url: String,
+    /// Its shared state: the service, the autoscaler once the model is loaded, LAN sharing.
+    pub state: AppState,
+    /// The configuration it runs with (the LAN token filled in if one was generated).
+    pub config: Config,
+    /// An error from loading the model, if it fails.
+    pub fatal: tokio::sync::mpsc::Receiver<anyhow::Error>,
+    stop: tokio::sync::oneshot::Sender<()>,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Running {
+    /// Graceful stop: refuse new requests, let running ones finish, close.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.server.await??;
+        Ok(())
+    }
+}
+
+/// The configuration `serve` runs with: the file, then the command line on top.
+pub fn config_from_args(a: &ServeArgs) -> anyhow::Result<Config> {
     let mut cfg = match &a.config {
         Some(p) => Config::load(p)?,
         None => Config::default(),
@@ -88,7 +132,12 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         cfg.server.lan_token = Some(t);
     }
     cfg.validate("command line")?;
+    Ok(cfg)
+}
 
+/// Binds the listener, starts serving at once (503 while loading) and loads the model in the
+/// background; returns as soon as the server listens.
+pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     let explicit_model = cfg.model.id.is_some();
     let spec_text = cfg
         .model
@@ -135,7 +184,7 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         cfg.server.lan_token.clone(),
         cfg.server.lan_rate_per_minute,
     ));
-    let (fatal_tx, mut fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
+    let (fatal_tx, fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
     {
         let service = service.clone();
         let cfg = cfg.clone();
@@ -153,24 +202,18 @@ pub async fn run(a: ServeArgs) -> anyhow::Result<()> {
         drain_timeout: Duration::from_secs(cfg.server.drain_timeout_s),
     };
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let running_state = state.clone();
     let server = tokio::spawn(tidepool_server::serve(listener, state, http, async move {
         let _ = stop_rx.await;
     }));
-    // The loader drops its sender once the model is ready, so `recv` yields `None` then: only an
-    // error it sent ends the server early.
-    let fatal = tokio::select! {
-        _ = tidepool_server::shutdown_signal() => None,
-        Some(e) = fatal_rx.recv() => Some(e),
-    };
-    let _ = stop_tx.send(());
-    server.await??;
-    match fatal {
-        Some(e) => Err(e),
-        None => {
-            tracing::info!("stopped");
-            Ok(())
-        }
-    }
+    Ok(Running {
+        url: format!("http://{local}"),
+        state: running_state,
+        config: cfg,
+        fatal: fatal_rx,
+        stop: stop_tx,
+        server,
+    })
 }
 
 /// The name clients use for the model, and aliases they may also send.

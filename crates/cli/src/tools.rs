@@ -10,7 +10,7 @@ use tidepool_core::memory::human_bytes;
 use tidepool_core::model_source::Progress;
 use tidepool_core::quant_plan::QuantScheme;
 
-use crate::progress::BarProgress;
+use tidepool_cli::progress::BarProgress;
 
 #[derive(Args)]
 pub struct FixtureArgs {
