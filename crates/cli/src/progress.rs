@@ -13,6 +13,12 @@ pub struct BarProgress {
     on_phase: Box<dyn Fn(&str) + Send + Sync>,
 }
 
+impl Default for BarProgress {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 impl BarProgress {
     pub fn new() -> Self {
         Self::with_phase_hook(|_| {})
