@@ -64,6 +64,11 @@ export function rollingChart(container, { series, keep = 300, scales = {}, axes 
       })),
     ],
   };
+  if (typeof uPlot === "undefined") {
+    // The chart library did not load: keep the rest of the dashboard alive and say so.
+    container.textContent = "Charts are unavailable: the chart library did not load.";
+    return { data, plot: null, push() {} };
+  }
   const plot = new uPlot(opts, data, container);
 
   const ro = new ResizeObserver(() => {

@@ -11,7 +11,8 @@ use axum::response::{IntoResponse, Response};
 #[exclude = "package*.json"]
 struct Ui;
 
-/// GET / and GET /ui/{path}: a file of the dashboard.
+/// GET /, GET /ui/{path}, and the dashboard's own folders at the root (/css, /js, /vendor), so
+/// its relative links resolve from / and from /ui/index.html alike: a file of the dashboard.
 pub async fn asset(uri: Uri) -> Response {
     let path = uri.path().trim_start_matches('/');
     let path = path.strip_prefix("ui/").unwrap_or(path);

@@ -120,6 +120,9 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
                 .route("/admin/models/pull", post(models::pull))
                 .route("/", get(dashboard::asset))
                 .route("/ui/{*path}", get(dashboard::asset))
+                .route("/css/{*path}", get(dashboard::asset))
+                .route("/js/{*path}", get(dashboard::asset))
+                .route("/vendor/{*path}", get(dashboard::asset))
                 .layer(middleware::from_fn(admin::loopback_only)),
         )
         .fallback(not_found)
