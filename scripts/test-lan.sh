@@ -15,7 +15,7 @@ fi
 command -v ip > /dev/null || { echo "ip (iproute2) is needed: apt-get install iproute2" >&2; exit 1; }
 
 bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
-[ -x "$bin" ] || cargo build -q -p tidepool-cli
+[ -x "$bin" ] || cargo build -q --workspace --bins
 work=$(mktemp -d)
 ns="tplan$$"
 host_if="tpa$$"

@@ -26,8 +26,8 @@ if [ ! -x "$CHROMIUM" ]; then
 fi
 command -v node > /dev/null || { echo "node (20 or newer) is needed for the UI tests" >&2; exit 1; }
 
-echo "==> cargo build -p tidepool-cli"
-cargo build -p tidepool-cli
+echo "==> cargo build --workspace --bins"
+cargo build --workspace --bins
 
 work=$(mktemp -d)
 server_pid=""

