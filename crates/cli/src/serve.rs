@@ -221,7 +221,14 @@ fn served_names(spec: &ModelSpec) -> (String, Vec<String>) {
     match spec {
         ModelSpec::Catalog(id) => {
             match Catalog::builtin().resolve(id, DevicePreference::Auto.class()) {
-                Ok((m, v)) => (m.id.clone(), vec![m.variant_id(v), id.clone()]),
+                Ok((m, v)) => {
+                    let mut aliases = vec![m.variant_id(v), id.clone()];
+                    // Ollama-style short names: `qwen2.5-0.5b` (and `qwen2.5-0.5b:sentiment`).
+                    if let Some(short) = m.id.strip_suffix("-instruct") {
+                        aliases.push(short.to_string());
+                    }
+                    (m.id.clone(), aliases)
+                }
                 Err(_) => (id.clone(), Vec::new()),
             }
         }
