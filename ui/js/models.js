@@ -1,7 +1,8 @@
 // The model picker: the catalog from GET /admin/models (where the server has it), with download
-// progress while POST /admin/models/pull runs. Without that endpoint it shows the served model.
+// progress while POST /admin/models/pull runs, and "Use" to switch the served model
+// (PUT /admin/model). Without that endpoint it shows the served model.
 
-import { get, post, ApiError } from "./api.js";
+import { get, post, request, ApiError } from "./api.js";
 import { $, el, bytes } from "./format.js";
 
 let timer = null;
@@ -22,13 +23,19 @@ function stateOf(m) {
   return el("div", { class: "model-state muted" }, "not downloaded");
 }
 
-function render(models) {
+function render(models, sw) {
   const list = $("models-list");
   list.replaceChildren();
+  const switching = sw && sw.state === "switching";
   for (const m of models) {
     const downloading = m.download && m.download.state === "downloading";
-    const action = m.downloaded || m.active
-      ? el("span", { class: "muted small" }, m.active ? "" : `tidepool serve --model ${m.id}`)
+    const action = m.active
+      ? el("span", { class: "muted small" }, "")
+      : m.downloaded
+      ? el("button", {
+          type: "button", class: "btn small", disabled: switching, "aria-label": `Use ${m.id}`,
+          onclick: () => use(m.id),
+        }, switching && sw.id === m.id ? "Loading…" : "Use")
       : el("button", {
           type: "button", class: "btn small", disabled: downloading, "aria-label": `Download ${m.id}`,
           onclick: () => pull(m.id),
@@ -40,7 +47,13 @@ function render(models) {
   }
   const active = models.find((m) => m.active);
   $("models-active").textContent = active ? `serving ${active.id}` : "";
-  return models.some((m) => m.download && m.download.state === "downloading");
+  if (sw) {
+    const msg = $("models-msg");
+    if (sw.state === "switching") { msg.className = "form-msg"; msg.textContent = `Loading ${sw.id}; the current model serves until it is ready…`; }
+    else if (sw.state === "failed") { msg.className = "form-msg bad"; msg.textContent = `Could not switch to ${sw.id}: ${sw.error}`; }
+    else if (sw.state === "done" && active && active.id === sw.id) { msg.className = "form-msg"; msg.textContent = `Now serving ${sw.id}.`; }
+  }
+  return switching || models.some((m) => m.download && m.download.state === "downloading");
 }
 
 async function fallback() {
@@ -58,7 +71,7 @@ async function load() {
   try {
     const r = await get("/admin/models");
     $("models-unavailable").hidden = true;
-    const busy = render(r.models || []);
+    const busy = render(r.models || [], r.switch);
     timer = setTimeout(load, busy ? 1000 : 10000);
   } catch (e) {
     if (e instanceof ApiError && (e.status === 404 || e.status === 405)) {
@@ -79,6 +92,17 @@ async function pull(id) {
     await post("/admin/models/pull", { id });
     msg.className = "form-msg";
     msg.textContent = `Downloading ${id}…`;
+  } catch (e) {
+    msg.className = "form-msg bad";
+    msg.textContent = e.message;
+  }
+  load();
+}
+
+async function use(id) {
+  const msg = $("models-msg");
+  try {
+    await request("PUT", "/admin/model", { id });
   } catch (e) {
     msg.className = "form-msg bad";
     msg.textContent = e.message;

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
+use futures::future::BoxFuture;
 use tidepool_core::autoscale::Autoscaler;
 use tidepool_core::catalog::Catalog;
 use tidepool_core::config::{Config, DeviceSetting};
@@ -20,6 +21,7 @@ use tidepool_core::model_source::{self, LocalModel, ModelSpec, ModelStore};
 use tidepool_core::pool::Pool;
 use tidepool_core::service::{ModelState, Service};
 use tidepool_core::signals::{gpu, GpuReadings, Machine};
+use tidepool_server::models::ModelSwitcher;
 use tidepool_server::sharing::Sharing;
 use tidepool_server::{AppState, HttpConfig};
 
@@ -179,6 +181,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         cfg.server.lan_token = Some(token);
     }
     let mut state = AppState::with_gateway(service.clone(), cfg.gateway());
+    state.switcher = Some(Arc::new(Switcher { cfg: cfg.clone() }));
     state.sharing = Arc::new(Sharing::new(
         sharing_on,
         cfg.server.lan_token.clone(),
@@ -282,6 +285,26 @@ async fn load_model(
         Err(e) => return Err(e.into()),
     };
     service.set_loading_detail(format!("loading {} into memory", local.name));
+    let pool = ready_pool(&local, cfg).await?;
+    service.set_queue_deadline(std::time::Duration::from_secs_f64(
+        cfg.pool.queue_deadline_s,
+    ));
+    service.set_state(ModelState::Pooled(pool.clone()));
+    let scaler = Autoscaler::new(
+        pool,
+        service.clone(),
+        cfg.policy.clone(),
+        cfg.power.clone(),
+        Machine::real(),
+    );
+    scaler.spawn(std::time::Duration::from_secs(1));
+    let _ = autoscaler.set(scaler);
+    Ok(())
+}
+
+/// A pool for `local` sized by `cfg`, with its first worker loaded.
+async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool>> {
+    let device = device_pref(cfg);
     let gpu = device != DevicePreference::Cpu && tidepool_core::engine::mistral::gpu_available();
     let slots = cfg.model.slots_for(gpu);
     let engine_cfg = EngineConfig {
@@ -358,20 +381,40 @@ async fn load_model(
             started.elapsed().as_secs_f64()
         );
     }
-    service.set_queue_deadline(std::time::Duration::from_secs_f64(
-        cfg.pool.queue_deadline_s,
-    ));
-    service.set_state(ModelState::Pooled(pool.clone()));
-    let scaler = Autoscaler::new(
-        pool,
-        service.clone(),
-        cfg.policy.clone(),
-        cfg.power.clone(),
-        Machine::real(),
-    );
-    scaler.spawn(std::time::Duration::from_secs(1));
-    let _ = autoscaler.set(scaler);
-    Ok(())
+    Ok(pool)
+}
+
+/// Switches the served model at run time (PUT /admin/model): loads the new one into a new pool
+/// beside the old, then points the service and the control loop at it and drains the old pool,
+/// whose running requests finish on it.
+struct Switcher {
+    cfg: Config,
+}
+
+impl ModelSwitcher for Switcher {
+    fn switch(&self, app: AppState, id: String) -> BoxFuture<'static, anyhow::Result<()>> {
+        let cfg = self.cfg.clone();
+        Box::pin(async move {
+            let scaler = app
+                .autoscaler
+                .get()
+                .cloned()
+                .context("the first model is still loading")?;
+            let spec = ModelSpec::parse(&id);
+            tracing::info!("switching the served model to {id}");
+            let local = fetch(&app.service, spec.clone(), device_pref(&cfg)).await?;
+            let pool = ready_pool(&local, &cfg).await?;
+            let (name, aliases) = served_names(&spec);
+            app.service.set_model_name(name, aliases);
+            app.service.set_state(ModelState::Pooled(pool.clone()));
+            let old = scaler.replace_pool(pool);
+            let why = format!("the served model changed to {id}");
+            while old.drain_worker(&why).is_some() {}
+            old.stop();
+            tracing::info!("now serving {id}");
+            Ok(())
+        })
+    }
 }
 
 async fn fetch(

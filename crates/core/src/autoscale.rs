@@ -25,7 +25,8 @@ const LATENCY_MIN_COUNT: u64 = 5;
 
 /// The running control loop's state, for /admin/status.
 pub struct Autoscaler {
-    pool: Arc<Pool>,
+    /// The pool it steers; replaced when the served model changes.
+    pool: std::sync::RwLock<Arc<Pool>>,
     service: Arc<Service>,
     policy: Mutex<Policy>,
     state: Mutex<LoopState>,
@@ -83,7 +84,7 @@ impl Autoscaler {
                 signals: Signals::default(),
                 histories: Default::default(),
             }),
-            pool,
+            pool: std::sync::RwLock::new(pool),
             service,
             epoch: Instant::now(),
         })
@@ -131,7 +132,7 @@ impl Autoscaler {
             };
             st.signals = Signals {
                 arrival_rate: st.rate,
-                queue_depth: Class::ALL.iter().map(|&c| self.pool.queue_depth(c)).sum(),
+                queue_depth: Class::ALL.iter().map(|&c| self.pool().queue_depth(c)).sum(),
                 in_flight: self.service.in_flight(),
                 p95_latency_ms: p95(&lat_then, &lat_now),
                 p95_ttft_ms: p95(&ttft_then, &ttft_now),
@@ -142,8 +143,8 @@ impl Autoscaler {
         };
         let limits = self.machine_tick();
         let view = PoolView {
-            workers: self.pool.active_workers(),
-            budget_workers: self.pool.budget_workers(),
+            workers: self.pool().active_workers(),
+            budget_workers: self.pool().budget_workers(),
             limits,
         };
         let current = view.workers;
@@ -154,13 +155,13 @@ impl Autoscaler {
                 .tick(self.epoch.elapsed().as_secs_f64(), &signals, view);
         let mut active = current;
         while active < decision.workers {
-            if self.pool.add_worker(&decision.reason).is_err() {
+            if self.pool().add_worker(&decision.reason).is_err() {
                 break;
             }
             active += 1;
         }
         while active > decision.workers {
-            if self.pool.drain_worker(&decision.reason).is_none() {
+            if self.pool().drain_worker(&decision.reason).is_none() {
                 break;
             }
             active -= 1;
@@ -180,7 +181,7 @@ impl Autoscaler {
         let reading = p.machine.read();
         let cfg = p.config.clone();
         let state = p.governor.update(&cfg, &reading);
-        self.pool.set_slot_cap(state.slots_per_worker);
+        self.pool().set_slot_cap(state.slots_per_worker);
         match p.cpu.apply(state.cpu_threads) {
             Ok(_) => p.cpu_error_said = false,
             Err(e) if !p.cpu_error_said => {
@@ -247,8 +248,14 @@ impl Autoscaler {
         self.tick()
     }
 
-    pub fn pool(&self) -> &Arc<Pool> {
-        &self.pool
+    pub fn pool(&self) -> Arc<Pool> {
+        self.pool.read().unwrap().clone()
+    }
+
+    /// Steers `pool` from now on (the served model changed); returns the previous one, which the
+    /// caller drains.
+    pub fn replace_pool(&self, pool: Arc<Pool>) -> Arc<Pool> {
+        std::mem::replace(&mut *self.pool.write().unwrap(), pool)
     }
 
     /// Replaces the policy (already validated); the next tick uses it.

@@ -55,6 +55,11 @@ impl ApiError {
         }
     }
 
+    /// 409: the request conflicts with work already running.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "invalid_request_error", message)
+    }
+
     /// 401: a LAN peer without the right bearer token.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         ApiError {

@@ -63,6 +63,10 @@ pub struct AppState {
     pub sharing: Arc<sharing::Sharing>,
     /// Model downloads started from the dashboard.
     pub downloads: Arc<models::Downloads>,
+    /// How to switch the served model (set by the front end that loads models), and the last
+    /// switch.
+    pub switcher: Option<Arc<dyn models::ModelSwitcher>>,
+    pub switch: Arc<std::sync::Mutex<Option<models::Switch>>>,
     /// Task profiles, answer cache, degraded mode and the long-input policy, in front of the
     /// service.
     pub gateway: Arc<Gateway>,
@@ -82,6 +86,8 @@ impl AppState {
             autoscaler: Default::default(),
             sharing: Arc::new(sharing::Sharing::new(false, None, 100)),
             downloads: Default::default(),
+            switcher: None,
+            switch: Default::default(),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -118,6 +124,7 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
                 .route("/admin/sharing/rotate", post(sharing::rotate))
                 .route("/admin/models", get(models::list))
                 .route("/admin/models/pull", post(models::pull))
+                .route("/admin/model", axum::routing::put(models::switch))
                 .route("/", get(dashboard::asset))
                 .route("/ui/{*path}", get(dashboard::asset))
                 .route("/css/{*path}", get(dashboard::asset))

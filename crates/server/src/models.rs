@@ -1,5 +1,5 @@
-//! The model picker's API (loopback only): the catalog with what is on disk, and downloads in the
-//! background with their progress, for the dashboard.
+//! The model picker's API (loopback only): the catalog with what is on disk, downloads in the
+//! background with their progress, and switching the served model at run time, for the dashboard.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use tidepool_core::catalog::Catalog;
 use tidepool_core::model_source::{ModelStore, Progress};
@@ -99,12 +100,93 @@ fn rows(app: &AppState) -> Vec<ModelRow> {
     out
 }
 
+/// Loads another model and makes it the served one (the front end that started the server knows
+/// how: `tidepool serve` and the tray app provide it). Requests running on the old model finish
+/// on it; new ones go to the new model once it is ready.
+pub trait ModelSwitcher: Send + Sync {
+    fn switch(&self, app: AppState, id: String) -> BoxFuture<'static, anyhow::Result<()>>;
+}
+
+/// A model switch and how it went.
+#[derive(Debug, Clone, Serialize)]
+pub struct Switch {
+    pub id: String,
+    /// `switching`, `done` or `failed`.
+    pub state: &'static str,
+    pub error: Option<String>,
+}
+
 /// GET /admin/models
 pub async fn list(State(app): State<AppState>) -> Json<serde_json::Value> {
+    let switch = app.switch.lock().unwrap_or_else(|p| p.into_inner()).clone();
     let rows = tokio::task::spawn_blocking(move || rows(&app))
         .await
         .unwrap_or_default();
-    Json(serde_json::json!({ "models": rows }))
+    Json(serde_json::json!({ "models": rows, "switch": switch }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UseRequest {
+    id: String,
+}
+
+/// PUT /admin/model `{"id": "<catalog or variant id, or .gguf path>"}`: switches the served model
+/// in the background (202); GET /admin/models shows the switch's state.
+pub async fn switch(
+    State(app): State<AppState>,
+    ApiJson(req): ApiJson<UseRequest>,
+) -> Result<(StatusCode, Json<Switch>), ApiError> {
+    let Some(switcher) = app.switcher.clone() else {
+        return Err(ApiError::unavailable(
+            "This server cannot switch models at run time.",
+            60,
+        ));
+    };
+    if app.service.serves(&req.id) {
+        return Err(ApiError::invalid_param(
+            "id",
+            format!("`{}` is the model being served already", req.id),
+        ));
+    }
+    let started = Switch {
+        id: req.id.clone(),
+        state: "switching",
+        error: None,
+    };
+    {
+        let mut current = app.switch.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = current.as_ref().filter(|s| s.state == "switching") {
+            return Err(ApiError::conflict(format!(
+                "A switch to `{}` is still running.",
+                s.id
+            )));
+        }
+        *current = Some(started.clone());
+    }
+    let slot = app.switch.clone();
+    let id = req.id;
+    let job = switcher.switch(app, id.clone());
+    tokio::spawn(async move {
+        let result = job.await;
+        let mut s = slot.lock().unwrap_or_else(|p| p.into_inner());
+        *s = Some(match result {
+            Ok(()) => Switch {
+                id,
+                state: "done",
+                error: None,
+            },
+            Err(e) => {
+                tracing::warn!("switching the model failed: {e:#}");
+                Switch {
+                    id,
+                    state: "failed",
+                    error: Some(format!("{e:#}")),
+                }
+            }
+        });
+    });
+    Ok((StatusCode::ACCEPTED, Json(started)))
 }
 
 #[derive(Deserialize)]
