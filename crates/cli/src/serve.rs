@@ -325,14 +325,14 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
     let reservation = ledger::reservation(&gguf, &shape);
     // Workers on a GPU reserve its memory: free VRAM as NVML (or Metal) reports it now.
     let available = if gpu {
-        match gpu::real_source().read() {
-            GpuReadings::Present { gpus } if !gpus.is_empty() => {
-                let free = gpus.iter().map(|g| g.free_bytes).max().unwrap_or(0);
+        let gpus = gpu::real_source().read();
+        match (&gpus, gpus.most_free_bytes()) {
+            (_, Some(free)) => {
                 tracing::info!(free = %human_bytes(free), "memory budget from the GPU's free memory");
                 free
             }
-            GpuReadings::Present { .. } => available_memory_bytes(),
-            GpuReadings::Absent { reason } => {
+            (GpuReadings::Present { .. }, None) => available_memory_bytes(),
+            (GpuReadings::Absent { reason }, None) => {
                 tracing::warn!(
                     "running on a GPU without memory readings ({reason}): budgeting against RAM"
                 );

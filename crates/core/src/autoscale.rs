@@ -108,6 +108,8 @@ impl Autoscaler {
 
     /// One control step.
     pub fn tick(&self) -> Decision {
+        // One pool for the whole tick, even if the served model is switched meanwhile.
+        let pool = self.pool();
         let signals = {
             let mut st = self.state.lock().unwrap();
             let now = Instant::now();
@@ -132,7 +134,7 @@ impl Autoscaler {
             };
             st.signals = Signals {
                 arrival_rate: st.rate,
-                queue_depth: Class::ALL.iter().map(|&c| self.pool().queue_depth(c)).sum(),
+                queue_depth: Class::ALL.iter().map(|&c| pool.queue_depth(c)).sum(),
                 in_flight: self.service.in_flight(),
                 p95_latency_ms: p95(&lat_then, &lat_now),
                 p95_ttft_ms: p95(&ttft_then, &ttft_now),
@@ -141,10 +143,10 @@ impl Autoscaler {
             };
             st.signals.clone()
         };
-        let limits = self.machine_tick();
+        let limits = self.machine_tick(&pool);
         let view = PoolView {
-            workers: self.pool().active_workers(),
-            budget_workers: self.pool().budget_workers(),
+            workers: pool.active_workers(),
+            budget_workers: pool.budget_workers(),
             limits,
         };
         let current = view.workers;
@@ -155,13 +157,13 @@ impl Autoscaler {
                 .tick(self.epoch.elapsed().as_secs_f64(), &signals, view);
         let mut active = current;
         while active < decision.workers {
-            if self.pool().add_worker(&decision.reason).is_err() {
+            if pool.add_worker(&decision.reason).is_err() {
                 break;
             }
             active += 1;
         }
         while active > decision.workers {
-            if self.pool().drain_worker(&decision.reason).is_none() {
+            if pool.drain_worker(&decision.reason).is_none() {
                 break;
             }
             active -= 1;
@@ -176,12 +178,12 @@ impl Autoscaler {
 
     /// Reads the machine, updates the power state, applies the limits that are not worker counts
     /// (slots, CPU cores, shedding) and returns those that are, for the policy.
-    fn machine_tick(&self) -> MachineLimits {
+    fn machine_tick(&self, pool: &Arc<Pool>) -> MachineLimits {
         let mut p = self.power.lock().unwrap();
         let reading = p.machine.read();
         let cfg = p.config.clone();
         let state = p.governor.update(&cfg, &reading);
-        self.pool().set_slot_cap(state.slots_per_worker);
+        pool.set_slot_cap(state.slots_per_worker);
         match p.cpu.apply(state.cpu_threads) {
             Ok(_) => p.cpu_error_said = false,
             Err(e) if !p.cpu_error_said => {

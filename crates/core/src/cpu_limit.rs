@@ -71,7 +71,7 @@ fn allowed_cpus() -> Vec<usize> {
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
         if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return (0..num_cpus()).collect();
+            return (0..available_cores()).collect();
         }
         (0..libc::CPU_SETSIZE as usize)
             .filter(|&c| libc::CPU_ISSET(c, &set))
@@ -81,10 +81,12 @@ fn allowed_cpus() -> Vec<usize> {
 
 #[cfg(not(target_os = "linux"))]
 fn allowed_cpus() -> Vec<usize> {
-    (0..num_cpus()).collect()
+    (0..available_cores()).collect()
 }
 
-fn num_cpus() -> usize {
+/// CPU cores this process may use now (at least 1): what the defaults that follow the machine
+/// (workers, power-mode caps) are sized by.
+pub fn available_cores() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)

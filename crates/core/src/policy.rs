@@ -42,10 +42,7 @@ pub struct PolicyConfig {
 /// about the core count and not past it (`scripts/bench-shapes.sh` on 2 cores: 1 worker 34.2 tok/s,
 /// 2 workers 45.6, 3 workers 45.6), and each worker costs a full copy of the weights.
 pub fn default_max_workers() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .clamp(1, 4)
+    crate::cpu_limit::available_cores().clamp(1, 4)
 }
 
 impl Default for PolicyConfig {

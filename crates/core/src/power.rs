@@ -115,11 +115,7 @@ pub struct PowerConfig {
 
 impl Default for PowerConfig {
     fn default() -> Self {
-        PowerConfig::for_cores(
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1),
-        )
+        PowerConfig::for_cores(crate::cpu_limit::available_cores())
     }
 }
 
