@@ -244,3 +244,22 @@ pub fn shared_tiny_server() -> &'static TestServer {
         })
     })
 }
+
+/// GET `url`: the status and the JSON body (`Null` when the body is not JSON).
+pub async fn get_json(url: String) -> (u16, serde_json::Value) {
+    let r = reqwest::get(url).await.expect("the server answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}
+
+/// POST `body` as JSON to `url`: the status and the JSON body (`Null` when it is not JSON).
+pub async fn post_json(url: String, body: &serde_json::Value) -> (u16, serde_json::Value) {
+    let r = reqwest::Client::new()
+        .post(url)
+        .json(body)
+        .send()
+        .await
+        .expect("the server answers");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or(serde_json::Value::Null))
+}

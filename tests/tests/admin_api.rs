@@ -1,7 +1,7 @@
 //! The admin API on a pooled server with real workers on the tiny fixture.
 
 use serde_json::{json, Value};
-use tidepool_tests::{start_server, tiny_fixture, ServerOptions};
+use tidepool_tests::{get_json, start_server, tiny_fixture, ServerOptions};
 
 fn pooled() -> tidepool_tests::TestServer {
     start_server(ServerOptions {
@@ -12,15 +12,10 @@ fn pooled() -> tidepool_tests::TestServer {
     })
 }
 
-async fn get(url: String) -> (u16, Value) {
-    let r = reqwest::get(url).await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
 #[tokio::test]
 async fn status_scale_and_events() {
     let s = pooled();
-    let (code, v) = get(s.url("/admin/status")).await;
+    let (code, v) = get_json(s.url("/admin/status")).await;
     assert_eq!(code, 200, "{v}");
     assert_eq!(v["workers"].as_array().unwrap().len(), 1);
     assert_eq!(v["workers"][0]["state"], "ready");
@@ -47,7 +42,7 @@ async fn status_scale_and_events() {
         .contains("manual override"));
     let mut ready = 0;
     for _ in 0..250 {
-        let (_, v) = get(s.url("/admin/status")).await;
+        let (_, v) = get_json(s.url("/admin/status")).await;
         ready = v["workers"]
             .as_array()
             .unwrap()
@@ -60,7 +55,7 @@ async fn status_scale_and_events() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert_eq!(ready, 2);
-    let (_, v) = get(s.url("/admin/events")).await;
+    let (_, v) = get_json(s.url("/admin/events")).await;
     let events = v["events"].as_array().unwrap();
     assert!(
         events
@@ -70,7 +65,7 @@ async fn status_scale_and_events() {
     );
 
     // The live policy: read, change, and a bad value refused naming its key.
-    let (code, v) = get(s.url("/admin/config")).await;
+    let (code, v) = get_json(s.url("/admin/config")).await;
     assert_eq!(code, 200);
     assert_eq!(v["policy"]["max_workers"], 2);
     let r = c
@@ -80,7 +75,7 @@ async fn status_scale_and_events() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let (_, v) = get(s.url("/admin/status")).await;
+    let (_, v) = get_json(s.url("/admin/status")).await;
     assert_eq!(v["policy"]["max_workers"], 3);
     assert_eq!(v["policy"]["down"]["stabilization_s"], 60.0);
     let r = c
@@ -128,7 +123,7 @@ async fn status_scale_and_events() {
 async fn admin_needs_a_pool() {
     // A model still loading has no pool yet: 503, not a panic.
     let s = start_server(ServerOptions::default());
-    let (code, v) = get(s.url("/admin/status")).await;
+    let (code, v) = get_json(s.url("/admin/status")).await;
     assert_eq!(code, 503);
     assert!(v["error"]["message"].as_str().unwrap().contains("pool"));
     s.stop(10);
@@ -181,7 +176,7 @@ async fn metrics_count_outcomes_tokens_and_pool_state() {
 }
 
 async fn ready_workers(s: &tidepool_tests::TestServer) -> usize {
-    let (_, v) = get(s.url("/admin/status")).await;
+    let (_, v) = get_json(s.url("/admin/status")).await;
     v["workers"]
         .as_array()
         .unwrap()
@@ -245,7 +240,7 @@ async fn a_burst_brings_a_second_worker_idle_drains_it_scale_to_zero_and_cold_st
     for b in burst {
         assert_eq!(b.await.unwrap(), 200);
     }
-    let (_, v) = get(s.url("/admin/events")).await;
+    let (_, v) = get_json(s.url("/admin/events")).await;
     assert!(
         v["events"]
             .as_array()

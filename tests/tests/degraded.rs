@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 use tidepool_core::degrade::DegradedConfig;
 use tidepool_core::gateway::GatewayConfig;
-use tidepool_tests::{start_server, tiny_fixture, ServerOptions, TestServer};
+use tidepool_tests::{get_json, start_server, tiny_fixture, ServerOptions, TestServer};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -17,14 +17,7 @@ fn body(text: &str) -> Value {
 }
 
 async fn queue_depth(s: &TestServer) -> u64 {
-    let v: Value = client()
-        .get(s.url("/admin/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(s.url("/admin/status")).await.1;
     v["queue"]
         .as_object()
         .unwrap()

@@ -5,7 +5,9 @@
 use futures::StreamExt;
 use serde_json::{json, Value};
 use tidepool_core::policy::{DownRules, PolicyConfig, UpRules};
-use tidepool_tests::{shared_tiny_server, start_server, tiny_fixture, ServerOptions};
+use tidepool_tests::{
+    get_json, post_json, shared_tiny_server, start_server, tiny_fixture, ServerOptions,
+};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
@@ -14,10 +16,7 @@ fn client() -> reqwest::Client {
 const MODEL: &str = "tiny-q8_0";
 
 async fn post(path: &str, body: Value) -> (u16, Value) {
-    let s = shared_tiny_server();
-    let r = client().post(s.url(path)).json(&body).send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    post_json(shared_tiny_server().url(path), &body).await
 }
 
 /// Reads an NDJSON response into its objects.
@@ -166,28 +165,14 @@ async fn format_json_schema_is_enforced() {
 #[tokio::test]
 async fn tags_ps_show_version() {
     let s = shared_tiny_server();
-    let tags: Value = client()
-        .get(s.url("/api/tags"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tags: Value = get_json(s.url("/api/tags")).await.1;
     let m = &tags["models"][0];
     assert_eq!(m["name"], MODEL);
     assert_eq!(m["digest"].as_str().unwrap().len(), 64);
     assert_eq!(m["details"]["family"], "qwen2");
     assert!(m["size"].as_u64().unwrap() > 0);
 
-    let ps: Value = client()
-        .get(s.url("/api/ps"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let ps: Value = get_json(s.url("/api/ps")).await.1;
     assert_eq!(ps["models"].as_array().unwrap().len(), 1, "{ps}");
     assert!(ps["models"][0]["expires_at"].is_string());
 
@@ -196,14 +181,7 @@ async fn tags_ps_show_version() {
     assert_eq!(show["model_info"]["general.architecture"], "qwen2");
     assert_eq!(show["details"]["format"], "gguf");
 
-    let v: Value = client()
-        .get(s.url("/api/version"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(s.url("/api/version")).await.1;
     assert!(v["version"].as_str().unwrap().contains('.'));
 }
 
@@ -325,14 +303,7 @@ async fn keep_alive_sets_the_idle_ttl_and_zero_unloads() {
         };
     let r = generate(json!("5m")).await.unwrap();
     assert_eq!(r.status(), 200);
-    let cfg: Value = c
-        .get(s.url("/admin/config"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cfg: Value = get_json(s.url("/admin/config")).await.1;
     assert_eq!(cfg["policy"]["idle_ttl_s"], 300.0, "{cfg}");
 
     let r = generate(json!("soon")).await.unwrap();
@@ -344,14 +315,7 @@ async fn keep_alive_sets_the_idle_ttl_and_zero_unloads() {
     assert_eq!(r.status(), 200);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
     loop {
-        let ps: Value = c
-            .get(s.url("/api/ps"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let ps: Value = get_json(s.url("/api/ps")).await.1;
         if ps["models"].as_array().unwrap().is_empty() {
             break;
         }

@@ -3,17 +3,16 @@
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tidepool_tests::{shared_tiny_server, start_server, tiny_fixture, ServerOptions, TestServer};
+use tidepool_tests::{
+    get_json, post_json, shared_tiny_server, start_server, tiny_fixture, ServerOptions, TestServer,
+};
 
 fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
 async fn post(path: &str, body: Value) -> (u16, Value) {
-    let s = shared_tiny_server();
-    let r = client().post(s.url(path)).json(&body).send().await.unwrap();
-    let status = r.status().as_u16();
-    (status, r.json().await.unwrap_or(Value::Null))
+    post_json(shared_tiny_server().url(path), &body).await
 }
 
 /// Reads an SSE response into its `data:` payloads.
@@ -77,14 +76,7 @@ async fn health_reports_ready_model() {
 #[tokio::test]
 async fn models_list_and_get() {
     let s = shared_tiny_server();
-    let v: Value = client()
-        .get(s.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = get_json(s.url("/v1/models")).await.1;
     assert_eq!(v["object"], "list");
     assert_eq!(v["data"][0]["id"], "tiny-q8_0");
     assert_eq!(v["data"][0]["object"], "model");

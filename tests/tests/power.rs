@@ -7,15 +7,10 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 use tidepool_core::policy::PolicyConfig;
 use tidepool_core::power::{ModeCaps, PowerConfig};
-use tidepool_tests::{start_server, tiny_fixture, ServerOptions, TestServer};
+use tidepool_tests::{get_json, start_server, tiny_fixture, ServerOptions, TestServer};
 
 async fn status(s: &TestServer) -> Value {
-    reqwest::get(s.url("/admin/status"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(s.url("/admin/status")).await.1
 }
 
 fn ready(v: &Value) -> usize {
