@@ -235,6 +235,56 @@ async fn greedy_is_repeatable_and_stop_cuts_before_the_stop_string() {
 }
 
 #[tokio::test]
+async fn logit_bias_forces_a_token_and_bad_entries_are_400() {
+    // +100 on one byte-level token makes greedy decoding pick it at every step, sampled or not.
+    let ask = |max_tokens: u32, temperature: f32| {
+        json!({"messages": user("Say something"), "max_tokens": max_tokens,
+               "temperature": temperature, "seed": 5, "logit_bias": {"72": 100}})
+    };
+    let (status, one) = post("/v1/chat/completions", ask(1, 0.0)).await;
+    assert_eq!(status, 200, "{one}");
+    let piece = one["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(!piece.is_empty(), "{one}");
+    for temperature in [0.0, 1.0] {
+        let (_, three) = post("/v1/chat/completions", ask(3, temperature)).await;
+        assert_eq!(
+            three["choices"][0]["message"]["content"].as_str().unwrap(),
+            piece.repeat(3),
+            "{three}"
+        );
+    }
+    for (bias, param_hint) in [
+        (json!({"x": 1}), "token ids"),
+        (json!({"1": 101}), "between -100 and 100"),
+    ] {
+        let (status, body) = post(
+            "/v1/chat/completions",
+            json!({"messages": user("hi"), "max_tokens": 2, "logit_bias": bias}),
+        )
+        .await;
+        assert_eq!(status, 400, "{body}");
+        assert_openai_error(&body, Some("logit_bias"));
+        assert!(body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(param_hint));
+    }
+    let (status, body) = post(
+        "/v1/chat/completions",
+        json!({"messages": user("hi"), "max_tokens": 2, "logit_bias": {"4000000": -100}}),
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("vocabulary"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
 async fn seed_makes_sampling_reproducible() {
     // Its own server: on a busy one, batching and prefix-cache hits perturb the float math enough
     // to move a draw across a boundary of the random fixture's nearly flat distribution.

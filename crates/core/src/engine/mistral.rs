@@ -19,6 +19,7 @@ use mistralrs::{
 };
 use tokio::sync::mpsc;
 
+use super::logit_bias::LogitBias;
 use super::seeded::SeededSampler;
 use super::token_tap::{TapCounts, TokenTap};
 use super::{
@@ -175,6 +176,7 @@ impl Engine for MistralEngine {
         request: GenerationRequest,
     ) -> BoxFuture<'_, Result<GenerationStream, EngineError>> {
         Box::pin(async move {
+            check_logit_bias(&request.sampling, self.info.gguf.shape.vocab)?;
             // Raw-text completions stream chunks without usage: count the prompt up front.
             let completion_prompt_tokens = match &request.prompt {
                 Prompt::Text(_) => Some(self.tokenize(&request.prompt, &[]).await?.len() as u32),
@@ -453,6 +455,9 @@ fn build_request(
     };
     let (sampling_params, sampler) = to_sampling(&req.sampling);
     let mut processors: Vec<Arc<dyn mistralrs::CustomLogitsProcessor>> = vec![Arc::new(tap)];
+    if !req.sampling.logit_bias.is_empty() {
+        processors.push(Arc::new(LogitBias(req.sampling.logit_bias.clone())));
+    }
     processors.extend(sampler);
     let constraint = match &req.constraint {
         OutputConstraint::None => Constraint::None,
@@ -501,6 +506,17 @@ fn build_request(
         model_id: None,
         truncate_sequence: false,
     })
+}
+
+/// Refuses `logit_bias` entries for tokens the vocabulary does not have.
+pub(crate) fn check_logit_bias(s: &Sampling, vocab: u32) -> Result<(), EngineError> {
+    match s.logit_bias.keys().find(|&&id| id >= vocab) {
+        Some(id) => Err(EngineError::Invalid(format!(
+            "logit_bias names token {id}, but the vocabulary has {vocab} tokens (ids 0-{})",
+            vocab.saturating_sub(1)
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// mistral.rs sampling parameters, plus Tidepool's own sampler for seeded requests.

@@ -1,6 +1,7 @@
 //! The engine boundary: everything above it (pool, router, API) sees only [`Engine`]; below it is
 //! one inference library instance. Today that is mistral.rs ([`mistral::MistralEngine`]).
 
+pub mod logit_bias;
 pub mod mistral;
 pub mod seeded;
 pub mod token_tap;

@@ -144,6 +144,9 @@ pub struct SamplingFields {
     pub repetition_penalty: Option<f64>,
     #[serde(default)]
     pub logprobs: Option<serde_json::Value>,
+    /// Token id (as a string) → bias from -100 to 100.
+    #[serde(default)]
+    pub logit_bias: Option<std::collections::HashMap<String, f64>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -286,7 +289,30 @@ impl SamplingFields {
                 "Stop sequences must not be empty.",
             ));
         }
+        let mut logit_bias = std::collections::BTreeMap::new();
+        for (id, &bias) in self.logit_bias.iter().flatten() {
+            let Ok(token) = id.parse::<u32>() else {
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    format!("`logit_bias` keys must be token ids, got `{id}`."),
+                ));
+            };
+            if !(-100.0..=100.0).contains(&bias) || bias.is_nan() {
+                return Err(ApiError::invalid_param(
+                    "logit_bias",
+                    format!("`logit_bias` values must be between -100 and 100, got {bias} for token {id}."),
+                ));
+            }
+            logit_bias.insert(token, bias as f32);
+        }
+        if logit_bias.len() > 300 {
+            return Err(ApiError::invalid_param(
+                "logit_bias",
+                "At most 300 tokens may be biased.",
+            ));
+        }
         Ok(Sampling {
+            logit_bias,
             max_tokens,
             temperature,
             top_p,
