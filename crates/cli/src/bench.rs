@@ -2,7 +2,8 @@
 //!
 //! `bench engine` loads a model in-process and measures load time, resident memory after load,
 //! time to first token, single-stream decode speed and CPU time per token, with no HTTP in
-//! between; `--power-mode` runs it under a power mode's CPU limit.
+//! between; `--power-mode` runs it under a power mode's CPU limit. `bench load` replays a rate
+//! trace against a running server; `bench bandwidth` measures memory bandwidth.
 
 use std::time::Instant;
 
@@ -34,6 +35,8 @@ enum BenchKind {
     /// Replay a request-rate trace against a running server: latency, TTFT, errors, workers,
     /// reserved memory and RSS over the run.
     Load(crate::load::LoadBench),
+    /// STREAM-style memory bandwidth (1 thread and all cores): the ceiling on CPU decode speed.
+    Bandwidth(crate::bandwidth::BandwidthBench),
 }
 
 #[derive(Args)]
@@ -84,10 +87,13 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.kind {
         BenchKind::Engine(b) => engine(b).await,
         BenchKind::Load(b) => crate::load::run(b).await,
+        BenchKind::Bandwidth(b) => {
+            tokio::task::spawn_blocking(move || crate::bandwidth::run(b)).await?
+        }
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

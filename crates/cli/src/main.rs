@@ -5,6 +5,7 @@
 //! - `fixture`, `requantize`: make test models and fast-kernel variants.
 //! - `bench`: measurements that print numbers.
 
+mod bandwidth;
 mod bench;
 mod load;
 mod models;
