@@ -37,6 +37,9 @@ enum BenchKind {
     Load(crate::load::LoadBench),
     /// STREAM-style memory bandwidth (1 thread and all cores): the ceiling on CPU decode speed.
     Bandwidth(crate::bandwidth::BandwidthBench),
+    /// Drive one running OpenAI-compatible server (Tidepool or a peer): single-stream TTFT and
+    /// decode speed, then a concurrency sweep; for side-by-side comparisons (bench/compare.sh).
+    Compare(crate::compare::CompareBench),
 }
 
 #[derive(Args)]
@@ -87,6 +90,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.kind {
         BenchKind::Engine(b) => engine(b).await,
         BenchKind::Load(b) => crate::load::run(b).await,
+        BenchKind::Compare(b) => crate::compare::run(b).await,
         BenchKind::Bandwidth(b) => {
             tokio::task::spawn_blocking(move || crate::bandwidth::run(b)).await?
         }

@@ -11,6 +11,8 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::stats::percentile;
+
 #[derive(Args)]
 pub struct LoadBench {
     /// Server base URL.
@@ -34,6 +36,11 @@ pub struct LoadBench {
     /// Print one JSON object instead of a table row.
     #[arg(long)]
     json: bool,
+    /// Also write the run as a time series, one JSON object a line: every /admin/status sample
+    /// (`"kind": "status"`: workers, reserved and RSS bytes) and every request (`"kind":
+    /// "request"`: start, latency, TTFT, HTTP status), with `t` in seconds from the start.
+    #[arg(long)]
+    timeline_out: Option<std::path::PathBuf>,
 }
 
 #[derive(Default)]
@@ -42,6 +49,8 @@ struct Samples {
     ttft: Vec<f64>,
     errors: usize,
     refused: usize,
+    /// (start s, latency s, ttft s, status: 200, 429, other code, 0 for transport errors).
+    requests: Vec<(f64, f64, f64, u16)>,
 }
 
 #[derive(Serialize)]
@@ -60,15 +69,6 @@ struct LoadResult {
     avg_reserved_bytes: f64,
     avg_rss_bytes: f64,
     max_rss_bytes: u64,
-}
-
-fn percentile(v: &mut [f64], p: f64) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i.min(v.len() - 1)]
 }
 
 /// One streamed request: (latency, ttft) or the status code it failed with (0: transport).
@@ -111,7 +111,9 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
         .with_context(|| format!("the server at {url} is not ready"))?;
 
     let samples = Arc::new(Mutex::new(Samples::default()));
-    let status_log: Arc<Mutex<Vec<(usize, u64, u64)>>> = Default::default();
+    // (t s, ready workers, reserved bytes, RSS bytes)
+    let status_log: Arc<Mutex<Vec<(f64, usize, u64, u64)>>> = Default::default();
+    let started = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
     // Poll /admin/status once a second: workers, reserved bytes, RSS.
@@ -132,7 +134,8 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
                             .unwrap_or(0);
                         let reserved = v["memory"]["reserved_bytes"].as_u64().unwrap_or(0);
                         let rss = v["memory"]["process_rss_bytes"].as_u64().unwrap_or(0);
-                        log.lock().unwrap().push((workers, reserved, rss));
+                        let t = started.elapsed().as_secs_f64();
+                        log.lock().unwrap().push((t, workers, reserved, rss));
                     }
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -142,7 +145,6 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
 
     // Open-loop arrivals at evenly spaced times within each step.
     let mut tasks = Vec::new();
-    let started = Instant::now();
     let mut at = 0.0;
     for (i, rate) in a.trace.iter().enumerate() {
         let rate = rate * a.rate_scale;
@@ -157,15 +159,24 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
             let (client, url, samples) = (client.clone(), url.clone(), samples.clone());
             let max_tokens = a.max_tokens;
             tasks.push(tokio::spawn(async move {
+                let t = started.elapsed().as_secs_f64();
                 let r = one(&client, &url, max_tokens).await;
                 let mut s = samples.lock().unwrap();
                 match r {
                     Ok((lat, ttft)) => {
                         s.latency.push(lat);
                         s.ttft.push(ttft);
+                        s.requests.push((t, lat, ttft, 200));
                     }
-                    Err(429) => s.refused += 1,
-                    Err(_) => s.errors += 1,
+                    Err(code) => {
+                        if code == 429 {
+                            s.refused += 1;
+                        } else {
+                            s.errors += 1;
+                        }
+                        let lat = started.elapsed().as_secs_f64() - t;
+                        s.requests.push((t, lat, lat, code));
+                    }
                 }
             }));
             at += 1.0 / rate;
@@ -187,6 +198,10 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
 
     let mut s = std::mem::take(&mut *samples.lock().unwrap());
     let log = status_log.lock().unwrap().clone();
+    if let Some(path) = &a.timeline_out {
+        write_timeline(path, &log, &s.requests)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     let n = log.len().max(1) as f64;
     let r = LoadResult {
         label: a.label,
@@ -199,10 +214,10 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
         latency_max_s: s.latency.iter().copied().fold(0.0, f64::max),
         ttft_p50_s: percentile(&mut s.ttft, 0.5),
         ttft_p95_s: percentile(&mut s.ttft, 0.95),
-        workers_over_time: log.iter().map(|l| l.0).collect(),
-        avg_reserved_bytes: log.iter().map(|l| l.1 as f64).sum::<f64>() / n,
-        avg_rss_bytes: log.iter().map(|l| l.2 as f64).sum::<f64>() / n,
-        max_rss_bytes: log.iter().map(|l| l.2).max().unwrap_or(0),
+        workers_over_time: log.iter().map(|l| l.1).collect(),
+        avg_reserved_bytes: log.iter().map(|l| l.2 as f64).sum::<f64>() / n,
+        avg_rss_bytes: log.iter().map(|l| l.3 as f64).sum::<f64>() / n,
+        max_rss_bytes: log.iter().map(|l| l.3).max().unwrap_or(0),
     };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -228,6 +243,30 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Writes the status samples and the requests as JSON lines (see `--timeline-out`).
+fn write_timeline(
+    path: &std::path::Path,
+    status: &[(f64, usize, u64, u64)],
+    requests: &[(f64, f64, f64, u16)],
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut f = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for &(t, workers, reserved, rss) in status {
+        let v = json!({"kind": "status", "t": t, "workers": workers,
+                       "reserved_bytes": reserved, "rss_bytes": rss});
+        writeln!(f, "{v}")?;
+    }
+    let mut requests = requests.to_vec();
+    requests.sort_by(|a, b| a.0.total_cmp(&b.0));
+    for (t, latency, ttft, status) in requests {
+        let v = json!({"kind": "request", "t": t, "latency_s": latency, "ttft_s": ttft,
+                       "status": status});
+        writeln!(f, "{v}")?;
+    }
+    f.flush()?;
+    Ok(())
+}
+
 /// `1x12 2x30 1x8`: run-length encoding of the worker count over time (one sample a second).
 fn compress(v: &[usize]) -> String {
     let mut out: Vec<String> = Vec::new();
@@ -248,11 +287,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn percentiles_and_run_lengths() {
-        let mut v = vec![5.0, 1.0, 3.0, 2.0, 4.0];
-        assert_eq!(percentile(&mut v, 0.5), 3.0);
-        assert_eq!(percentile(&mut v, 1.0), 5.0);
-        assert_eq!(percentile(&mut [], 0.5), 0.0);
+    fn run_lengths() {
         assert_eq!(compress(&[1, 1, 2, 2, 2, 1]), "1x2 2x3 1x1");
     }
 }

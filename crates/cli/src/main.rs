@@ -7,8 +7,10 @@
 
 mod bandwidth;
 mod bench;
+mod compare;
 mod load;
 mod models;
+mod stats;
 mod tools;
 
 use tidepool_cli::serve;
