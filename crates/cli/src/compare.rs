@@ -194,13 +194,15 @@ fn decode_tok_s(tokens: u64, first: Option<f64>, last: Option<f64>) -> f64 {
     }
 }
 
-/// The request body every server gets.
-fn request_body(model: &str, max_tokens: u32, ban: &BTreeSet<u32>) -> Value {
+/// The request body every server gets. `tag` starts the prompt so that no two requests share more
+/// than the chat template's head: no server can answer from a response cache or reuse one
+/// request's prompt KV for the next.
+fn request_body(model: &str, max_tokens: u32, ban: &BTreeSet<u32>, tag: u64) -> Value {
     let bias: serde_json::Map<String, Value> =
         ban.iter().map(|t| (t.to_string(), json!(-100))).collect();
     let mut body = json!({
         "model": model,
-        "messages": [{"role": "user", "content": PROMPT}],
+        "messages": [{"role": "user", "content": format!("Request {tag}. {PROMPT}")}],
         "max_tokens": max_tokens,
         "temperature": 0.0,
         "stream": true,
@@ -438,9 +440,9 @@ async fn single(
     a: &CompareBench,
     common: Common,
 ) -> anyhow::Result<SingleResult> {
-    let body = request_body(model, a.max_tokens, ban);
     let mut runs = Vec::new();
     for i in 0..=a.runs {
+        let body = request_body(model, a.max_tokens, ban, next_tag());
         let s = stream_once(client, url, &body).await.with_context(|| {
             format!("single-stream run {i} against {url} failed (is the server running?)")
         })?;
@@ -495,13 +497,18 @@ async fn sweep_level(
     common: Common,
 ) -> SweepResult {
     let max_tokens = a.sweep_max_tokens.unwrap_or(a.max_tokens);
-    let body = Arc::new(request_body(model, max_tokens, ban));
+    let ban = Arc::new(ban.clone());
     let started = Instant::now();
     let deadline = a.duration_s.map(|d| started + Duration::from_secs_f64(d));
     let per_client = a.requests_per_client;
     let mut tasks = Vec::new();
     for _ in 0..c {
-        let (client, url, body) = (client.clone(), url.to_string(), body.clone());
+        let (client, url, ban, model) = (
+            client.clone(),
+            url.to_string(),
+            ban.clone(),
+            model.to_string(),
+        );
         tasks.push(tokio::spawn(async move {
             let mut results = Vec::new();
             let mut sent = 0;
@@ -514,6 +521,7 @@ async fn sweep_level(
                     break;
                 }
                 sent += 1;
+                let body = request_body(&model, max_tokens, &ban, next_tag());
                 results.push(stream_once(&client, &url, &body).await);
             }
             results
@@ -565,6 +573,19 @@ async fn sweep_level(
             .filter(|s| s.tokens() < u64::from(max_tokens))
             .count(),
     }
+}
+
+/// A number no other request of this process (or, in practice, of an earlier run) has used.
+fn next_tag() -> u64 {
+    static NEXT: std::sync::OnceLock<std::sync::atomic::AtomicU64> = std::sync::OnceLock::new();
+    NEXT.get_or_init(|| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        std::sync::atomic::AtomicU64::new((now % 100_000) * 1000)
+    })
+    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 fn aggregate_tok_s(tokens: u64, wall_s: f64) -> f64 {
@@ -683,11 +704,16 @@ mod tests {
 
     #[test]
     fn body_bans_tokens_and_asks_for_usage() {
-        let b = request_body("m", 8, &[151643, 151645].into_iter().collect());
+        let b = request_body("m", 8, &[151643, 151645].into_iter().collect(), 7);
         assert_eq!(b["logit_bias"]["151645"], json!(-100));
         assert_eq!(b["stream_options"]["include_usage"], json!(true));
-        assert!(request_body("m", 8, &BTreeSet::new())
+        assert!(request_body("m", 8, &BTreeSet::new(), 8)
             .get("logit_bias")
             .is_none());
+        assert_ne!(
+            b["messages"],
+            request_body("m", 8, &BTreeSet::new(), 8)["messages"]
+        );
+        assert_ne!(next_tag(), next_tag());
     }
 }
