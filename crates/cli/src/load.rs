@@ -43,6 +43,9 @@ pub struct LoadBench {
     timeline_out: Option<std::path::PathBuf>,
 }
 
+/// One /admin/status poll: (t s, ready workers, reserved bytes, RSS bytes).
+type StatusSample = (f64, usize, u64, u64);
+
 #[derive(Default)]
 struct Samples {
     latency: Vec<f64>,
@@ -111,8 +114,7 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
         .with_context(|| format!("the server at {url} is not ready"))?;
 
     let samples = Arc::new(Mutex::new(Samples::default()));
-    // (t s, ready workers, reserved bytes, RSS bytes)
-    let status_log: Arc<Mutex<Vec<(f64, usize, u64, u64)>>> = Default::default();
+    let status_log: Arc<Mutex<Vec<StatusSample>>> = Default::default();
     let started = Instant::now();
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
 
@@ -246,7 +248,7 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
 /// Writes the status samples and the requests as JSON lines (see `--timeline-out`).
 fn write_timeline(
     path: &std::path::Path,
-    status: &[(f64, usize, u64, u64)],
+    status: &[StatusSample],
     requests: &[(f64, f64, f64, u16)],
 ) -> anyhow::Result<()> {
     use std::io::Write;
