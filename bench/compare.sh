@@ -159,7 +159,7 @@ start() {
     mistralrs)
       RAYON_NUM_THREADS=$threads "$peers/mistralrs/bin/mistralrs" --token-source none serve \
         --cpu --host 127.0.0.1 -p "$port" --max-seq-len "$ctx" \
-        -m "$(dirname "$file")" -f "$(basename "$file")" > "$log" 2>&1 &
+        --format gguf -m "$(dirname "$file")" -f "$(basename "$file")" > "$log" 2>&1 &
       health=/v1/models ;;
   esac
   server_pid=$!
