@@ -1,8 +1,15 @@
 //! The engine boundary: everything above it (pool, router, API) sees only [`Engine`]; below it is
-//! one inference library instance. Today that is mistral.rs ([`mistral::MistralEngine`]).
+//! one inference library instance: mistral.rs ([`mistral::MistralEngine`]) or, with the
+//! `llamacpp` feature (on by default), llama.cpp (`llamacpp::LlamaCppEngine`). [`choice`] says
+//! which one serves a model.
 
+pub mod choice;
+#[cfg(feature = "llamacpp")]
+pub mod llamacpp;
 pub mod logit_bias;
 pub mod mistral;
+#[cfg(feature = "llamacpp")]
+pub mod probe;
 pub mod seeded;
 pub mod token_tap;
 
