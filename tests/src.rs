@@ -78,6 +78,11 @@ pub fn test_engine() -> EngineKind {
 /// Tokens of context per slot the llama.cpp engine gets in tests (the pool's default).
 pub const TEST_CONTEXT_TOKENS: u32 = 4096;
 
+/// CPU threads per llama.cpp engine in tests: one. A test binary runs many servers at once, and
+/// llama.cpp's threads wait for each other at every operation: more threads than free cores make
+/// a tiny model hundreds of times slower (mistral.rs shares one thread pool across engines).
+pub const TEST_THREADS: usize = 1;
+
 /// One engine of the test engine kind.
 pub async fn load_engine(local: &LocalModel, config: &EngineConfig) -> Arc<dyn Engine> {
     match test_engine() {
@@ -92,6 +97,7 @@ pub async fn load_engine(local: &LocalModel, config: &EngineConfig) -> Arc<dyn E
                 local,
                 config,
                 TEST_CONTEXT_TOKENS,
+                Some(TEST_THREADS),
             )
             .await
             .expect("engine loads"),
@@ -118,6 +124,7 @@ pub fn worker_factory(
             model,
             config,
             context_tokens: TEST_CONTEXT_TOKENS,
+            threads: Some(TEST_THREADS),
             reservation,
         }),
         #[cfg(not(feature = "llamacpp"))]

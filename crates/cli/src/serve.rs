@@ -388,6 +388,7 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
             model: local.clone(),
             config: engine_cfg,
             context_tokens: cfg.pool.context_tokens.min(u32::MAX as u64) as u32,
+            threads: None,
             reservation,
         }),
         #[cfg(not(feature = "llamacpp"))]

@@ -184,23 +184,28 @@ pub struct LlamaCppEngine {
 }
 
 impl LlamaCppEngine {
-    /// Loads `model` with `context_tokens` of KV cache per sequence (blocking work runs on a
-    /// blocking thread and the engine's own thread).
+    /// Loads `model` with `context_tokens` of KV cache per sequence, computing on `threads` CPU
+    /// threads (`None`: every core Tidepool's CPU limit allows). Blocking work runs on a blocking
+    /// thread and the engine's own thread.
     pub async fn load(
         model: &LocalModel,
         cfg: &EngineConfig,
         context_tokens: u32,
+        threads: Option<usize>,
     ) -> Result<LlamaCppEngine, EngineError> {
         let (model, cfg) = (model.clone(), cfg.clone());
-        tokio::task::spawn_blocking(move || Self::load_blocking(&model, &cfg, context_tokens))
-            .await
-            .map_err(|e| EngineError::Internal(format!("the loader panicked: {e}")))?
+        tokio::task::spawn_blocking(move || {
+            Self::load_blocking(&model, &cfg, context_tokens, threads)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("the loader panicked: {e}")))?
     }
 
     fn load_blocking(
         model: &LocalModel,
         cfg: &EngineConfig,
         context_tokens: u32,
+        threads: Option<usize>,
     ) -> Result<LlamaCppEngine, EngineError> {
         let load_err = |message: String| EngineError::Load {
             model: model.name.clone(),
@@ -239,7 +244,9 @@ impl LlamaCppEngine {
             context_tokens,
             grammar: OnceLock::new(),
         });
-        let threads = crate::cpu_limit::available_cores().max(1) as i32;
+        let threads = threads
+            .unwrap_or_else(crate::cpu_limit::available_cores)
+            .clamp(1, i32::MAX as usize) as i32;
         let n_batch = 512u32.max(slots as u32);
         let ctx_params = LlamaContextParams::default()
             .with_n_ctx(NonZeroU32::new(context_tokens * slots as u32))
@@ -379,6 +386,8 @@ pub struct LlamaCppWorkers {
     pub config: EngineConfig,
     /// Tokens of context per slot.
     pub context_tokens: u32,
+    /// CPU threads per worker; `None`: every core the CPU limit allows.
+    pub threads: Option<usize>,
     pub reservation: crate::ledger::Reservation,
 }
 
@@ -392,9 +401,10 @@ impl crate::pool::WorkerFactory for LlamaCppWorkers {
     }
 
     fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
-        let (model, config, ctx) = (self.model.clone(), self.config.clone(), self.context_tokens);
+        let (model, config) = (self.model.clone(), self.config.clone());
+        let (ctx, threads) = (self.context_tokens, self.threads);
         Box::pin(async move {
-            let engine = LlamaCppEngine::load(&model, &config, ctx).await?;
+            let engine = LlamaCppEngine::load(&model, &config, ctx, threads).await?;
             Ok(Arc::new(engine) as Arc<dyn Engine>)
         })
     }

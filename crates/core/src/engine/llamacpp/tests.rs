@@ -36,7 +36,10 @@ async fn engine(slots: usize) -> LlamaCppEngine {
         max_sequences: slots,
         prefix_cache_entries: 0,
     };
-    LlamaCppEngine::load(&model, &cfg, 512).await.unwrap()
+    // One thread: these tests are about behaviour, and several engines run at once.
+    LlamaCppEngine::load(&model, &cfg, 512, Some(1))
+        .await
+        .unwrap()
 }
 
 fn chat(text: &str) -> GenerationRequest {
@@ -235,5 +238,6 @@ async fn the_speed_probe_measures_both_engines() {
     let m = crate::engine::probe::measure(&model, &cfg, 512)
         .await
         .unwrap();
+    println!("decode speed on the tiny fixture: {m:?}");
     assert!(m.llamacpp > 0.0 && m.mistralrs > 0.0, "{m:?}");
 }
