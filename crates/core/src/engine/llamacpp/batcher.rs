@@ -39,14 +39,17 @@ pub(super) struct Job {
     pub started: Instant,
 }
 
-/// Starts the engine thread; the receiver says once whether its context was created.
+/// Says once whether the engine thread created its context (the error says why not).
+pub(super) type Ready = Receiver<Result<(), String>>;
+
+/// Starts the engine thread.
 pub(super) fn spawn(
     shared: Arc<Shared>,
     backend: &'static LlamaBackend,
     params: LlamaContextParams,
     slots: usize,
     n_batch: u32,
-) -> std::io::Result<(Sender<Job>, Receiver<Result<(), String>>)> {
+) -> std::io::Result<(Sender<Job>, Ready)> {
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
