@@ -102,7 +102,10 @@ pub fn decide(
                 kind.name()
             )));
         }
-        let mut reason = format!("engine `{}` set in the configuration", kind.name());
+        let mut reason = format!(
+            "engine `{}` chosen explicitly (--engine or [model] engine)",
+            kind.name()
+        );
         if kind == EngineKind::LlamaCpp && device == DeviceClass::Gpu {
             reason.push_str("; llama.cpp is built CPU-only here, so it runs on the CPU");
         }

@@ -170,6 +170,8 @@ fn forced_call(tools: &[ToolSpec], name: &str) -> Result<TopLevelGrammar, Engine
         "properties": {"name": {"const": name}, "arguments": args},
         "required": ["name", "arguments"],
         "additionalProperties": false,
+        // The call's JSON in one compact layout: free whitespace lets a model pad forever.
+        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
     });
     Ok(TopLevelGrammar::from_lark(format!(
         "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {schema}\n"

@@ -241,3 +241,44 @@ async fn the_speed_probe_measures_both_engines() {
     println!("decode speed on the tiny fixture: {m:?}");
     assert!(m.llamacpp > 0.0 && m.mistralrs > 0.0, "{m:?}");
 }
+
+#[tokio::test]
+async fn a_named_tool_choice_is_answered_with_that_call() {
+    use crate::request::{ToolChoice, ToolSpec};
+    let e = engine(1).await;
+    let mut req = greedy(chat("Weather in Paris?"), 300);
+    req.tools = vec![ToolSpec {
+        name: "get_weather".into(),
+        description: Some("Weather by city".into()),
+        parameters: Some(serde_json::json!({
+            "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"], "additionalProperties": false
+        })),
+    }];
+    req.tool_choice = ToolChoice::Function("get_weather".into());
+    let mut s = e.generate(req.clone()).await.unwrap();
+    let (mut calls, mut text, mut reason) = (Vec::new(), String::new(), None);
+    while let Some(ev) = s.next().await {
+        match ev {
+            GenerationEvent::ToolCalls(c) => calls.extend(c),
+            GenerationEvent::Text(t) => text.push_str(&t),
+            GenerationEvent::Done { finish_reason, .. } => reason = Some(finish_reason),
+            GenerationEvent::Error(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(reason, Some(FinishReason::ToolCalls), "text {text:?}");
+    assert!(text.is_empty(), "{text:?}");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].name, "get_weather");
+    let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
+    assert!(
+        ["Paris", "Rome"].contains(&args["city"].as_str().unwrap()),
+        "{args}"
+    );
+
+    req.tool_choice = ToolChoice::Function("nope".into());
+    assert!(matches!(
+        e.generate(req).await,
+        Err(EngineError::Invalid(_))
+    ));
+}

@@ -40,7 +40,9 @@ impl TextOut {
         self.decode_partial();
         if let Some(at) = self.earliest_stop() {
             let before = self.held[..at].to_string();
+            // What follows the stop string, an unfinished character included, is dropped.
             self.held.clear();
+            self.partial.clear();
             return Step::Stop(before);
         }
         let keep = self.stop_prefix_len();
@@ -155,6 +157,15 @@ mod tests {
 
         let mut out = TextOut::new(&["stop".to_string()]);
         assert_eq!(out.push(b"go stop now"), Step::Stop("go ".into()));
+
+        // Bytes of a character after the stop string do not come back at the end.
+        let mut out = TextOut::new(&["stop".to_string()]);
+        let e = "é".as_bytes();
+        assert_eq!(
+            out.push(&[b"a stop ".as_slice(), &e[..1]].concat()),
+            Step::Stop("a ".into())
+        );
+        assert_eq!(out.finish(), "");
     }
 
     #[test]
