@@ -137,9 +137,11 @@ impl Shared {
                 _ => None,
             },
             OutputConstraint::JsonObject => Some(TopLevelGrammar::from_json_schema(
-                serde_json::json!({"type": "object"}),
+                super::compact_json_schema(&serde_json::json!({"type": "object"})),
             )),
-            OutputConstraint::JsonSchema(s) => Some(TopLevelGrammar::from_json_schema(s.clone())),
+            OutputConstraint::JsonSchema(s) => Some(TopLevelGrammar::from_json_schema(
+                super::compact_json_schema(s),
+            )),
             OutputConstraint::Regex(r) => Some(TopLevelGrammar::from_regex(r)),
             OutputConstraint::Lark(g) => Some(TopLevelGrammar::from_lark(g.clone())),
         };
