@@ -470,13 +470,18 @@ async fn measured_decision(
                  `--engine` skips this)",
                 local.name
             );
-            let m = probe::measure(
-                local,
-                engine_cfg,
-                cfg.pool.context_tokens.min(u32::MAX as u64) as u32,
-            )
-            .await
-            .context("the engine speed probe failed (choose one with --engine)")?;
+            let context_tokens = cfg.pool.context_tokens.min(u32::MAX as u64) as u32;
+            let m = match probe::measure(local, engine_cfg, context_tokens).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // Serve anyway, on the reference engine; the next start measures again.
+                    tracing::warn!("the engine speed probe failed ({e}); using mistral.rs (choose one with --engine)");
+                    return Ok(Decision::Use {
+                        kind: EngineKind::MistralRs,
+                        reason: format!("auto: the speed probe failed ({e})"),
+                    });
+                }
+            };
             records.insert(&key, m);
             if let Err(e) = records.save(&path) {
                 tracing::warn!(

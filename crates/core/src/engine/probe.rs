@@ -11,7 +11,7 @@ use futures::StreamExt;
 use super::choice::{EngineKind, Measured, ProbeKey};
 use super::{Engine, EngineConfig, EngineError};
 use crate::model_source::LocalModel;
-use crate::request::{GenerationEvent, GenerationRequest};
+use crate::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
 
 /// Tokens decoded in the timed run.
 pub const PROBE_TOKENS: u32 = 32;
@@ -73,7 +73,9 @@ pub async fn measure(
 
 /// Decode tokens per second of one greedy generation after a short warm-up.
 pub async fn decode_speed(engine: &dyn Engine) -> Result<f64, EngineError> {
-    let prompt = "Write a long story about a lighthouse keeper and the sea. Chapter one.";
+    // A chat request: instruct models may end a bare text prompt at once (SmolLM2 does), while
+    // asked for a long story they keep going.
+    let prompt = "Write a long story about a lighthouse keeper and the sea.";
     run(engine, prompt, 4).await?;
     // The better of two runs: on a busy machine one run can lose its time slices to other
     // processes, and the probe is about the engine, not about that moment.
@@ -98,7 +100,7 @@ async fn run(
     prompt: &str,
     max_tokens: u32,
 ) -> Result<(u32, std::time::Duration), EngineError> {
-    let mut req = GenerationRequest::text(prompt);
+    let mut req = GenerationRequest::chat(vec![ChatMessage::new(Role::User, prompt)]);
     req.sampling.temperature = Some(0.0);
     req.sampling.max_tokens = Some(max_tokens);
     let started = Instant::now();
