@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The Debian packages the tests need beyond Rust, Python and Node: iproute2 (ip netns) for the LAN
+# The Debian packages the build and tests need beyond Rust, Python and Node: cmake, a C++ compiler
+# and libclang (bindgen) to build llama.cpp for the llama.cpp engine (llama-cpp-sys-2); iproute2 (ip netns) for the LAN
 # sharing test; the webkit/appindicator/rsvg dev packages to build the tray app; Xvfb, D-Bus,
 # xdotool and ImageMagick to run it and take its screenshot; Chromium for the dashboard's browser
 # tests; python3-venv for the end-to-end tests. Installs the missing ones when run as root with
 # apt-get (a fresh CI machine); otherwise says which are missing and how to get them.
 set -euo pipefail
 
-packages="iproute2 curl python3-venv libwebkit2gtk-4.1-dev libayatana-appindicator3-dev librsvg2-dev xvfb xauth dbus xdotool imagemagick chromium fonts-dejavu-core"
+packages="cmake g++ clang libclang-dev iproute2 curl python3-venv libwebkit2gtk-4.1-dev libayatana-appindicator3-dev librsvg2-dev xvfb xauth dbus xdotool imagemagick chromium fonts-dejavu-core"
 missing=""
 for p in $packages; do
   dpkg -s "$p" > /dev/null 2>&1 || missing="$missing $p"

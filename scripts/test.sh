@@ -18,6 +18,12 @@ echo "==> cargo test"
 cargo build --workspace --bins
 cargo test --workspace
 
+echo "==> integration tests again on the llama.cpp engine"
+# The same integration tests (only the tidepool-tests package has any), the server's engine
+# swapped (tests/src.rs reads TIDEPOOL_TEST_ENGINE); `--workspace` keeps the feature set of the
+# build above, so nothing is compiled again.
+TIDEPOOL_TEST_ENGINE=llamacpp cargo test --workspace --test '*'
+
 echo "==> LAN sharing through a network namespace"
 bash scripts/test-lan.sh
 

@@ -7,14 +7,15 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use tidepool_core::answer_cache::CacheConfig;
 use tidepool_core::autoscale::Autoscaler;
+use tidepool_core::engine::choice::EngineKind;
 use tidepool_core::engine::mistral::{MistralEngine, MistralWorkers};
-use tidepool_core::engine::{DevicePreference, EngineConfig};
+use tidepool_core::engine::{DevicePreference, Engine, EngineConfig};
 use tidepool_core::fixture::{write_fixture, FixtureOptions, FixtureShape};
 use tidepool_core::gateway::GatewayConfig;
 use tidepool_core::ledger::Reservation;
-use tidepool_core::model_source::local_file;
+use tidepool_core::model_source::{local_file, LocalModel};
 use tidepool_core::policy::PolicyConfig;
-use tidepool_core::pool::Pool;
+use tidepool_core::pool::{Pool, WorkerFactory};
 use tidepool_core::power::PowerConfig;
 use tidepool_core::quant_plan::QuantScheme;
 use tidepool_core::service::{ModelState, Service};
@@ -56,6 +57,79 @@ pub fn named_fixture(size: &str) -> PathBuf {
         std::fs::rename(&partial, &path).expect("move the fixture into place");
     }
     path
+}
+
+/// The engine the integration tests run on: `TIDEPOOL_TEST_ENGINE` = `mistralrs` (the default)
+/// or `llamacpp` (`scripts/test.sh` runs the tests once with each).
+pub fn test_engine() -> EngineKind {
+    match std::env::var("TIDEPOOL_TEST_ENGINE").as_deref() {
+        Err(_) | Ok("") | Ok("mistralrs") => EngineKind::MistralRs,
+        Ok("llamacpp") => {
+            assert!(
+                EngineKind::LlamaCpp.built(),
+                "TIDEPOOL_TEST_ENGINE=llamacpp, but the tests were built without the llamacpp feature"
+            );
+            EngineKind::LlamaCpp
+        }
+        Ok(other) => panic!("TIDEPOOL_TEST_ENGINE={other}: expected mistralrs or llamacpp"),
+    }
+}
+
+/// Tokens of context per slot the llama.cpp engine gets in tests (the pool's default).
+pub const TEST_CONTEXT_TOKENS: u32 = 4096;
+
+/// CPU threads per llama.cpp engine in tests: one. A test binary runs many servers at once, and
+/// llama.cpp's threads wait for each other at every operation: more threads than free cores make
+/// a tiny model hundreds of times slower (mistral.rs shares one thread pool across engines).
+pub const TEST_THREADS: usize = 1;
+
+/// One engine of the test engine kind.
+pub async fn load_engine(local: &LocalModel, config: &EngineConfig) -> Arc<dyn Engine> {
+    match test_engine() {
+        EngineKind::MistralRs => Arc::new(
+            MistralEngine::load(local, config)
+                .await
+                .expect("engine loads"),
+        ),
+        #[cfg(feature = "llamacpp")]
+        EngineKind::LlamaCpp => Arc::new(
+            tidepool_core::engine::llamacpp::LlamaCppEngine::load(
+                local,
+                config,
+                TEST_CONTEXT_TOKENS,
+                Some(TEST_THREADS),
+            )
+            .await
+            .expect("engine loads"),
+        ),
+        #[cfg(not(feature = "llamacpp"))]
+        EngineKind::LlamaCpp => unreachable!("test_engine() refuses llamacpp in this build"),
+    }
+}
+
+/// Pool workers of the test engine kind.
+pub fn worker_factory(
+    model: LocalModel,
+    config: EngineConfig,
+    reservation: Reservation,
+) -> Arc<dyn WorkerFactory> {
+    match test_engine() {
+        EngineKind::MistralRs => Arc::new(MistralWorkers {
+            model,
+            config,
+            reservation,
+        }),
+        #[cfg(feature = "llamacpp")]
+        EngineKind::LlamaCpp => Arc::new(tidepool_core::engine::llamacpp::LlamaCppWorkers {
+            model,
+            config,
+            context_tokens: TEST_CONTEXT_TOKENS,
+            threads: Some(TEST_THREADS),
+            reservation,
+        }),
+        #[cfg(not(feature = "llamacpp"))]
+        EngineKind::LlamaCpp => unreachable!("test_engine() refuses llamacpp in this build"),
+    }
 }
 
 /// A server running in its own thread and runtime for the rest of the test binary.
@@ -167,24 +241,22 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
                 };
                 match opts.pool {
                     None => {
-                        let engine = MistralEngine::load(&local, &config)
-                            .await
-                            .expect("engine loads");
-                        service.set_state(ModelState::Ready(Arc::new(engine)));
+                        let engine = load_engine(&local, &config).await;
+                        service.set_state(ModelState::Ready(engine));
                     }
                     Some((queue, deadline)) => {
-                        let factory = MistralWorkers {
-                            model: local,
+                        let factory = worker_factory(
+                            local,
                             config,
-                            reservation: Reservation {
+                            Reservation {
                                 weights: 1,
                                 kv_cache: 0,
                                 overhead: 0,
                             },
-                        };
+                        );
                         // The budget holds two workers; the control loop is not ticking, so
                         // the pool changes size only through /admin/scale.
-                        let pool = Pool::new(Arc::new(factory), 2, queue);
+                        let pool = Pool::new(factory, 2, queue);
                         let first = pool.add_worker("test").expect("fits");
                         pool.wait_ready(first).await.expect("the worker loads");
                         service.set_queue_deadline(deadline);

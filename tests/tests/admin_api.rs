@@ -20,6 +20,12 @@ async fn status_scale_and_events() {
     assert_eq!(v["workers"].as_array().unwrap().len(), 1);
     assert_eq!(v["workers"][0]["state"], "ready");
     assert_eq!(v["workers"][0]["slots_total"], 1);
+    // Each worker says which library runs it.
+    let backend = match tidepool_tests::test_engine() {
+        tidepool_core::engine::choice::EngineKind::MistralRs => "mistral.rs",
+        tidepool_core::engine::choice::EngineKind::LlamaCpp => "llama.cpp",
+    };
+    assert_eq!(v["workers"][0]["backend"], backend, "{v}");
     assert_eq!(v["queue"]["interactive"], 0);
     assert_eq!(v["memory"]["budget_bytes"], 2);
     assert!(v["memory"]["process_rss_bytes"].as_u64().unwrap() > 0);

@@ -1,4 +1,4 @@
-//! Memory really goes back to the OS when a worker stops: a second worker on the `small` fixture
+//! Memory really goes back to the OS when a worker stops (on the test engine): a second worker on the `small` fixture
 //! loads, serves, drains, and process RSS falls by at least half of its weight bytes. Its own
 //! test binary (one test), so no other test's allocations move this process's RSS meanwhile.
 
@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tidepool_core::engine::mistral::MistralWorkers;
+use tidepool_core::engine::choice::EngineKind;
 use tidepool_core::engine::{DevicePreference, EngineConfig};
 use tidepool_core::gguf_info::GgufInfo;
 use tidepool_core::ledger::{self, WorkerShape};
@@ -15,7 +15,7 @@ use tidepool_core::model_source::local_file;
 use tidepool_core::pool::{Pool, WorkerState};
 use tidepool_core::queue::Class;
 use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
-use tidepool_tests::named_fixture;
+use tidepool_tests::{named_fixture, test_engine, worker_factory};
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -39,26 +39,34 @@ async fn serve_one(p: &Arc<Pool>) {
 async fn a_drained_worker_gives_its_memory_back_to_the_os() {
     let model = local_file(&named_fixture("small")).unwrap();
     let info = GgufInfo::read(&model.files).unwrap();
-    let reservation = ledger::reservation(
-        &info,
-        &WorkerShape {
-            slots: 1,
-            context_tokens: 512,
-            kv_elem_bytes: 2,
-            activation_bytes: 4,
-            overhead: 0,
-        },
-    );
-    let factory = MistralWorkers {
+    // Each engine's own reservation: mistral.rs holds the embedding table dense on the CPU,
+    // llama.cpp maps the quantized weights as they are.
+    let reservation = match test_engine() {
+        EngineKind::MistralRs => ledger::reservation(
+            &info,
+            &WorkerShape {
+                slots: 1,
+                context_tokens: 512,
+                kv_elem_bytes: 2,
+                activation_bytes: 4,
+                overhead: 0,
+            },
+        ),
+        #[cfg(feature = "llamacpp")]
+        EngineKind::LlamaCpp => tidepool_core::engine::llamacpp::reservation(&info, 1, 512, 0),
+        #[cfg(not(feature = "llamacpp"))]
+        EngineKind::LlamaCpp => unreachable!(),
+    };
+    let factory = worker_factory(
         model,
-        config: EngineConfig {
+        EngineConfig {
             device: DevicePreference::Cpu,
             max_sequences: 1,
             prefix_cache_entries: 0,
         },
         reservation,
-    };
-    let p = Pool::new(Arc::new(factory), u64::MAX, 8);
+    );
+    let p = Pool::new(factory, u64::MAX, 8);
     let wait_ready = |id| {
         let p = p.clone();
         async move {

@@ -1,4 +1,5 @@
-//! The worker pool with real mistral.rs workers on the tiny fixture: workers load and serve, a
+//! The worker pool with real workers (of the test engine, see `tidepool_tests::test_engine`) on
+//! the tiny fixture: workers load and serve, a
 //! full pool queues and refuses, deadlines expire, draining never drops a running request, and
 //! the ledger refuses a worker that does not fit.
 
@@ -6,14 +7,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tidepool_core::engine::mistral::MistralWorkers;
 use tidepool_core::engine::{DevicePreference, EngineConfig};
 use tidepool_core::ledger::Reservation;
 use tidepool_core::model_source::local_file;
 use tidepool_core::pool::{AcquireError, Pool, WorkerState};
 use tidepool_core::queue::Class;
 use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
-use tidepool_tests::tiny_fixture;
+use tidepool_tests::{tiny_fixture, worker_factory};
 
 const RESERVATION: Reservation = Reservation {
     weights: 400,
@@ -22,16 +22,16 @@ const RESERVATION: Reservation = Reservation {
 };
 
 fn pool(budget: u64, queue: usize) -> Arc<Pool> {
-    let factory = MistralWorkers {
-        model: local_file(&tiny_fixture()).unwrap(),
-        config: EngineConfig {
+    let factory = worker_factory(
+        local_file(&tiny_fixture()).unwrap(),
+        EngineConfig {
             device: DevicePreference::Cpu,
             max_sequences: 1,
             prefix_cache_entries: 0,
         },
-        reservation: RESERVATION,
-    };
-    Pool::new(Arc::new(factory), budget, queue)
+        RESERVATION,
+    );
+    Pool::new(factory, budget, queue)
 }
 
 async fn wait_ready(p: &Pool, id: u64) {
@@ -154,16 +154,16 @@ async fn a_waiter_that_goes_away_leaves_the_queue() {
 async fn a_worker_that_fails_to_load_says_why_and_frees_its_reservation() {
     let junk = tidepool_tests::fixture_dir().join("not-a-model.gguf");
     std::fs::write(&junk, b"this is not a GGUF file").unwrap();
-    let factory = MistralWorkers {
-        model: local_file(&junk).unwrap(),
-        config: EngineConfig {
+    let factory = worker_factory(
+        local_file(&junk).unwrap(),
+        EngineConfig {
             device: DevicePreference::Cpu,
             max_sequences: 1,
             prefix_cache_entries: 0,
         },
-        reservation: RESERVATION,
-    };
-    let p = Pool::new(Arc::new(factory), 1000, 1);
+        RESERVATION,
+    );
+    let p = Pool::new(factory, 1000, 1);
     let id = p.add_worker("test").unwrap();
     let why = tokio::time::timeout(Duration::from_secs(10), p.wait_ready(id))
         .await

@@ -12,6 +12,7 @@ use futures::future::BoxFuture;
 use tidepool_core::autoscale::Autoscaler;
 use tidepool_core::catalog::Catalog;
 use tidepool_core::config::{Config, DeviceSetting};
+use tidepool_core::engine::choice::{self, Decision, EngineKind, EngineSetting};
 use tidepool_core::engine::mistral::MistralWorkers;
 use tidepool_core::engine::{DevicePreference, EngineConfig};
 use tidepool_core::gguf_info::GgufInfo;
@@ -19,6 +20,7 @@ use tidepool_core::ledger::{self, WorkerShape};
 use tidepool_core::memory::{available_memory_bytes, human_bytes, process_rss_bytes};
 use tidepool_core::model_source::{self, LocalModel, ModelSpec, ModelStore};
 use tidepool_core::pool::Pool;
+use tidepool_core::pool::WorkerFactory;
 use tidepool_core::service::{ModelState, Service};
 use tidepool_core::signals::{gpu, GpuReadings, Machine};
 use tidepool_server::models::ModelSwitcher;
@@ -58,6 +60,10 @@ pub struct ServeArgs {
     /// Concurrent sequences per worker [default: 2 on CPU, 8 on a GPU].
     #[arg(long)]
     slots: Option<usize>,
+    /// Inference engine: auto (mistral.rs on a GPU, the faster one measured on the CPU),
+    /// mistralrs or llamacpp [default: model.engine in the config, else auto].
+    #[arg(long)]
+    engine: Option<EngineSetting>,
 }
 
 /// `tidepool serve`: runs until SIGINT/SIGTERM (then drains) or until the model fails to load.
@@ -123,6 +129,9 @@ pub fn config_from_args(a: &ServeArgs) -> anyhow::Result<Config> {
     }
     if let Some(s) = a.slots {
         cfg.model.slots = Some(s);
+    }
+    if let Some(e) = a.engine {
+        cfg.model.engine = e;
     }
     if let Some(m) = a.power_mode {
         cfg.power.mode = m;
@@ -312,6 +321,7 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         max_sequences: slots,
         prefix_cache_entries: cfg.model.prefix_cache,
     };
+    let engine = choose_engine(local, cfg, &engine_cfg, gpu).await?;
     // The pool: every worker reserves its weights, KV cache for its slots and overhead.
     let gguf = GgufInfo::read(&local.files)?;
     let shape = WorkerShape {
@@ -322,7 +332,18 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         activation_bytes: if gpu { 2 } else { 4 },
         overhead: cfg.pool.overhead_mib << 20,
     };
-    let reservation = ledger::reservation(&gguf, &shape);
+    let reservation = match engine {
+        EngineKind::MistralRs => ledger::reservation(&gguf, &shape),
+        #[cfg(feature = "llamacpp")]
+        EngineKind::LlamaCpp => tidepool_core::engine::llamacpp::reservation(
+            &gguf,
+            shape.slots,
+            shape.context_tokens,
+            shape.overhead,
+        ),
+        #[cfg(not(feature = "llamacpp"))]
+        EngineKind::LlamaCpp => anyhow::bail!("this build has no llama.cpp engine"),
+    };
     // Workers on a GPU reserve its memory: free VRAM as NVML (or Metal) reports it now.
     let available = if gpu {
         let gpus = gpu::real_source().read();
@@ -356,12 +377,24 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         "memory plan: {} worker(s) fit",
         budget / reservation.total().max(1)
     );
-    let factory = MistralWorkers {
-        model: local.clone(),
-        config: engine_cfg,
-        reservation,
+    let factory: Arc<dyn WorkerFactory> = match engine {
+        EngineKind::MistralRs => Arc::new(MistralWorkers {
+            model: local.clone(),
+            config: engine_cfg,
+            reservation,
+        }),
+        #[cfg(feature = "llamacpp")]
+        EngineKind::LlamaCpp => Arc::new(tidepool_core::engine::llamacpp::LlamaCppWorkers {
+            model: local.clone(),
+            config: engine_cfg,
+            context_tokens: cfg.pool.context_tokens.min(u32::MAX as u64) as u32,
+            threads: None,
+            reservation,
+        }),
+        #[cfg(not(feature = "llamacpp"))]
+        EngineKind::LlamaCpp => anyhow::bail!("this build has no llama.cpp engine"),
     };
-    let pool = Pool::new(Arc::new(factory), budget, cfg.pool.queue_capacity);
+    let pool = Pool::new(factory, budget, cfg.pool.queue_capacity);
     let rss_before = process_rss_bytes();
     let started = std::time::Instant::now();
     let first = pool
@@ -375,6 +408,7 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         tracing::info!(
             model = %info.model,
             device = %info.device.name,
+            engine = info.backend,
             weights = %human_bytes(info.gguf.tensor_bytes),
             rss_growth = %human_bytes(process_rss_bytes().saturating_sub(rss_before)),
             "model loaded in {:.1}s; ready",
@@ -382,6 +416,96 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         );
     }
     Ok(pool)
+}
+
+/// Which engine serves `local`: the configured one, or for `auto` the per-device rule of
+/// [`choice::decide`], with the speed probe run (and stored) the first time a model is served on
+/// the CPU.
+async fn choose_engine(
+    local: &LocalModel,
+    cfg: &Config,
+    engine_cfg: &EngineConfig,
+    gpu: bool,
+) -> anyhow::Result<EngineKind> {
+    use tidepool_core::catalog::DeviceClass;
+    let device = if gpu {
+        DeviceClass::Gpu
+    } else {
+        DeviceClass::Cpu
+    };
+    let setting = cfg.model.engine;
+    let decision = match choice::decide(setting, device, None)? {
+        Decision::Measure => measured_decision(local, cfg, engine_cfg, device).await?,
+        d => d,
+    };
+    match decision {
+        Decision::Use { kind, reason } => {
+            tracing::warn!(engine = kind.name(), "engine for {}: {reason}", local.name);
+            Ok(kind)
+        }
+        Decision::Measure => anyhow::bail!("the engine choice needs a measurement it did not get"),
+    }
+}
+
+/// `auto` on the CPU: the stored measurement for this model, or a new one.
+#[cfg(feature = "llamacpp")]
+async fn measured_decision(
+    local: &LocalModel,
+    cfg: &Config,
+    engine_cfg: &EngineConfig,
+    device: tidepool_core::catalog::DeviceClass,
+) -> anyhow::Result<Decision> {
+    use tidepool_core::engine::probe;
+    let path = ModelStore::from_env().home.join("engine-speed.json");
+    let key = probe::probe_key(local, "cpu");
+    let mut records = choice::SpeedRecords::load(&path);
+    let measured = match records.get(&key) {
+        Some(m) => {
+            tracing::info!(file = %path.display(), "engine speeds for {} measured before", local.name);
+            *m
+        }
+        None => {
+            tracing::warn!(
+                "engine auto: measuring mistral.rs and llama.cpp on {} (once per model; \
+                 `--engine` skips this)",
+                local.name
+            );
+            let context_tokens = cfg.pool.context_tokens.min(u32::MAX as u64) as u32;
+            let m = match probe::measure(local, engine_cfg, context_tokens).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // Serve anyway, on the reference engine; the next start measures again.
+                    tracing::warn!("the engine speed probe failed ({e}); using mistral.rs (choose one with --engine)");
+                    return Ok(Decision::Use {
+                        kind: EngineKind::MistralRs,
+                        reason: format!("auto: the speed probe failed ({e})"),
+                    });
+                }
+            };
+            records.insert(&key, m);
+            if let Err(e) = records.save(&path) {
+                tracing::warn!(
+                    "could not store the engine speeds in {}: {e}",
+                    path.display()
+                );
+            }
+            m
+        }
+    };
+    Ok(choice::decide(cfg.model.engine, device, Some(&measured))?)
+}
+
+#[cfg(not(feature = "llamacpp"))]
+async fn measured_decision(
+    _: &LocalModel,
+    _: &Config,
+    _: &EngineConfig,
+    _: tidepool_core::catalog::DeviceClass,
+) -> anyhow::Result<Decision> {
+    Ok(Decision::Use {
+        kind: EngineKind::MistralRs,
+        reason: "this build has no llama.cpp engine".into(),
+    })
 }
 
 /// Switches the served model at run time (PUT /admin/model): loads the new one into a new pool

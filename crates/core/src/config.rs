@@ -131,6 +131,9 @@ pub struct ModelConfig {
     pub slots: Option<usize>,
     /// Prompt prefixes kept for reuse (mistral.rs prefix cache); 0 disables it.
     pub prefix_cache: usize,
+    /// The inference library: `auto` (the default: mistral.rs on a GPU, the faster one measured
+    /// on the CPU), `mistralrs` or `llamacpp`. See [`crate::engine::choice`].
+    pub engine: crate::engine::choice::EngineSetting,
 }
 
 impl Default for ModelConfig {
@@ -140,6 +143,7 @@ impl Default for ModelConfig {
             device: DeviceSetting::Auto,
             slots: None,
             prefix_cache: 16,
+            engine: crate::engine::choice::EngineSetting::Auto,
         }
     }
 }
@@ -248,6 +252,15 @@ impl Config {
         if self.pool.queue_deadline_s.is_nan() || self.pool.queue_deadline_s <= 0.0 {
             return Err(invalid("pool.queue_deadline_s", "must be above 0".into()));
         }
+        if self.model.engine == crate::engine::choice::EngineSetting::LlamaCpp
+            && !crate::engine::choice::EngineKind::LlamaCpp.built()
+        {
+            return Err(invalid(
+                "model.engine",
+                "llamacpp is not in this build (it was built without the `llamacpp` feature)"
+                    .into(),
+            ));
+        }
         if self.pool.context_tokens == 0 {
             return Err(invalid("pool.context_tokens", "must be at least 1".into()));
         }
@@ -301,6 +314,20 @@ mod tests {
         assert!(msg.contains("hots"), "{msg}");
         let e = Config::parse("[server]\nport = \"eighty\"\n", "t.toml").unwrap_err();
         assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn the_engine_is_chosen_by_name_with_line_precise_errors() {
+        use crate::engine::choice::EngineSetting;
+        let c = Config::parse("[model]\nengine = \"mistralrs\"\n", "t.toml").unwrap();
+        assert_eq!(c.model.engine, EngineSetting::MistralRs);
+        assert_eq!(Config::default().model.engine, EngineSetting::Auto);
+        let e = Config::parse("[model]\nslots = 2\nengine = \"llama\"\n", "t.toml").unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("line 3"), "{msg}");
+        assert!(msg.contains("llamacpp"), "{msg}");
+        let llama = Config::parse("[model]\nengine = \"llamacpp\"\n", "t.toml");
+        assert_eq!(llama.is_ok(), cfg!(feature = "llamacpp"), "{llama:?}");
     }
 
     #[test]

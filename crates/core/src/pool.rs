@@ -65,6 +65,8 @@ pub struct WorkerStatus {
     pub age_s: f64,
     /// Where the worker runs (`cpu`, `cuda:0`, …), once loaded.
     pub device: Option<String>,
+    /// The library that runs it (`mistral.rs`, `llama.cpp`), once loaded.
+    pub backend: Option<&'static str>,
 }
 
 /// Why no slot was handed out.
@@ -488,6 +490,7 @@ impl Pool {
                 reserved_bytes: inner.ledger.get(w.id).map_or(0, |r| r.total()),
                 age_s: w.started.elapsed().as_secs_f64(),
                 device: w.engine.as_ref().map(|e| e.info().device.name.clone()),
+                backend: w.engine.as_ref().map(|e| e.info().backend),
             })
             .collect()
     }

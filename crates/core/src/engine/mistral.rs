@@ -461,10 +461,10 @@ fn build_request(
     processors.extend(sampler);
     let constraint = match &req.constraint {
         OutputConstraint::None => Constraint::None,
-        OutputConstraint::JsonObject => {
-            Constraint::JsonSchema(serde_json::json!({"type": "object"}))
-        }
-        OutputConstraint::JsonSchema(s) => Constraint::JsonSchema(s.clone()),
+        OutputConstraint::JsonObject => Constraint::JsonSchema(super::compact_json_schema(
+            &serde_json::json!({"type": "object"}),
+        )),
+        OutputConstraint::JsonSchema(s) => Constraint::JsonSchema(super::compact_json_schema(s)),
         OutputConstraint::Regex(r) => Constraint::Regex(r.clone()),
         OutputConstraint::Lark(g) => Constraint::Lark(g.clone()),
     };

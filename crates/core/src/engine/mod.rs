@@ -1,8 +1,15 @@
 //! The engine boundary: everything above it (pool, router, API) sees only [`Engine`]; below it is
-//! one inference library instance. Today that is mistral.rs ([`mistral::MistralEngine`]).
+//! one inference library instance: mistral.rs ([`mistral::MistralEngine`]) or, with the
+//! `llamacpp` feature (on by default), llama.cpp (`llamacpp::LlamaCppEngine`). [`choice`] says
+//! which one serves a model.
 
+pub mod choice;
+#[cfg(feature = "llamacpp")]
+pub mod llamacpp;
 pub mod logit_bias;
 pub mod mistral;
+#[cfg(feature = "llamacpp")]
+pub mod probe;
 pub mod seeded;
 pub mod token_tap;
 
@@ -12,6 +19,18 @@ use futures::future::BoxFuture;
 use futures::Stream;
 use serde::Serialize;
 use thiserror::Error;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn json_schemas_get_a_compact_layout_unless_they_choose_one() {
+        let s = super::compact_json_schema(&serde_json::json!({"type": "object"}));
+        assert_eq!(s["x-guidance"]["whitespace_flexible"], false);
+        let own =
+            serde_json::json!({"type": "object", "x-guidance": {"whitespace_flexible": true}});
+        assert_eq!(super::compact_json_schema(&own), own);
+    }
+}
 
 use crate::gguf_info::GgufInfo;
 use crate::request::{GenerationEvent, GenerationRequest, Prompt, ToolSpec};
@@ -56,6 +75,24 @@ pub struct EngineInfo {
     pub gguf: GgufInfo,
     /// Which library runs the model.
     pub backend: &'static str,
+}
+
+/// A JSON schema for llguidance with one fixed layout (`, ` and `: `, no other whitespace), unless
+/// the schema sets its own `x-guidance` options. llguidance's default lets whitespace go anywhere
+/// between tokens, and a weak (or random-weight) model then pads with newlines and tabs until
+/// `max_tokens` cuts the JSON short. Both engines use this, so they accept the same outputs.
+pub(crate) fn compact_json_schema(schema: &serde_json::Value) -> serde_json::Value {
+    let mut schema = schema.clone();
+    if let Some(obj) = schema.as_object_mut() {
+        obj.entry("x-guidance").or_insert_with(|| {
+            serde_json::json!({
+                "whitespace_flexible": false,
+                "item_separator": ", ",
+                "key_separator": ": ",
+            })
+        });
+    }
+    schema
 }
 
 /// One loaded model that generates text.

@@ -1,0 +1,423 @@
+//! [`Engine`] over llama.cpp (through the `llama-cpp-2` crate, built from source, CPU only).
+//!
+//! One [`LlamaCppEngine`] is one mmapped model and one `llama_context` whose KV cache holds
+//! `max_sequences` sequences of `context_tokens` each (f16). A dedicated OS thread owns the
+//! context and runs continuous batching ([`batcher`]): new requests arrive on a channel, are
+//! prefilled, and every active sequence decodes together in one batch per step, each with its own
+//! sampler chain and grammar. Dropping a stream cancels its sequence and frees its KV cells at
+//! the next step.
+//!
+//! Prompts are rendered with the GGUF's chat template by [`chat`] (as mistral.rs does), output
+//! is cut into whole-character deltas with stop strings by [`text_out`], and tool calls are parsed
+//! by [`tool_calls`]. Grammars (regex, JSON schema, JSON object, Lark) run through llguidance,
+//! the same library mistral.rs uses, masking logits before sampling.
+
+mod batcher;
+pub mod chat;
+pub mod text_out;
+pub mod tool_calls;
+
+use std::ffi::{c_char, c_void, CStr};
+use std::num::NonZeroU32;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
+
+use futures::future::BoxFuture;
+use llama_cpp_2::context::params::LlamaContextParams;
+use llama_cpp_2::llama_backend::LlamaBackend;
+use llama_cpp_2::model::params::LlamaModelParams;
+use llama_cpp_2::model::LlamaModel;
+use llama_cpp_2::token::LlamaToken;
+use llguidance::api::TopLevelGrammar;
+use llguidance::{Matcher, ParserFactory};
+use tokio::sync::mpsc;
+
+use self::batcher::Job;
+use self::chat::ChatTemplate;
+use super::mistral::check_logit_bias;
+use super::{DeviceInfo, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream};
+use crate::catalog::DeviceClass;
+use crate::gguf_info::GgufInfo;
+use crate::model_source::LocalModel;
+use crate::request::{
+    GenerationEvent, GenerationRequest, OutputConstraint, Prompt, ToolChoice, ToolSpec,
+};
+
+/// `EngineInfo::backend` of this engine.
+pub const BACKEND: &str = "llama.cpp";
+
+/// Tokens of context each sequence gets when the caller does not say.
+pub const DEFAULT_CONTEXT_TOKENS: u32 = 4096;
+
+/// The process-wide llama.cpp backend (it may be initialised once per process).
+fn backend() -> Result<&'static LlamaBackend, EngineError> {
+    static BACKEND: OnceLock<Result<LlamaBackend, String>> = OnceLock::new();
+    BACKEND
+        .get_or_init(|| {
+            route_logs_to_tracing();
+            LlamaBackend::init().map_err(|e| e.to_string())
+        })
+        .as_ref()
+        .map_err(|e| EngineError::Unavailable(format!("llama.cpp backend: {e}")))
+}
+
+/// llama.cpp and ggml log to stderr by default; send their lines to `tracing` instead, errors as
+/// warnings and everything else at debug level (model loading alone is hundreds of lines).
+fn route_logs_to_tracing() {
+    extern "C" fn log(level: llama_cpp_sys_2::ggml_log_level, text: *const c_char, _: *mut c_void) {
+        if text.is_null() {
+            return;
+        }
+        // SAFETY: llama.cpp passes a NUL-terminated string valid for this call.
+        let text = unsafe { CStr::from_ptr(text) }.to_string_lossy();
+        let text = text.trim_end();
+        if text.is_empty() {
+            return;
+        }
+        if level == llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR {
+            tracing::warn!(target: "llama.cpp", "{text}");
+        } else {
+            tracing::debug!(target: "llama.cpp", "{text}");
+        }
+    }
+    // SAFETY: registers a static callback that ignores its user-data pointer.
+    unsafe { llama_cpp_sys_2::llama_log_set(Some(log), std::ptr::null_mut()) };
+}
+
+/// What the caller's side of the engine shares with its batching thread.
+struct Shared {
+    model: LlamaModel,
+    template: Option<ChatTemplate>,
+    /// Tokens of context per sequence.
+    context_tokens: u32,
+    /// llguidance's view of the vocabulary, built on the first constrained request.
+    grammar: OnceLock<Result<Arc<ParserFactory>, String>>,
+}
+
+impl Shared {
+    fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
+        self.model.vocab().tokenize(text.as_bytes(), true, true)
+    }
+
+    fn render(&self, prompt: &Prompt, tools: &[ToolSpec]) -> Result<String, EngineError> {
+        match prompt {
+            Prompt::Text(t) => Ok(t.clone()),
+            Prompt::Chat(messages) => {
+                if messages.is_empty() {
+                    return Err(EngineError::Invalid("`messages` must not be empty".into()));
+                }
+                let template = self.template.as_ref().ok_or_else(|| {
+                    EngineError::Invalid("this model has no chat template".into())
+                })?;
+                template
+                    .render(messages, tools)
+                    .map_err(|e| EngineError::Invalid(e.to_string()))
+            }
+        }
+    }
+
+    fn parser_factory(&self) -> Result<Arc<ParserFactory>, EngineError> {
+        self.grammar
+            .get_or_init(|| {
+                let env = batcher::tok_env(&self.model);
+                ParserFactory::new_simple(&env)
+                    .map(Arc::new)
+                    .map_err(|e| e.to_string())
+            })
+            .clone()
+            .map_err(|e| EngineError::Internal(format!("grammar support: {e}")))
+    }
+
+    /// The grammar matcher of a request, or `None` when its output is free.
+    fn matcher(&self, req: &GenerationRequest) -> Result<Option<Matcher>, EngineError> {
+        let grammar = match &req.constraint {
+            OutputConstraint::None => match (&req.tool_choice, req.tools.is_empty()) {
+                // A named tool must be called: constrain the output to that call.
+                (ToolChoice::Function(name), false) => Some(forced_call(&req.tools, name)?),
+                _ => None,
+            },
+            OutputConstraint::JsonObject => Some(TopLevelGrammar::from_json_schema(
+                super::compact_json_schema(&serde_json::json!({"type": "object"})),
+            )),
+            OutputConstraint::JsonSchema(s) => Some(TopLevelGrammar::from_json_schema(
+                super::compact_json_schema(s),
+            )),
+            OutputConstraint::Regex(r) => Some(TopLevelGrammar::from_regex(r)),
+            OutputConstraint::Lark(g) => Some(TopLevelGrammar::from_lark(g.clone())),
+        };
+        let Some(grammar) = grammar else {
+            return Ok(None);
+        };
+        let parser = self
+            .parser_factory()?
+            .create_parser(grammar)
+            .map_err(|e| EngineError::Invalid(format!("invalid constraint: {e}")))?;
+        Ok(Some(Matcher::new(Ok(parser))))
+    }
+}
+
+/// A Lark grammar for exactly one call of tool `name`, in the Hermes form Qwen2.5 uses.
+fn forced_call(tools: &[ToolSpec], name: &str) -> Result<TopLevelGrammar, EngineError> {
+    let tool = tools.iter().find(|t| t.name == name).ok_or_else(|| {
+        EngineError::Invalid(format!(
+            "tool_choice names `{name}`, which is not in `tools`"
+        ))
+    })?;
+    let args = tool
+        .parameters
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": args},
+        "required": ["name", "arguments"],
+        "additionalProperties": false,
+        // The call's JSON in one compact layout: free whitespace lets a model pad forever.
+        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
+    });
+    Ok(TopLevelGrammar::from_lark(format!(
+        "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {schema}\n"
+    )))
+}
+
+/// A llama.cpp model instance with its batching thread.
+pub struct LlamaCppEngine {
+    shared: Arc<Shared>,
+    jobs: std::sync::mpsc::Sender<Job>,
+    info: EngineInfo,
+}
+
+impl LlamaCppEngine {
+    /// Loads `model` with `context_tokens` of KV cache per sequence, computing on `threads` CPU
+    /// threads (`None`: every core Tidepool's CPU limit allows). Blocking work runs on a blocking
+    /// thread and the engine's own thread.
+    pub async fn load(
+        model: &LocalModel,
+        cfg: &EngineConfig,
+        context_tokens: u32,
+        threads: Option<usize>,
+    ) -> Result<LlamaCppEngine, EngineError> {
+        let (model, cfg) = (model.clone(), cfg.clone());
+        tokio::task::spawn_blocking(move || {
+            Self::load_blocking(&model, &cfg, context_tokens, threads)
+        })
+        .await
+        .map_err(|e| EngineError::Internal(format!("the loader panicked: {e}")))?
+    }
+
+    fn load_blocking(
+        model: &LocalModel,
+        cfg: &EngineConfig,
+        context_tokens: u32,
+        threads: Option<usize>,
+    ) -> Result<LlamaCppEngine, EngineError> {
+        let load_err = |message: String| EngineError::Load {
+            model: model.name.clone(),
+            message,
+        };
+        let started = Instant::now();
+        let gguf = GgufInfo::read(&model.files).map_err(|e| load_err(e.to_string()))?;
+        let backend = backend()?;
+        // The first split names the others; llama.cpp finds them beside it.
+        let path = model
+            .files
+            .first()
+            .ok_or_else(|| load_err("no model file".into()))?;
+        let params = LlamaModelParams::default().with_use_mmap(true);
+        let llama = LlamaModel::load_from_file(backend, path, &params)
+            .map_err(|e| load_err(format!("llama.cpp could not load {}: {e}", path.display())))?;
+        let context_tokens = context_tokens.min(llama.n_ctx_train().max(1)).max(16);
+        let special = |t: LlamaToken| -> String {
+            if t.0 < 0 {
+                return String::new();
+            }
+            String::from_utf8_lossy(&llama.vocab().token_to_piece(t, true, None)).into_owned()
+        };
+        let template = llama
+            .meta_val_str("tokenizer.chat_template")
+            .ok()
+            .map(|source| ChatTemplate {
+                source,
+                bos_token: special(llama.vocab().bos()),
+                eos_token: special(llama.vocab().eos()),
+            });
+        let slots = cfg.max_sequences.max(1);
+        let shared = Arc::new(Shared {
+            model: llama,
+            template,
+            context_tokens,
+            grammar: OnceLock::new(),
+        });
+        let threads = threads
+            .unwrap_or_else(crate::cpu_limit::available_cores)
+            .clamp(1, i32::MAX as usize) as i32;
+        let n_batch = 512u32.max(slots as u32);
+        let ctx_params = LlamaContextParams::default()
+            .with_n_ctx(NonZeroU32::new(context_tokens * slots as u32))
+            .with_n_seq_max(slots as u32)
+            .with_n_batch(n_batch)
+            .with_n_ubatch(n_batch)
+            .with_n_threads(threads)
+            .with_n_threads_batch(threads);
+        let (jobs, ready) = batcher::spawn(shared.clone(), backend, ctx_params, slots, n_batch)
+            .map_err(|e| load_err(e.to_string()))?;
+        ready
+            .recv()
+            .map_err(|_| load_err("the engine thread died while starting".into()))?
+            .map_err(load_err)?;
+        tracing::info!(
+            model = %model.name,
+            backend = BACKEND,
+            threads,
+            slots,
+            context_tokens,
+            load_s = started.elapsed().as_secs_f64(),
+            "engine ready"
+        );
+        Ok(LlamaCppEngine {
+            shared,
+            jobs,
+            info: EngineInfo {
+                model: model.name.clone(),
+                device: DeviceInfo {
+                    name: "cpu".into(),
+                    class: DeviceClass::Cpu,
+                },
+                max_sequence_length: context_tokens as usize,
+                max_sequences: slots,
+                gguf,
+                backend: BACKEND,
+            },
+        })
+    }
+
+    fn prompt_tokens(
+        &self,
+        prompt: &Prompt,
+        tools: &[ToolSpec],
+    ) -> Result<Vec<LlamaToken>, EngineError> {
+        let text = self.shared.render(prompt, tools)?;
+        Ok(self.shared.tokenize(&text))
+    }
+}
+
+impl Engine for LlamaCppEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn count_tokens<'a>(
+        &'a self,
+        prompt: &'a Prompt,
+        tools: &'a [ToolSpec],
+    ) -> BoxFuture<'a, Result<u32, EngineError>> {
+        Box::pin(async move { Ok(self.prompt_tokens(prompt, tools)?.len() as u32) })
+    }
+
+    fn generate(
+        &self,
+        request: GenerationRequest,
+    ) -> BoxFuture<'_, Result<GenerationStream, EngineError>> {
+        Box::pin(async move {
+            let started = Instant::now();
+            check_logit_bias(&request.sampling, self.info.gguf.shape.vocab)?;
+            let tools_on = !request.tools.is_empty() && request.tool_choice != ToolChoice::None;
+            let tools: &[ToolSpec] = if tools_on { &request.tools } else { &[] };
+            let tokens = self.prompt_tokens(&request.prompt, tools)?;
+            if tokens.is_empty() {
+                return Err(EngineError::Invalid("the prompt is empty".into()));
+            }
+            let limit = self.shared.context_tokens as usize;
+            if tokens.len() >= limit {
+                return Err(EngineError::Invalid(format!(
+                    "the prompt is {} tokens, but this engine's context holds {limit} per sequence",
+                    tokens.len()
+                )));
+            }
+            let matcher = if tools_on || request.constraint != OutputConstraint::None {
+                self.shared.matcher(&request)?
+            } else {
+                None
+            };
+            let (tx, rx) = mpsc::unbounded_channel();
+            let job = Job {
+                tokens,
+                sampling: request.sampling,
+                matcher,
+                parse_tools: tools_on,
+                events: tx,
+                started,
+            };
+            self.jobs
+                .send(job)
+                .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
+            let stream =
+                futures::stream::unfold(
+                    rx,
+                    |mut rx| async move { rx.recv().await.map(|e| (e, rx)) },
+                );
+            Ok(Box::pin(stream) as GenerationStream)
+        })
+    }
+}
+
+impl Drop for LlamaCppEngine {
+    fn drop(&mut self) {
+        tracing::debug!(model = %self.info.model, "llama.cpp engine dropped");
+    }
+}
+
+/// Bytes one llama.cpp worker holds: the mmapped weights (counted whole per worker, although
+/// workers of one model share the file's pages), an f16 KV cache of `context_tokens` per slot,
+/// and `overhead` for compute buffers. Unlike mistral.rs on the CPU, llama.cpp keeps the token
+/// embedding table quantized, so there is no dense copy of it to reserve.
+pub fn reservation(
+    gguf: &GgufInfo,
+    slots: u64,
+    context_tokens: u64,
+    overhead: u64,
+) -> crate::ledger::Reservation {
+    crate::ledger::Reservation {
+        weights: gguf.tensor_bytes,
+        kv_cache: gguf.shape.kv_bytes_per_token(2) * context_tokens * slots,
+        overhead,
+    }
+}
+
+/// Makes pool workers that are llama.cpp instances of one model.
+pub struct LlamaCppWorkers {
+    pub model: LocalModel,
+    pub config: EngineConfig,
+    /// Tokens of context per slot.
+    pub context_tokens: u32,
+    /// CPU threads per worker; `None`: every core the CPU limit allows.
+    pub threads: Option<usize>,
+    pub reservation: crate::ledger::Reservation,
+}
+
+impl crate::pool::WorkerFactory for LlamaCppWorkers {
+    fn reservation(&self) -> crate::ledger::Reservation {
+        self.reservation
+    }
+
+    fn slots(&self) -> usize {
+        self.config.max_sequences.max(1)
+    }
+
+    fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+        let (model, config) = (self.model.clone(), self.config.clone());
+        let (ctx, threads) = (self.context_tokens, self.threads);
+        Box::pin(async move {
+            let engine = LlamaCppEngine::load(&model, &config, ctx, threads).await?;
+            Ok(Arc::new(engine) as Arc<dyn Engine>)
+        })
+    }
+}
+
+/// Sends the last event of a stream that failed before it started.
+pub(crate) fn fail(events: &mpsc::UnboundedSender<GenerationEvent>, why: String) {
+    let _ = events.send(GenerationEvent::Error(why));
+}
+
+#[cfg(test)]
+mod tests;

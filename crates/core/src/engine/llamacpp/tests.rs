@@ -1,0 +1,284 @@
+//! The llama.cpp engine on the tiny fixture model (random weights, real tokenizer and template).
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use futures::StreamExt;
+
+use super::*;
+use crate::engine::{DevicePreference, GenerationStream};
+use crate::fixture::{write_fixture, FixtureOptions, FixtureShape};
+use crate::quant_plan::QuantScheme;
+use crate::request::{ChatMessage, FinishReason, Role, Usage};
+
+fn tiny() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("tp-llamacpp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tiny-q8_0.gguf");
+        let opts = FixtureOptions {
+            shape: FixtureShape::named("tiny").unwrap(),
+            quant: QuantScheme::Q8_0,
+            seed: 1,
+        };
+        write_fixture(&opts, &path, &|_, _| {}).unwrap();
+        path
+    })
+    .clone()
+}
+
+async fn engine(slots: usize) -> LlamaCppEngine {
+    let model = crate::model_source::local_file(&tiny()).unwrap();
+    let cfg = EngineConfig {
+        device: DevicePreference::Cpu,
+        max_sequences: slots,
+        prefix_cache_entries: 0,
+    };
+    // One thread: these tests are about behaviour, and several engines run at once.
+    LlamaCppEngine::load(&model, &cfg, 512, Some(1))
+        .await
+        .unwrap()
+}
+
+fn chat(text: &str) -> GenerationRequest {
+    GenerationRequest::chat(vec![ChatMessage::new(Role::User, text)])
+}
+
+fn greedy(mut r: GenerationRequest, max_tokens: u32) -> GenerationRequest {
+    r.sampling.temperature = Some(0.0);
+    r.sampling.max_tokens = Some(max_tokens);
+    r
+}
+
+/// All text, and the final event's reason and usage; asserts the stream ends with one `Done`.
+async fn collect(mut s: GenerationStream) -> (String, FinishReason, Usage) {
+    let mut text = String::new();
+    let mut done = None;
+    while let Some(e) = tokio::time::timeout(Duration::from_secs(60), s.next())
+        .await
+        .expect("the engine answers")
+    {
+        assert!(done.is_none(), "an event after Done: {e:?}");
+        match e {
+            GenerationEvent::Text(t) => text.push_str(&t),
+            GenerationEvent::Done {
+                finish_reason,
+                usage,
+            } => done = Some((finish_reason, usage)),
+            GenerationEvent::Error(e) => panic!("generation failed: {e}"),
+            GenerationEvent::ToolCalls(c) => panic!("unexpected tool calls {c:?}"),
+        }
+    }
+    let (reason, usage) = done.expect("the stream ends with Done");
+    (text, reason, usage)
+}
+
+#[tokio::test]
+async fn generates_streams_and_counts() {
+    let e = engine(2).await;
+    assert_eq!(e.info().backend, "llama.cpp");
+    let req = greedy(chat("Hello there"), 8);
+    let prompt = e.count_tokens(&req.prompt, &[]).await.unwrap();
+    let stream = e.generate(req.clone()).await.unwrap();
+    let (text, reason, usage) = collect(stream).await;
+    assert_eq!(usage.prompt_tokens, prompt);
+    assert!(
+        usage.completion_tokens >= 1 && usage.completion_tokens <= 8,
+        "{usage:?}"
+    );
+    if reason == FinishReason::Length {
+        assert_eq!(usage.completion_tokens, 8);
+    }
+    // Greedy decoding is deterministic, also with another request beside it.
+    let (a, b) = futures::join!(
+        async { collect(e.generate(req.clone()).await.unwrap()).await },
+        async { collect(e.generate(greedy(chat("Something else"), 8)).await.unwrap()).await }
+    );
+    assert_eq!(a.0, text);
+    assert!(b.2.completion_tokens >= 1);
+    // The chat template (system prompt included) is in the count.
+    assert!(prompt > 10, "{prompt}");
+    let text_prompt = Prompt::Text("Hello".into());
+    assert!(e.count_tokens(&text_prompt, &[]).await.unwrap() < prompt);
+}
+
+#[tokio::test]
+async fn stop_strings_end_the_output_before_them() {
+    let e = engine(1).await;
+    let mut req = greedy(GenerationRequest::text("Once upon a time"), 24);
+    // Keep every token but the end-of-text ones, so the output is long enough to cut.
+    for id in 1000..1024 {
+        req.sampling.logit_bias.insert(id, -100.0);
+    }
+    let (full, _, _) = collect(e.generate(req.clone()).await.unwrap()).await;
+    let chars: Vec<char> = full.chars().collect();
+    assert!(chars.len() >= 6, "{full:?}");
+    let stop: String = chars[3..5].iter().collect();
+    let expected = &full[..full.find(&stop).unwrap()];
+    req.sampling.stop = vec![stop.clone()];
+    let (cut, reason, _) = collect(e.generate(req).await.unwrap()).await;
+    assert_eq!(cut, expected, "stop {stop:?} in {full:?}");
+    assert_eq!(reason, FinishReason::Stop);
+}
+
+#[tokio::test]
+async fn a_dropped_stream_frees_its_slot() {
+    let e = engine(1).await;
+    let mut long = greedy(GenerationRequest::text("Tell me everything"), 100_000);
+    for id in 1000..1024 {
+        long.sampling.logit_bias.insert(id, -100.0);
+    }
+    let mut s = e.generate(long).await.unwrap();
+    assert!(matches!(s.next().await, Some(GenerationEvent::Text(_))));
+    drop(s);
+    // The only slot was taken; the next request runs only once it is free again.
+    let next = tokio::time::timeout(
+        Duration::from_secs(30),
+        collect(e.generate(greedy(chat("Hi"), 4)).await.unwrap()),
+    )
+    .await
+    .expect("the slot was freed");
+    assert!(next.2.completion_tokens >= 1);
+}
+
+#[tokio::test]
+async fn a_regex_constraint_gives_only_valid_output() {
+    let e = engine(2).await;
+    for seed in 0..4 {
+        let mut req = chat("Sentiment?");
+        req.constraint = OutputConstraint::Regex("(positive|negative|neutral)".into());
+        req.sampling.seed = Some(seed);
+        req.sampling.temperature = Some(1.0);
+        req.sampling.max_tokens = Some(16);
+        let (text, reason, _) = collect(e.generate(req).await.unwrap()).await;
+        assert!(
+            ["positive", "negative", "neutral"].contains(&text.as_str()),
+            "{text:?}"
+        );
+        assert_eq!(reason, FinishReason::Stop);
+    }
+    let mut json = greedy(chat("JSON please"), 64);
+    json.constraint = OutputConstraint::JsonSchema(serde_json::json!({
+        "type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+        "additionalProperties": false
+    }));
+    let (text, reason, _) = collect(e.generate(json).await.unwrap()).await;
+    if reason == FinishReason::Stop {
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v["ok"].is_boolean(), "{text}");
+    }
+    let mut bad = chat("x");
+    bad.constraint = OutputConstraint::Regex("(unclosed".into());
+    assert!(matches!(
+        e.generate(bad).await,
+        Err(EngineError::Invalid(_))
+    ));
+}
+
+#[tokio::test]
+async fn the_same_seed_gives_the_same_output() {
+    let e = engine(2).await;
+    let mut req = chat("Write a poem");
+    req.sampling.temperature = Some(1.0);
+    req.sampling.max_tokens = Some(16);
+    req.sampling.seed = Some(7);
+    let (a, ..) = collect(e.generate(req.clone()).await.unwrap()).await;
+    let (b, ..) = collect(e.generate(req.clone()).await.unwrap()).await;
+    assert_eq!(a, b);
+    let mut outputs = std::collections::BTreeSet::new();
+    for seed in 0..6 {
+        req.sampling.seed = Some(seed);
+        outputs.insert(collect(e.generate(req.clone()).await.unwrap()).await.0);
+    }
+    assert!(
+        outputs.len() > 1,
+        "every seed gave the same text: {outputs:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_requests_are_refused_not_panicked_on() {
+    let e = engine(1).await;
+    assert!(matches!(
+        e.generate(GenerationRequest::chat(Vec::new())).await,
+        Err(EngineError::Invalid(_))
+    ));
+    let mut r = chat("x");
+    r.sampling.logit_bias.insert(5000, 1.0);
+    assert!(matches!(e.generate(r).await, Err(EngineError::Invalid(_))));
+    let long = "word ".repeat(2000);
+    assert!(matches!(
+        e.generate(GenerationRequest::text(long)).await,
+        Err(EngineError::Invalid(_))
+    ));
+}
+
+#[test]
+fn the_reservation_is_mapped_weights_and_f16_kv_for_every_slot() {
+    let gguf = GgufInfo::read(&[tiny()]).unwrap();
+    let r = reservation(&gguf, 3, 1000, 7);
+    assert_eq!(r.weights, gguf.tensor_bytes);
+    // K and V, f16, per layer and KV head.
+    let per_token =
+        2 * 2 * gguf.shape.layers as u64 * gguf.shape.kv_heads as u64 * gguf.shape.head_dim as u64;
+    assert_eq!(r.kv_cache, per_token * 1000 * 3);
+    assert_eq!(r.overhead, 7);
+}
+
+#[tokio::test]
+async fn the_speed_probe_measures_both_engines() {
+    let model = crate::model_source::local_file(&tiny()).unwrap();
+    let cfg = EngineConfig {
+        device: DevicePreference::Cpu,
+        max_sequences: 1,
+        prefix_cache_entries: 0,
+    };
+    let m = crate::engine::probe::measure(&model, &cfg, 512)
+        .await
+        .unwrap();
+    println!("decode speed on the tiny fixture: {m:?}");
+    assert!(m.llamacpp > 0.0 && m.mistralrs > 0.0, "{m:?}");
+}
+
+#[tokio::test]
+async fn a_named_tool_choice_is_answered_with_that_call() {
+    use crate::request::{ToolChoice, ToolSpec};
+    let e = engine(1).await;
+    let mut req = greedy(chat("Weather in Paris?"), 300);
+    req.tools = vec![ToolSpec {
+        name: "get_weather".into(),
+        description: Some("Weather by city".into()),
+        parameters: Some(serde_json::json!({
+            "type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}},
+            "required": ["city"], "additionalProperties": false
+        })),
+    }];
+    req.tool_choice = ToolChoice::Function("get_weather".into());
+    let mut s = e.generate(req.clone()).await.unwrap();
+    let (mut calls, mut text, mut reason) = (Vec::new(), String::new(), None);
+    while let Some(ev) = s.next().await {
+        match ev {
+            GenerationEvent::ToolCalls(c) => calls.extend(c),
+            GenerationEvent::Text(t) => text.push_str(&t),
+            GenerationEvent::Done { finish_reason, .. } => reason = Some(finish_reason),
+            GenerationEvent::Error(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(reason, Some(FinishReason::ToolCalls), "text {text:?}");
+    assert!(text.is_empty(), "{text:?}");
+    assert_eq!(calls.len(), 1);
+    assert_eq!(calls[0].name, "get_weather");
+    let args: serde_json::Value = serde_json::from_str(&calls[0].arguments).unwrap();
+    assert!(
+        ["Paris", "Rome"].contains(&args["city"].as_str().unwrap()),
+        "{args}"
+    );
+
+    req.tool_choice = ToolChoice::Function("nope".into());
+    assert!(matches!(
+        e.generate(req).await,
+        Err(EngineError::Invalid(_))
+    ));
+}
