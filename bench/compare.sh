@@ -8,7 +8,8 @@
 #   bench/compare.sh [--models smollm2-q8_0,qwen05b-q4_0,...] [--servers tidepool,llamacpp,mistralrs]
 #                    [--quick] [--no-install] [--no-ramp] [--threads N] [--ctx N]
 #                    [--runs N] [--max-tokens N] [--concurrency 1,2,4,8,16]
-#                    [--requests-per-client K] [--tidepool-args "..."] [--out DIR]
+#                    [--requests-per-client K] [--sweep-max-tokens N] [--tidepool-args "..."]
+#                    [--out DIR]
 #
 # Servers: tidepool, llamacpp, mistralrs, and tidepool:X (Tidepool with `--engine X`, labelled
 # tidepool-X), all composable in --servers. --tidepool-args is passed to every `tidepool serve`.
@@ -26,7 +27,7 @@ models="smollm2-q8_0,smollm2-q4_0,qwen05b-q4_0,qwen05b-q8_0,qwen05b-q4_k_m"
 servers="tidepool,llamacpp,mistralrs"
 quick=0 install=1 ramp=1
 threads=$(nproc) ctx=4096
-runs="" max_tokens="" concurrency="" per_client=""
+runs="" max_tokens="" concurrency="" per_client="" sweep_max_tokens=""
 tidepool_args=""
 out=""
 while [ $# -gt 0 ]; do
@@ -42,9 +43,10 @@ while [ $# -gt 0 ]; do
     --max-tokens) max_tokens="$2"; shift 2 ;;
     --concurrency) concurrency="$2"; shift 2 ;;
     --requests-per-client) per_client="$2"; shift 2 ;;
+    --sweep-max-tokens) sweep_max_tokens="$2"; shift 2 ;;
     --tidepool-args) tidepool_args="$2"; shift 2 ;;
     --out) out="$2"; shift 2 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -210,7 +212,8 @@ for m in "${model_list[@]}"; do
     fi
     if ! "$bin" bench compare --url "$server_url" --label "$label" --model-label "$m" \
       --gguf "$file" --runs "$runs" --max-tokens "$max_tokens" --concurrency "$concurrency" \
-      --requests-per-client "$per_client" --json-out "$results" | tee -a "$out/compare.md"; then
+      --requests-per-client "$per_client" ${sweep_max_tokens:+--sweep-max-tokens "$sweep_max_tokens"} \
+      --json-out "$results" | tee -a "$out/compare.md"; then
       loud "bench compare failed for $label on $m; the tail of $log:"
       tail -20 "$log" >&2
       case "$label" in tidepool*) tidepool_failed=1 ;; esac
