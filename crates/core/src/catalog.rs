@@ -266,7 +266,7 @@ mod tests {
             .resolve("qwen2.5-0.5b-instruct", DeviceClass::Cpu)
             .unwrap();
         assert_eq!(m.id, "qwen2.5-0.5b-instruct");
-        assert_eq!(v.quant, "q8_0");
+        assert_eq!(v.quant, "q4_0");
         let (_, v) = c
             .resolve("qwen2.5-0.5b-instruct", DeviceClass::Gpu)
             .unwrap();
