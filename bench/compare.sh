@@ -115,9 +115,9 @@ json.dump({
   "cpu": """$cpu_model""", "cores": $(nproc), "threads": $threads, "ctx": $ctx,
   "git_commit": "$(git rev-parse --short HEAD)", "git_dirty": $( [ -z "$(git status --porcelain)" ] && echo False || echo True ),
   "quick": bool($quick), "runs": $runs, "max_tokens": $max_tokens,
-  "concurrency": "$concurrency", "requests_per_client": $per_client,
+  "concurrency": "$concurrency", "requests_per_client": $per_client, "sweep_max_tokens": ${sweep_max_tokens:-$max_tokens},
   "builds": {
-    "tidepool": "$("$bin" --version) (dev profile, dependencies at opt-level 3; -C target-cpu=x86-64-v3: AVX2/FMA/F16C)",
+    "tidepool": "$("$bin" --version) (dev profile, dependencies at opt-level 3; -C target-cpu=x86-64-v3: AVX2/FMA/F16C; its llama.cpp engine: llama-cpp-2 $(awk '/^name = "llama-cpp-2"$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' Cargo.lock), llama.cpp compiled with -march=x86-64-v3, no AVX-512)",
     "llamacpp": """$llama_info (GGML_NATIVE=ON: this machine's vector units)""",
     "mistralrs": "$mistralrs_version (cargo install --locked, release; -C target-cpu=x86-64-v3)",
   },

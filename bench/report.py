@@ -18,7 +18,10 @@ import shutil
 import sys
 from pathlib import Path
 
-BASE = "tidepool"  # the server the ratios are taken against
+# The server the ratios are taken against: plain `tidepool` (the default engine) when the run has
+# it, else Tidepool with the engine `--engine auto` picks on the CPU, else any Tidepool.
+BASE = "tidepool"
+BASE_PREFERENCE = ["tidepool", "tidepool-llamacpp", "tidepool-mistralrs"]
 # Tokens the compare prompt takes after the chat template, roughly (the KV read per token grows
 # with the position; the ceiling uses the mean position over a run).
 PROMPT_TOKENS = 60
@@ -38,8 +41,9 @@ def load_jsonl(path):
     return out
 
 
-def order(values, first=BASE):
+def order(values, first=None):
     """Unique values in first-seen order, `first` (and its variants) ahead of the rest."""
+    first = first or "tidepool"
     seen = list(dict.fromkeys(values))
     return sorted(seen, key=lambda v: (not v.startswith(first), seen.index(v)))
 
@@ -303,6 +307,8 @@ def plots(res, report_dir):
 
 def render(results_dir, report_dir):
     res = Results(results_dir)
+    global BASE
+    BASE = next((s for s in BASE_PREFERENCE if s in res.servers), BASE)
     report_dir.mkdir(parents=True, exist_ok=True)
     meta = res.meta
     out = ["# Benchmarks: Tidepool vs llama.cpp vs mistral.rs", ""]
@@ -324,7 +330,9 @@ def render(results_dir, report_dir):
             f"{'; **quick smoke run** (few runs, short sweep): not for conclusions' if meta.get('quick') else ''}.",
             f"- Single stream: {meta.get('runs')} measured runs after 1 warm-up, "
             f"max_tokens {meta.get('max_tokens')}; sweep: {meta.get('concurrency')} closed-loop "
-            f"clients, {meta.get('requests_per_client')} request(s) each.",
+            f"clients, {meta.get('requests_per_client')} request(s) each"
+            f"{', max_tokens ' + str(meta['sweep_max_tokens']) if meta.get('sweep_max_tokens') else ''}.",
+            *[f"- {n}" for n in meta.get("notes", [])],
             "- Builds:",
         ]
         for k, v in meta.get("builds", {}).items():
