@@ -3,11 +3,27 @@
 //! before sampling (and before the seeded sampler, so seeded requests see them too).
 //!
 //! A bias of -100 bans a token outright (its logit becomes -inf), as OpenAI documents; other
-//! values are added to the logit.
+//! values are added to the logit. [`check_logit_bias`], the validation every engine runs before a
+//! generation, lives here too.
 
 use std::collections::BTreeMap;
 
 use candle_core::{Result, Tensor};
+
+use super::EngineError;
+use crate::request::Sampling;
+
+/// Refuses `logit_bias` entries for tokens the vocabulary does not have (every engine calls this
+/// before it starts a generation).
+pub(crate) fn check_logit_bias(s: &Sampling, vocab: u32) -> std::result::Result<(), EngineError> {
+    match s.logit_bias.keys().find(|&&id| id >= vocab) {
+        Some(id) => Err(EngineError::Invalid(format!(
+            "logit_bias names token {id}, but the vocabulary has {vocab} tokens (ids 0-{})",
+            vocab.saturating_sub(1)
+        ))),
+        None => Ok(()),
+    }
+}
 
 /// The biases of one request, by token id.
 #[derive(Debug, Clone)]

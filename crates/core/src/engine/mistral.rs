@@ -19,7 +19,7 @@ use mistralrs::{
 };
 use tokio::sync::mpsc;
 
-use super::logit_bias::LogitBias;
+use super::logit_bias::{check_logit_bias, LogitBias};
 use super::seeded::SeededSampler;
 use super::token_tap::{TapCounts, TokenTap};
 use super::{
@@ -506,17 +506,6 @@ fn build_request(
         model_id: None,
         truncate_sequence: false,
     })
-}
-
-/// Refuses `logit_bias` entries for tokens the vocabulary does not have.
-pub(crate) fn check_logit_bias(s: &Sampling, vocab: u32) -> Result<(), EngineError> {
-    match s.logit_bias.keys().find(|&&id| id >= vocab) {
-        Some(id) => Err(EngineError::Invalid(format!(
-            "logit_bias names token {id}, but the vocabulary has {vocab} tokens (ids 0-{})",
-            vocab.saturating_sub(1)
-        ))),
-        None => Ok(()),
-    }
 }
 
 /// mistral.rs sampling parameters, plus Tidepool's own sampler for seeded requests.

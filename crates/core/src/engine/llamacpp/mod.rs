@@ -34,7 +34,7 @@ use tokio::sync::mpsc;
 
 use self::batcher::Job;
 use self::chat::ChatTemplate;
-use super::mistral::check_logit_bias;
+use super::logit_bias::check_logit_bias;
 use super::{DeviceInfo, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream};
 use crate::catalog::DeviceClass;
 use crate::gguf_info::GgufInfo;
