@@ -71,7 +71,7 @@ pub fn run(b: BandwidthBench) -> anyhow::Result<()> {
                 threads: t,
                 array_bytes,
                 best_gb_s: gb_s(bytes, best),
-                median_gb_s: gb_s(bytes, crate::bench::median(times)),
+                median_gb_s: gb_s(bytes, crate::stats::median(times)),
             };
             if b.json {
                 println!("{}", serde_json::to_string(&r)?);

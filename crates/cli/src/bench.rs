@@ -20,6 +20,8 @@ use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Ro
 use tidepool_core::signals::Machine;
 use tidepool_core::Engine;
 
+use crate::stats::median;
+
 use tidepool_cli::progress::BarProgress;
 
 #[derive(Args)]
@@ -94,19 +96,6 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Bandwidth(b) => {
             tokio::task::spawn_blocking(move || crate::bandwidth::run(b)).await?
         }
-    }
-}
-
-pub(crate) fn median(mut v: Vec<f64>) -> f64 {
-    if v.is_empty() {
-        return 0.0;
-    }
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
     }
 }
 

@@ -21,7 +21,7 @@ use futures::StreamExt;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::bench::median;
+use crate::stats::median;
 use crate::stats::percentile;
 
 /// A prompt that invites a long answer, so that servers that ignore `logit_bias` rarely stop early.
@@ -179,6 +179,11 @@ impl StreamStats {
         } else {
             "chunks"
         }
+    }
+
+    /// Seconds to the first content chunk; the whole request when none came.
+    fn ttft_s(&self) -> f64 {
+        self.first_content_s.unwrap_or(self.total_s)
     }
 
     /// Decode speed after the first token: (tokens − 1) / (t_last − t_first).
@@ -451,17 +456,14 @@ async fn single(
             if i == 0 { "warm-up" } else { "run" },
             i,
             s.tokens(),
-            s.first_content_s.unwrap_or(s.total_s) * 1000.0,
+            s.ttft_s() * 1000.0,
             s.decode_tok_s()
         );
         if i > 0 {
             runs.push(s);
         }
     }
-    let ttft: Vec<f64> = runs
-        .iter()
-        .map(|s| s.first_content_s.unwrap_or(s.total_s) * 1000.0)
-        .collect();
+    let ttft: Vec<f64> = runs.iter().map(|s| s.ttft_s() * 1000.0).collect();
     let decode: Vec<f64> = runs.iter().map(StreamStats::decode_tok_s).collect();
     let total: Vec<f64> = runs.iter().map(|s| s.total_s).collect();
     Ok(SingleResult {
@@ -548,10 +550,7 @@ async fn sweep_level(
     }
     let tokens_total: u64 = ok.iter().map(StreamStats::tokens).sum();
     let mut latency: Vec<f64> = ok.iter().map(|s| s.total_s).collect();
-    let mut ttft: Vec<f64> = ok
-        .iter()
-        .map(|s| s.first_content_s.unwrap_or(s.total_s))
-        .collect();
+    let mut ttft: Vec<f64> = ok.iter().map(StreamStats::ttft_s).collect();
     SweepResult {
         common,
         workload: "concurrency-sweep",
