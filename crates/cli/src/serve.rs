@@ -332,18 +332,29 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         activation_bytes: if gpu { 2 } else { 4 },
         overhead: cfg.pool.overhead_mib << 20,
     };
-    let reservation = match engine {
-        EngineKind::MistralRs => ledger::reservation(&gguf, &shape),
+    let factory: Arc<dyn WorkerFactory> = match engine {
+        EngineKind::MistralRs => Arc::new(MistralWorkers {
+            model: local.clone(),
+            config: engine_cfg,
+            reservation: ledger::reservation(&gguf, &shape),
+        }),
         #[cfg(feature = "llamacpp")]
-        EngineKind::LlamaCpp => tidepool_core::engine::llamacpp::reservation(
-            &gguf,
-            shape.slots,
-            shape.context_tokens,
-            shape.overhead,
-        ),
+        EngineKind::LlamaCpp => Arc::new(tidepool_core::engine::llamacpp::LlamaCppWorkers {
+            model: local.clone(),
+            config: engine_cfg,
+            context_tokens: cfg.pool.context_tokens.min(u32::MAX as u64) as u32,
+            threads: None,
+            reservation: tidepool_core::engine::llamacpp::reservation(
+                &gguf,
+                shape.slots,
+                shape.context_tokens,
+                shape.overhead,
+            ),
+        }),
         #[cfg(not(feature = "llamacpp"))]
         EngineKind::LlamaCpp => anyhow::bail!("this build has no llama.cpp engine"),
     };
+    let reservation = factory.reservation();
     // Workers on a GPU reserve its memory: free VRAM as NVML (or Metal) reports it now.
     let available = if gpu {
         let gpus = gpu::real_source().read();
@@ -377,23 +388,6 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         "memory plan: {} worker(s) fit",
         budget / reservation.total().max(1)
     );
-    let factory: Arc<dyn WorkerFactory> = match engine {
-        EngineKind::MistralRs => Arc::new(MistralWorkers {
-            model: local.clone(),
-            config: engine_cfg,
-            reservation,
-        }),
-        #[cfg(feature = "llamacpp")]
-        EngineKind::LlamaCpp => Arc::new(tidepool_core::engine::llamacpp::LlamaCppWorkers {
-            model: local.clone(),
-            config: engine_cfg,
-            context_tokens: cfg.pool.context_tokens.min(u32::MAX as u64) as u32,
-            threads: None,
-            reservation,
-        }),
-        #[cfg(not(feature = "llamacpp"))]
-        EngineKind::LlamaCpp => anyhow::bail!("this build has no llama.cpp engine"),
-    };
     let pool = Pool::new(factory, budget, cfg.pool.queue_capacity);
     let rss_before = process_rss_bytes();
     let started = std::time::Instant::now();
