@@ -5,9 +5,14 @@
 # xdotool and ImageMagick to run it and take its screenshot; Chromium for the dashboard's browser
 # tests; python3-venv for the end-to-end tests. Installs the missing ones when run as root with
 # apt-get (a fresh CI machine); otherwise says which are missing and how to get them.
+#
+#   scripts/system-packages.sh           # everything the tests need
+#   scripts/system-packages.sh --build   # only what building Tidepool needs (scripts/serve.sh)
 set -euo pipefail
 
-packages="cmake g++ clang libclang-dev iproute2 curl python3-venv libwebkit2gtk-4.1-dev libayatana-appindicator3-dev librsvg2-dev xvfb xauth dbus xdotool imagemagick chromium fonts-dejavu-core"
+build_packages="cmake g++ clang libclang-dev"
+packages="$build_packages iproute2 curl python3-venv libwebkit2gtk-4.1-dev libayatana-appindicator3-dev librsvg2-dev xvfb xauth dbus xdotool imagemagick chromium fonts-dejavu-core"
+[ "${1:-}" = --build ] && packages="$build_packages"
 missing=""
 for p in $packages; do
   dpkg -s "$p" > /dev/null 2>&1 || missing="$missing $p"
