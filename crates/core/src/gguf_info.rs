@@ -1,5 +1,9 @@
 //! What a GGUF file says about itself: architecture, shapes, tensor types and byte counts, read
 //! from the header alone (no tensor data), so memory can be planned before a model loads.
+//!
+//! Every file is checked by [`tidepool_gguf::check_file`] first (lengths, counts and offsets
+//! against the file's size): a malformed or hostile file is an error naming what is wrong,
+//! never an allocation it dictates.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,6 +22,11 @@ pub enum GgufInfoError {
     },
     #[error("{path} is not a readable GGUF file: {message}")]
     Parse { path: PathBuf, message: String },
+    #[error("{path} is not a valid GGUF file: {source}")]
+    Invalid {
+        path: PathBuf,
+        source: tidepool_gguf::GgufError,
+    },
     #[error("{path}: missing or malformed metadata `{key}`")]
     Metadata { path: PathBuf, key: String },
 }
@@ -62,6 +71,11 @@ pub struct GgufInfo {
     pub tensor_types: BTreeMap<String, usize>,
     pub n_tensors: usize,
     pub has_chat_template: bool,
+    /// The end-of-sequence token, if the file names one.
+    pub eos_token_id: Option<u32>,
+    /// The text of every control or user-defined token (`<|im_start|>`, `<tool_call>`…): what a
+    /// user must not be able to type into a prompt.
+    pub special_tokens: Vec<String>,
 }
 
 impl GgufInfo {
@@ -98,6 +112,7 @@ impl GgufInfo {
             key: "general.architecture".into(),
         })?;
         let shape = shape_from_metadata(&first, &md)?;
+        let special_tokens = special_tokens(&md);
         Ok(GgufInfo {
             files: files.to_vec(),
             name: md
@@ -111,6 +126,10 @@ impl GgufInfo {
             tensor_types,
             n_tensors,
             has_chat_template: md.contains_key("tokenizer.chat_template"),
+            eos_token_id: md
+                .get("tokenizer.ggml.eos_token_id")
+                .and_then(|v| v.to_u32().ok()),
+            special_tokens,
         })
     }
 
@@ -132,7 +151,37 @@ impl GgufInfo {
     }
 }
 
+/// The tokens a GGUF marks as control (3) or user-defined (4), as text.
+fn special_tokens(md: &std::collections::HashMap<String, Value>) -> Vec<String> {
+    let (Some(Ok(tokens)), Some(Ok(types))) = (
+        md.get("tokenizer.ggml.tokens").map(|v| v.to_vec()),
+        md.get("tokenizer.ggml.token_type").map(|v| v.to_vec()),
+    ) else {
+        return Vec::new();
+    };
+    let mut out: Vec<String> = tokens
+        .iter()
+        .zip(types)
+        .filter(|(_, t)| matches!(t.to_i32(), Ok(3 | 4)))
+        .filter_map(|(tok, _)| tok.to_string().ok().cloned())
+        .filter(|t| t.len() > 1)
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 pub(crate) fn read_content(path: &Path) -> Result<Content, GgufInfoError> {
+    tidepool_gguf::check_file(path).map_err(|source| match source {
+        tidepool_gguf::GgufError::Io(_) => GgufInfoError::Open {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(source.to_string()),
+        },
+        source => GgufInfoError::Invalid {
+            path: path.to_path_buf(),
+            source,
+        },
+    })?;
     let mut f = std::fs::File::open(path).map_err(|source| GgufInfoError::Open {
         path: path.to_path_buf(),
         source,

@@ -155,6 +155,8 @@ mod tests {
             tensor_types: Default::default(),
             n_tensors: 290,
             has_chat_template: true,
+            eos_token_id: Some(151_645),
+            special_tokens: Vec::new(),
         }
     }
 

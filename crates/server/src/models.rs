@@ -143,11 +143,33 @@ pub async fn switch(
             60,
         ));
     };
+    if req.id.len() > 4096 {
+        return Err(ApiError::invalid_param("id", "`id` is too long"));
+    }
     if app.service.serves(&req.id) {
         return Err(ApiError::invalid_param(
             "id",
-            format!("`{}` is the model being served already", req.id),
+            format!(
+                "`{}` is the model being served already",
+                crate::error::truncate(&req.id, 100)
+            ),
         ));
+    }
+    // A local file is checked now, so a malformed one is a 400 rather than a failed switch.
+    let path = std::path::PathBuf::from(&req.id);
+    if req.id.ends_with(".gguf") && path.is_file() {
+        let checked = tokio::task::spawn_blocking(move || tidepool_gguf::check_file(&path))
+            .await
+            .map_err(|e| ApiError::hidden("Checking the model file failed", &e.to_string()))?;
+        if let Err(e) = checked {
+            return Err(ApiError::invalid_param(
+                "id",
+                format!(
+                    "`{}` is not a valid GGUF file: {e}",
+                    crate::error::truncate(&req.id, 200)
+                ),
+            ));
+        }
     }
     let started = Switch {
         id: req.id.clone(),
@@ -178,10 +200,13 @@ pub async fn switch(
             },
             Err(e) => {
                 tracing::warn!("switching the model failed: {e:#}");
+                // The first line of the cause chain; a backtrace stays in the log.
+                let shown = format!("{e:#}");
+                let shown = shown.lines().next().unwrap_or("").to_string();
                 Switch {
                     id,
                     state: "failed",
-                    error: Some(format!("{e:#}")),
+                    error: Some(crate::error::truncate(&shown, 300).into_owned()),
                 }
             }
         });
@@ -211,7 +236,7 @@ pub async fn pull(
     let Some((entry, variant)) = found else {
         return Err(ApiError::not_found(format!(
             "No model variant `{}` in the catalog (see GET /admin/models).",
-            req.id
+            crate::error::truncate(&req.id, 100)
         )));
     };
     if let Some(d) = app
@@ -244,7 +269,7 @@ pub async fn pull(
             Err(e) => {
                 tracing::warn!(model = %id, "download failed: {e}");
                 d.state = "failed";
-                d.error = Some(e.to_string());
+                d.error = Some(crate::error::truncate(&e.to_string(), 300).into_owned());
             }
         });
     });
