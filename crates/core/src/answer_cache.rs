@@ -45,14 +45,9 @@ impl Default for CacheConfig {
 
 impl CacheConfig {
     /// Semantic checks; the error names the key.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if self.max_mib.is_nan() || self.max_mib < 0.0 {
-            return Err(("cache.max_mib".into(), "must be 0 or more".into()));
-        }
-        if self.ttl_s.is_nan() || self.ttl_s <= 0.0 {
-            return Err(("cache.ttl_s".into(), "must be above 0".into()));
-        }
-        Ok(())
+    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
+        crate::bounds::float("cache.max_mib", self.max_mib, 0.0, 1024.0 * 1024.0)?;
+        crate::bounds::seconds("cache.ttl_s", self.ttl_s, true)
     }
 }
 
@@ -155,7 +150,7 @@ impl AnswerCache {
     pub fn from_config(cfg: &CacheConfig) -> AnswerCache {
         AnswerCache::new(
             (cfg.max_mib * 1024.0 * 1024.0) as usize,
-            Duration::from_secs_f64(cfg.ttl_s),
+            crate::bounds::duration(cfg.ttl_s),
         )
     }
 

@@ -47,11 +47,11 @@ impl Default for ContextConfig {
 }
 
 impl ContextConfig {
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        if self.budget_tokens == Some(0) {
-            return Err(("context.budget_tokens".into(), "must be at least 1".into()));
+    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
+        if let Some(b) = self.budget_tokens {
+            crate::bounds::int("context.budget_tokens", b.into(), 1, 1 << 24)?;
         }
-        Ok(())
+        crate::bounds::count("context.keep_head", self.keep_head, 0)
     }
 }
 

@@ -34,17 +34,19 @@ impl Default for DegradedConfig {
 }
 
 impl DegradedConfig {
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
         if self.backlog_threshold == Some(0) {
             return Err((
                 "degraded.backlog_threshold".into(),
                 "must be at least 1 (leave it unset to turn degraded mode off)".into(),
             ));
         }
-        if self.max_tokens == 0 {
-            return Err(("degraded.max_tokens".into(), "must be at least 1".into()));
+        if let Some(t) = self.backlog_threshold {
+            crate::bounds::count("degraded.backlog_threshold", t, 1)?;
         }
-        Ok(())
+        crate::bounds::int("degraded.max_tokens", self.max_tokens.into(), 1, 1 << 20)?;
+        crate::bounds::int("degraded.hint", self.hint.len() as u64, 0, 4096)
+            .map_err(|(k, _)| (k, "must be at most 4096 bytes".into()))
     }
 
     /// Whether a request of `class` arriving with `backlog` requests waiting is degraded.

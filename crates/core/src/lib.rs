@@ -24,6 +24,7 @@
 
 pub mod answer_cache;
 pub mod autoscale;
+pub mod bounds;
 pub mod catalog;
 pub mod config;
 pub mod context_fit;

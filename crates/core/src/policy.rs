@@ -134,55 +134,73 @@ pub fn parse_hhmm(s: &str) -> Option<u32> {
 
 impl PolicyConfig {
     /// Semantic checks; the error names the key.
-    pub fn validate(&self) -> Result<(), (String, String)> {
-        let err = |k: &str, m: String| Err((format!("policy.{k}"), m));
-        if self.max_workers == 0 {
-            return err("max_workers", "must be at least 1".into());
-        }
+    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
+        use crate::bounds::{count, float, float_above, int, seconds, MAX_SECONDS};
+        let key = |k: &str| format!("policy.{k}");
+        int(
+            &key("max_workers"),
+            self.max_workers as u64,
+            1,
+            MAX_WORKERS as u64,
+        )?;
         if self.min_workers > self.max_workers {
-            return err(
-                "min_workers",
+            return Err((
+                key("min_workers"),
                 format!(
                     "{} is above max_workers ({})",
                     self.min_workers, self.max_workers
                 ),
-            );
+            ));
         }
-        if self.up.rate_per_worker.is_nan() || self.up.rate_per_worker <= 0.0 {
-            return err("up.rate_per_worker", "must be above 0".into());
-        }
+        float_above(
+            &key("up.rate_per_worker"),
+            self.up.rate_per_worker,
+            0.0,
+            1e6,
+        )?;
+        count(&key("up.queue_per_worker"), self.up.queue_per_worker, 0)?;
         for (k, v) in [
-            ("up.window_s", self.up.window_s),
-            ("down.stabilization_s", self.down.stabilization_s),
-            ("idle_ttl_s", self.idle_ttl_s),
-            ("activation_rate", self.activation_rate),
+            ("up.p95_latency_ms", self.up.p95_latency_ms),
+            ("up.p95_ttft_ms", self.up.p95_ttft_ms),
         ] {
-            if v.is_nan() || v < 0.0 {
-                return err(k, format!("must be 0 or more, got {v}"));
+            if let Some(v) = v {
+                float_above(&key(k), v, 0.0, MAX_SECONDS * 1000.0)?;
             }
         }
+        seconds(&key("up.window_s"), self.up.window_s, false)?;
+        seconds(
+            &key("down.stabilization_s"),
+            self.down.stabilization_s,
+            false,
+        )?;
+        seconds(&key("idle_ttl_s"), self.idle_ttl_s, false)?;
+        float(&key("activation_rate"), self.activation_rate, 0.0, 1e6)?;
+        int(&key("schedule"), self.schedule.len() as u64, 0, 1000)?;
         for (i, r) in self.schedule.iter().enumerate() {
             for (k, t) in [("start", &r.start), ("end", &r.end)] {
                 if parse_hhmm(t).is_none() {
-                    return err(
-                        &format!("schedule[{i}].{k}"),
-                        format!("`{t}` is not a time of day as HH:MM"),
-                    );
+                    return Err((
+                        key(&format!("schedule[{i}].{k}")),
+                        format!("`{}` is not a time of day as HH:MM", crate::bounds::clip(t)),
+                    ));
                 }
             }
             if r.min_workers > self.max_workers {
-                return err(
-                    &format!("schedule[{i}].min_workers"),
+                return Err((
+                    key(&format!("schedule[{i}].min_workers")),
                     format!(
                         "{} is above max_workers ({})",
                         r.min_workers, self.max_workers
                     ),
-                );
+                ));
             }
         }
         Ok(())
     }
 }
+
+/// The most workers a policy may name.
+pub const MAX_WORKERS: usize = 1024;
 
 /// What the policy sees at one tick.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -208,6 +226,10 @@ pub struct PoolView {
     pub budget_workers: usize,
     /// What the machine allows now (power mode, battery, heat).
     pub limits: MachineLimits,
+    /// The model's idle expiry a request set (Ollama's `keep_alive`), in seconds after the last
+    /// request: `INFINITY` keeps it loaded, 0 unloads it once idle. `None`: the policy's own
+    /// rules. It never changes the configured policy.
+    pub keep_alive_s: Option<f64>,
 }
 
 /// Limits from the machine's state (see [`crate::power`]); the default limits nothing.
@@ -284,6 +306,7 @@ impl Policy {
             format!("the machine allows {ceiling} ({})", limits.why)
         };
         let idle_ttl_s = c.idle_ttl_s.min(limits.idle_ttl_s.unwrap_or(f64::INFINITY));
+        let idle_ttl_s = pool.keep_alive_s.unwrap_or(idle_ttl_s);
 
         if let Some(o) = self.manual {
             if now < o.until {
@@ -318,7 +341,10 @@ impl Policy {
             s.arrival_rate, c.up.rate_per_worker
         );
         let over = |v: Option<f64>, t: Option<f64>| matches!((v, t), (Some(v), Some(t)) if v > t);
-        if current > 0 && s.queue_depth > c.up.queue_per_worker * current && current + 1 > raw {
+        if current > 0
+            && s.queue_depth > c.up.queue_per_worker.saturating_mul(current)
+            && current + 1 > raw
+        {
             raw = current + 1;
             why = format!(
                 "{} queued over {} per worker",
@@ -394,8 +420,29 @@ impl Policy {
                 ));
             }
         }
-        let active =
-            s.in_flight > 0 || s.queue_depth > 0 || s.idle_s.is_some_and(|i| i < idle_ttl_s);
+        // A request's keep_alive: past it the model is unloaded now, whatever the floor; before
+        // it, the model stays loaded.
+        let busy = s.in_flight > 0 || s.queue_depth > 0;
+        if let Some(k) = pool.keep_alive_s {
+            let idle = s.idle_s.unwrap_or(f64::INFINITY);
+            if !busy && idle >= k {
+                return Decision {
+                    workers: 0,
+                    reason: format!(
+                        "keep_alive: idle {idle:.0} s, past the {k:.0} s a request asked for: unloaded"
+                    ),
+                };
+            }
+            if current > 0 && floor < 1 {
+                floor = 1;
+                floor_why = if k.is_infinite() {
+                    "a request's keep_alive keeps the model loaded".to_string()
+                } else {
+                    format!("a request's keep_alive of {k:.0} s")
+                };
+            }
+        }
+        let active = busy || s.idle_s.is_some_and(|i| i < idle_ttl_s);
         if active && current > 0 && floor < 1 {
             floor = 1;
             floor_why = format!("a request within idle TTL {idle_ttl_s:.0} s");
@@ -482,6 +529,7 @@ mod tests {
             workers,
             budget_workers: 8,
             limits: MachineLimits::default(),
+            keep_alive_s: None,
         }
     }
 
@@ -608,6 +656,7 @@ mod tests {
                     workers: 1,
                     budget_workers: 2,
                     limits: MachineLimits::default(),
+                    keep_alive_s: None,
                 },
             );
         }
@@ -624,6 +673,7 @@ mod tests {
                     why: "power-saver mode".into(),
                     ..MachineLimits::default()
                 },
+                keep_alive_s: None,
             },
         );
         assert_eq!(d.workers, 1);
@@ -819,5 +869,42 @@ mod tests {
         };
         assert_eq!(c.validate().unwrap_err().0, "policy.min_workers");
         assert!(cfg().validate().is_ok());
+    }
+
+    #[test]
+    fn a_request_keep_alive_unloads_or_keeps_without_touching_the_config() {
+        let mut p = Policy::new(cfg());
+        let before = p.config.clone();
+        let idle = |i: f64| Signals {
+            idle_s: Some(i),
+            ..Signals::default()
+        };
+        let ka = |workers, k: f64| PoolView {
+            keep_alive_s: Some(k),
+            ..pool(workers)
+        };
+        // keep_alive 0: unloaded as soon as nothing runs, min_workers 1 notwithstanding.
+        let busy = Signals {
+            in_flight: 1,
+            idle_s: Some(0.0),
+            ..Signals::default()
+        };
+        assert_eq!(p.tick(0.0, &busy, ka(1, 0.0)).workers, 1);
+        let d = p.tick(1.0, &idle(0.5), ka(1, 0.0));
+        assert_eq!(d.workers, 0, "{d}");
+        assert!(d.reason.contains("keep_alive"), "{d}");
+        // keep_alive 30 s: loaded until then.
+        assert_eq!(p.tick(2.0, &idle(10.0), ka(1, 30.0)).workers, 1);
+        assert_eq!(p.tick(3.0, &idle(31.0), ka(1, 30.0)).workers, 0);
+        // keep_alive -1 (forever) with min_workers 0: the model stays.
+        let mut zero = Policy::new(PolicyConfig {
+            min_workers: 0,
+            idle_ttl_s: 5.0,
+            ..cfg()
+        });
+        let d = zero.tick(0.0, &idle(1e6), ka(1, f64::INFINITY));
+        assert_eq!(d.workers, 1, "{d}");
+        // Without keep_alive the same idle pool goes to zero (after its down window).
+        assert_eq!(p.config, before, "the policy itself is never rewritten");
     }
 }

@@ -144,41 +144,50 @@ impl PowerConfig {
     }
 
     /// Checks values; on error, (key, message).
-    pub fn validate(&self) -> Result<(), (String, String)> {
+    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
+        use crate::bounds::{float, int, seconds};
         let t = &self.thermal;
-        let bad = |k: &str, m: String| Err((format!("power.{k}"), m));
-        if !(0.0..=100.0).contains(&self.saver_below_percent) {
-            return bad(
-                "saver_below_percent",
-                format!("must be 0–100, got {}", self.saver_below_percent),
-            );
-        }
-        if self.battery_idle_ttl_s.is_nan() || self.battery_idle_ttl_s < 0.0 {
-            return bad("battery_idle_ttl_s", "must be 0 or more".into());
-        }
-        if t.hysteresis_c.is_nan() || t.hysteresis_c < 0.0 {
-            return bad("thermal.hysteresis_c", "must be 0 or more".into());
-        }
-        if t.warn_c.is_nan() || t.critical_c.is_nan() || t.warn_c >= t.critical_c {
-            return bad(
-                "thermal.warn_c",
+        let key = |k: &str| format!("power.{k}");
+        float(
+            &key("saver_below_percent"),
+            self.saver_below_percent.into(),
+            0.0,
+            100.0,
+        )?;
+        seconds(&key("battery_idle_ttl_s"), self.battery_idle_ttl_s, false)?;
+        float(
+            &key("thermal.hysteresis_c"),
+            t.hysteresis_c.into(),
+            0.0,
+            100.0,
+        )?;
+        float(&key("thermal.warn_c"), t.warn_c.into(), -50.0, 200.0)?;
+        float(
+            &key("thermal.critical_c"),
+            t.critical_c.into(),
+            -50.0,
+            200.0,
+        )?;
+        if t.warn_c >= t.critical_c {
+            return Err((
+                key("thermal.warn_c"),
                 format!(
                     "must be below thermal.critical_c ({} °C), got {} °C",
                     t.critical_c, t.warn_c
                 ),
-            );
+            ));
         }
         for (name, caps) in [
             ("balanced", &self.balanced),
             ("power_saver", &self.power_saver),
         ] {
-            for (key, v) in [
+            for (k, v) in [
                 ("max_workers", caps.max_workers),
                 ("slots_per_worker", caps.slots_per_worker),
                 ("cpu_threads", caps.cpu_threads),
             ] {
-                if v == Some(0) {
-                    return bad(&format!("{name}.{key}"), "must be at least 1".into());
+                if let Some(v) = v {
+                    int(&key(&format!("{name}.{k}")), v as u64, 1, 1024)?;
                 }
             }
         }

@@ -104,8 +104,14 @@ pub fn validate(profiles: &Profiles) -> Result<(), (String, String)> {
         if p.labels.iter().any(|l| l.is_empty()) {
             return Err((key("labels"), "labels must not be empty strings".into()));
         }
-        if p.max_tokens == Some(0) {
-            return Err((key("max_tokens"), "must be at least 1".into()));
+        if let Some(m) = p.max_tokens {
+            crate::bounds::int(&key("max_tokens"), m.into(), 1, 1 << 20)?;
+        }
+        if p.labels.len() > 256 || p.labels.iter().any(|l| l.len() > 256) {
+            return Err((
+                key("labels"),
+                "at most 256 labels of at most 256 bytes each".into(),
+            ));
         }
         if p.temperature.is_some_and(|t| !(0.0..=2.0).contains(&t)) {
             return Err((key("temperature"), "must be between 0 and 2".into()));

@@ -126,6 +126,22 @@ pub struct ToolSpec {
     pub parameters: Option<serde_json::Value>,
 }
 
+/// Messages one chat request may carry unless `server.max_messages` says otherwise.
+pub const DEFAULT_MAX_MESSAGES: usize = 4096;
+
+/// Bounds every request is held to before any work is done on it (both APIs).
+pub mod bounds {
+    /// Stop strings, and the longest one in bytes.
+    pub const MAX_STOPS: usize = 16;
+    pub const MAX_STOP_BYTES: usize = 512;
+    /// Tools offered in one request.
+    pub const MAX_TOOLS: usize = 128;
+    /// Biased tokens.
+    pub const MAX_LOGIT_BIAS: usize = 1024;
+    /// The longest answer a request may ask for.
+    pub const MAX_TOKENS: u32 = 1 << 20;
+}
+
 /// A request for one generation.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GenerationRequest {
@@ -145,6 +161,57 @@ impl GenerationRequest {
             tools: Vec::new(),
             tool_choice: ToolChoice::Auto,
         }
+    }
+
+    /// Checks the request against [`bounds`] and `max_messages`; on error (param, message).
+    pub fn check_bounds(&self, max_messages: usize) -> Result<(), (String, String)> {
+        let err = |p: &str, m: String| Err((p.to_string(), m));
+        if let Prompt::Chat(m) = &self.prompt {
+            if m.len() > max_messages {
+                return err(
+                    "messages",
+                    format!(
+                        "This request has {} messages; this server accepts at most {max_messages} per request.",
+                        m.len()
+                    ),
+                );
+            }
+        }
+        let s = &self.sampling;
+        if s.stop.len() > bounds::MAX_STOPS {
+            return err(
+                "stop",
+                format!("At most {} stop sequences are allowed.", bounds::MAX_STOPS),
+            );
+        }
+        if s.stop.iter().any(|x| x.len() > bounds::MAX_STOP_BYTES) {
+            return err(
+                "stop",
+                format!(
+                    "A stop sequence may be at most {} bytes.",
+                    bounds::MAX_STOP_BYTES
+                ),
+            );
+        }
+        if self.tools.len() > bounds::MAX_TOOLS {
+            return err(
+                "tools",
+                format!("At most {} tools are allowed.", bounds::MAX_TOOLS),
+            );
+        }
+        if s.logit_bias.len() > bounds::MAX_LOGIT_BIAS {
+            return err(
+                "logit_bias",
+                format!("At most {} tokens may be biased.", bounds::MAX_LOGIT_BIAS),
+            );
+        }
+        if s.max_tokens.is_some_and(|m| m > bounds::MAX_TOKENS) {
+            return err(
+                "max_tokens",
+                format!("`max_tokens` may be at most {}.", bounds::MAX_TOKENS),
+            );
+        }
+        Ok(())
     }
 
     pub fn text(text: impl Into<String>) -> Self {
@@ -213,7 +280,7 @@ mod duration_secs {
         s.serialize_f64(d.as_secs_f64())
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(Duration::from_secs_f64(f64::deserialize(d)?.max(0.0)))
+        Ok(crate::bounds::duration(f64::deserialize(d)?))
     }
 }
 

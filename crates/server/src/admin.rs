@@ -1,4 +1,5 @@
-//! The admin API, on loopback peers only: what the pool is doing and why, and a manual override.
+//! The admin API, on loopback peers only (the router's local group, [`crate::guard`]): what the
+//! pool is doing and why, and a manual override.
 //!
 //! - `GET /admin/status`: workers, queue by class, signals, the current decision and its reason,
 //!   memory budget, reservations and process RSS, the policy in force.
@@ -9,12 +10,10 @@
 //! - `GET /metrics`: Prometheus text format (requests by outcome, tokens, latency and TTFT
 //!   histograms, queue depth by class, workers by state, memory, scaling events).
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, Request, State};
+use axum::extract::State;
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -28,20 +27,6 @@ use tidepool_core::queue::Class;
 
 use crate::error::{ApiError, ApiJson};
 use crate::AppState;
-
-/// Refuses admin calls from anything but a loopback peer (the server may be shared on the LAN).
-pub async fn loopback_only(
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    req: Request,
-    next: Next,
-) -> Result<Response, ApiError> {
-    if !peer.ip().is_loopback() {
-        return Err(ApiError::forbidden(
-            "The admin API answers only on this machine (loopback).",
-        ));
-    }
-    Ok(next.run(req).await)
-}
 
 fn pool_error() -> ApiError {
     ApiError::unavailable(
@@ -78,6 +63,16 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
         "power": power,
         "cpu_cores_in_use": scaler.cpu_cores(),
         "shedding": app.service.shedding(),
+        // The model's idle expiry from a request's keep_alive (`null`: the policy's rules).
+        "keep_alive": scaler.keep_alive().map(|k| match k {
+            tidepool_core::autoscale::KeepAlive::Unload => json!("unload"),
+            tidepool_core::autoscale::KeepAlive::Forever => json!("forever"),
+            tidepool_core::autoscale::KeepAlive::For(d) => json!(d.as_secs_f64()),
+        }),
+        "health": {
+            "degraded": pool.degraded(),
+            "engine_deaths": pool.deaths(),
+        },
     })))
 }
 
@@ -95,6 +90,9 @@ pub struct ScaleRequest {
     ttl_s: f64,
 }
 
+/// The longest manual override: a year.
+pub const MAX_OVERRIDE_S: f64 = 365.0 * 86_400.0;
+
 fn default_ttl() -> f64 {
     600.0
 }
@@ -104,10 +102,10 @@ pub async fn scale(
     State(app): State<AppState>,
     ApiJson(req): ApiJson<ScaleRequest>,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    if !(req.ttl_s.is_finite() && req.ttl_s > 0.0) {
+    if !(req.ttl_s > 0.0 && req.ttl_s <= MAX_OVERRIDE_S) {
         return Err(ApiError::invalid_param(
             "ttl_s",
-            "`ttl_s` must be a positive number of seconds",
+            format!("`ttl_s` must be above 0 and at most {MAX_OVERRIDE_S} seconds (a year)"),
         ));
     }
     if req.workers > 64 {
