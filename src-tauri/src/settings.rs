@@ -1,8 +1,9 @@
 //! The app's settings: the same [`Config`] schema as `tidepool serve`'s TOML file, kept with
 //! tauri-plugin-store (`settings.json` in the app's data directory) and validated the same way.
-//! `TIDEPOOL_APP_CONFIG=path.toml` starts from a TOML file instead (tests, power users).
+//! `TIDEPOOL_APP_CONFIG=path.toml` starts from a TOML file instead (tests, power users). The file
+//! can hold the LAN token, so it is kept readable by its user only (0600).
 
-use tauri::{AppHandle, Runtime};
+use tauri::{AppHandle, Manager, Runtime};
 use tauri_plugin_store::StoreExt;
 use tidepool_core::config::Config;
 
@@ -45,5 +46,19 @@ pub fn save<R: Runtime>(app: &AppHandle<R>, cfg: &Config) -> anyhow::Result<()> 
     let store = app.store(STORE)?;
     store.set(KEY, serde_json::to_value(cfg)?);
     store.save()?;
+    private(&app.path().app_data_dir()?.join(STORE))?;
+    Ok(())
+}
+
+/// Makes `path` readable and writable by its owner only.
+fn private(path: &std::path::Path) -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if path.exists() {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    let _ = path;
     Ok(())
 }

@@ -39,6 +39,9 @@ export function parseErrorBody(status, text) {
 /** fetch() against the server; JSON in, JSON (or text) out; throws ApiError on non-2xx. */
 export async function request(method, path, body, { text = false, signal, headers = {} } = {}) {
   const init = { method, signal, headers: { ...headers } };
+  // The server takes state-changing admin requests only as JSON (a web page's form or text/plain
+  // POST never is), so every non-GET request sends a JSON body, empty or not.
+  if (body === undefined && method !== "GET" && method !== "HEAD") body = {};
   if (body !== undefined) {
     init.headers["content-type"] = "application/json";
     init.body = JSON.stringify(body);

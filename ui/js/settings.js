@@ -118,6 +118,7 @@ function renderSharing(s) {
   $("set-sharing").checked = !!s.enabled;
   $("sharing-details").hidden = !s.enabled;
   const token = s.token || "";
+  if (!token && s.token_set) revealToken();
   const urls = s.urls || [];
   $("sharing-urls").replaceChildren(...(urls.length ? urls.map((u) => el("li", {}, u)) : [el("li", { class: "muted" }, "no LAN address found")]));
   $("sharing-token").textContent = token || "–";
@@ -126,6 +127,18 @@ function renderSharing(s) {
   badge.hidden = false;
   badge.className = s.enabled ? "badge ok" : "badge muted";
   badge.textContent = s.enabled ? `LAN shared${urls[0] ? " · " + urls[0].replace(/^https?:\/\//, "") : ""}` : "LAN off";
+}
+
+// The server hands the token only to this page's own origin, on a POST (a browser's GET carries
+// no Origin header, so GET /admin/sharing leaves the token out).
+async function revealToken() {
+  try {
+    const r = await post("/admin/sharing/token");
+    if (sharing) sharing.token = r.token;
+    $("sharing-token").textContent = r.token || "–";
+  } catch (e) {
+    $("sharing-token").textContent = "–";
+  }
 }
 
 function sharingUnavailable() {

@@ -184,18 +184,36 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
     println!("Tidepool listening on http://{local}  (OpenAI API at http://{local}/v1)");
 
     let sharing_on = cfg.server.share_lan || !local.ip().is_loopback();
-    if sharing_on && cfg.server.lan_token.is_none() {
-        let token = tidepool_server::sharing::generate_token();
-        println!("LAN sharing is on; LAN clients must send: Authorization: Bearer {token}");
-        cfg.server.lan_token = Some(token);
+    let token_file = ModelStore::from_env().home.join("lan-token");
+    let generated = sharing_on && cfg.server.lan_token.is_none();
+    if generated {
+        cfg.server.lan_token = Some(tidepool_server::sharing::generate_token());
     }
-    let mut state = AppState::with_gateway(service.clone(), cfg.gateway());
-    state.switcher = Some(Arc::new(Switcher { cfg: cfg.clone() }));
-    state.sharing = Arc::new(Sharing::new(
+    let mut sharing = Sharing::new(
         sharing_on,
         cfg.server.lan_token.clone(),
         cfg.server.lan_rate_per_minute,
-    ));
+    );
+    if generated || cfg.server.lan_token.is_none() {
+        // A token Tidepool makes is kept where only this user can read it (never on stdout,
+        // which often ends up in a world-readable log); the dashboard shows it too.
+        sharing = sharing.with_token_file(token_file.clone());
+    }
+    if sharing_on {
+        println!(
+            "LAN sharing is on; LAN clients need the bearer token ({}).",
+            if generated {
+                format!("in {}, and in the dashboard", token_file.display())
+            } else {
+                "the one configured".to_string()
+            }
+        );
+    }
+    let mut state =
+        AppState::with_gateway(service.clone(), cfg.gateway()).with_guard(guard_config(&cfg));
+    state.switcher = Some(Arc::new(Switcher { cfg: cfg.clone() }));
+    state.sharing = Arc::new(sharing);
+    service.set_write_timeout(Duration::from_secs(cfg.server.write_timeout_s));
     let (fatal_tx, fatal_rx) = tokio::sync::mpsc::channel::<anyhow::Error>(1);
     {
         let service = service.clone();
@@ -209,10 +227,7 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         });
     }
 
-    let http = HttpConfig {
-        body_limit: cfg.server.body_limit_mib * 1024 * 1024,
-        drain_timeout: Duration::from_secs(cfg.server.drain_timeout_s),
-    };
+    let http = http_config(&cfg);
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let running_state = state.clone();
     let server = tokio::spawn(tidepool_server::serve(listener, state, http, async move {
@@ -226,6 +241,46 @@ pub async fn start(mut cfg: Config) -> anyhow::Result<Running> {
         stop: stop_tx,
         server,
     })
+}
+
+/// The HTTP settings of `cfg`: body limit, drain deadline, connection limits and timeouts.
+pub fn http_config(cfg: &Config) -> HttpConfig {
+    let s = &cfg.server;
+    HttpConfig {
+        body_limit: s.body_limit_mib * 1024 * 1024,
+        drain_timeout: Duration::from_secs(s.drain_timeout_s),
+        connections: tidepool_server::listen::ConnLimits {
+            header_timeout: Duration::from_secs(s.header_timeout_s),
+            write_timeout: Duration::from_secs(s.write_timeout_s),
+            max_local: s.max_connections,
+            max_lan: s.max_lan_connections,
+            max_per_lan_address: s.max_connections_per_lan_address,
+        },
+    }
+}
+
+/// The guard's settings: the configured host names and origins, plus `TIDEPOOL_ORIGINS`
+/// (comma-separated, as `OLLAMA_ORIGINS`).
+pub fn guard_config(cfg: &Config) -> tidepool_server::guard::GuardConfig {
+    let mut origins = cfg.server.allowed_origins.clone();
+    if let Ok(extra) = std::env::var("TIDEPOOL_ORIGINS") {
+        origins.extend(
+            extra
+                .split(',')
+                .map(str::trim)
+                .filter(|o| !o.is_empty())
+                .map(str::to_string),
+        );
+    }
+    tidepool_server::guard::GuardConfig {
+        extra_hosts: cfg
+            .server
+            .allowed_hosts
+            .iter()
+            .map(|h| h.to_ascii_lowercase())
+            .collect(),
+        api_origins: origins,
+    }
 }
 
 /// The name clients use for the model, and aliases they may also send.
@@ -295,9 +350,7 @@ async fn load_model(
     };
     service.set_loading_detail(format!("loading {} into memory", local.name));
     let pool = ready_pool(&local, cfg).await?;
-    service.set_queue_deadline(std::time::Duration::from_secs_f64(
-        cfg.pool.queue_deadline_s,
-    ));
+    service.set_queue_deadline(tidepool_core::bounds::duration(cfg.pool.queue_deadline_s));
     service.set_state(ModelState::Pooled(pool.clone()));
     let scaler = Autoscaler::new(
         pool,
@@ -319,7 +372,7 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
     let engine_cfg = EngineConfig {
         device,
         max_sequences: slots,
-        prefix_cache_entries: cfg.model.prefix_cache,
+        prefix_cache_entries: cfg.model.prefix_cache_for(gpu),
     };
     let engine = choose_engine(local, cfg, &engine_cfg, gpu).await?;
     // The pool: every worker reserves its weights, KV cache for its slots and overhead.
@@ -546,5 +599,10 @@ async fn fetch(
         model_source::resolve(&spec, &ModelStore::from_env(), device.class(), &progress)
     })
     .await
-    .expect("model fetch task panicked")
+    .unwrap_or_else(|e| {
+        Err(model_source::FetchError::Io {
+            path: "(model fetch)".into(),
+            source: std::io::Error::other(format!("the fetch task failed: {e}")),
+        })
+    })
 }

@@ -1,6 +1,8 @@
 //! The dashboard: the web files in `ui/`, served at `/` to loopback peers only (the same files
-//! the tray app's window loads). Release builds embed them; debug builds read them from the
-//! source tree at run time, so editing the UI needs no rebuild.
+//! the tray app's window loads). Every build embeds them (rust-embed's `debug-embed`): a path
+//! is looked up in the embedded set and nothing else, so no request can name a file on disk
+//! (`/js/../../etc/passwd` is simply not in the set). Editing the UI needs a rebuild of this
+//! crate (a few seconds).
 
 use axum::http::{header, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -22,6 +24,12 @@ pub async fn asset(uri: Uri) -> Response {
             [
                 (header::CONTENT_TYPE, file.metadata.mimetype().to_string()),
                 (header::CACHE_CONTROL, "no-cache".to_string()),
+                // The dashboard is never framed by another page (clickjacking).
+                (header::X_FRAME_OPTIONS, "DENY".to_string()),
+                (
+                    header::CONTENT_SECURITY_POLICY,
+                    "frame-ancestors 'none'".to_string(),
+                ),
             ],
             file.data,
         )
@@ -29,7 +37,7 @@ pub async fn asset(uri: Uri) -> Response {
         None => (
             StatusCode::NOT_FOUND,
             [(header::CONTENT_TYPE, "text/plain")],
-            format!("no dashboard file `{path}`"),
+            format!("no dashboard file `{}`", crate::error::truncate(path, 100)),
         )
             .into_response(),
     }

@@ -35,7 +35,26 @@ struct Inner<'a> {
     code: Option<&'a str>,
 }
 
+/// `text` cut to at most `max` characters (with `…` when cut), for echoing client input.
+pub fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match text.char_indices().nth(max) {
+        None => std::borrow::Cow::Borrowed(text),
+        Some((end, _)) => std::borrow::Cow::Owned(format!("{}…", &text[..end])),
+    }
+}
+
+/// A short reference logged beside an internal error, so the client can quote it without seeing
+/// the engine's internals.
+fn incident_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_string()
+}
+
 impl ApiError {
+    /// An error with any status.
+    pub fn with_status(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        Self::new(status, kind, message)
+    }
+
     fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
@@ -88,7 +107,10 @@ impl ApiError {
             ..Self::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
-                format!("The model `{model}` does not exist. This server serves `{served}`."),
+                format!(
+                    "The model `{}` does not exist. This server serves `{served}`.",
+                    truncate(model, 100)
+                ),
             )
         }
     }
@@ -126,6 +148,16 @@ impl ApiError {
 
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
+    }
+
+    /// A 500 for a failure inside the engine or the server: the details (an engine's message, a
+    /// backtrace) go to the log under an id; the client gets the id, never the internals.
+    pub fn hidden(context: &str, detail: &str) -> Self {
+        let id = incident_id();
+        tracing::warn!(incident = %id, "{context}: {detail}");
+        ApiError::internal(format!(
+            "{context} (an internal error; the server log has the details under incident {id})."
+        ))
     }
 
     /// The JSON body, for embedding in a stream.
@@ -200,6 +232,9 @@ impl From<tidepool_core::gateway::GatewayError> for ApiError {
             tidepool_core::gateway::GatewayError::Profile(e) => {
                 ApiError::invalid_param("profile", format!("{e}."))
             }
+            tidepool_core::gateway::GatewayError::Invalid { param, message } => {
+                ApiError::invalid_param(&param, message)
+            }
             tidepool_core::gateway::GatewayError::ContextTooLong(m) => ApiError {
                 code: Some("context_length_exceeded"),
                 ..ApiError::invalid_param("messages", m)
@@ -220,12 +255,56 @@ impl From<EngineError> for ApiError {
                 err
             }
             EngineError::Unavailable(m) => ApiError::unavailable(m, 5),
-            EngineError::Internal(m) | EngineError::Load { message: m, .. } => {
-                ApiError::internal(m)
-            }
+            EngineError::Internal(m) => ApiError::hidden("The engine failed", &m),
+            EngineError::Load { model, message } => ApiError::hidden(
+                &format!("The model `{}` failed to load", truncate(&model, 100)),
+                &message,
+            ),
         }
     }
 }
+
+/// Marks the 500 that [`panic_response`] made, so [`panics_in_shape`] can reshape it.
+#[derive(Clone, Copy)]
+struct FromPanic;
+
+/// The last resort (tower-http's `CatchPanicLayer`): a handler that panicked answers an
+/// OpenAI-shaped 500 whose details stay in the log.
+pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    let what = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    let mut resp = ApiError::hidden("The server failed on this request", what).into_response();
+    resp.extensions_mut().insert(FromPanic);
+    resp
+}
+
+/// Middleware just inside the panic catcher: a caught panic on an Ollama route is answered in
+/// Ollama's shape (`{"error": "..."}`).
+pub async fn panics_in_shape(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let ollama = req.uri().path().starts_with("/api/");
+    let path = req.uri().path().to_string();
+    let resp = next.run(req).await;
+    if !(ollama && resp.extensions().get::<FromPanic>().is_some()) {
+        return resp;
+    }
+    let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
+    let message = serde_json::from_slice::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+        .unwrap_or_else(|| "The server failed on this request.".into());
+    crate::ollama::in_shape_for(&path, ApiError::internal(message))
+}
+
+/// How long a client may take to send its request body.
+const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// A JSON request body, parsed whatever the content type says, with OpenAI-style errors:
 /// malformed JSON and wrong types give 400 naming the field; a body over the limit gives 413.
@@ -239,7 +318,21 @@ where
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
-        let bytes = match bytes::Bytes::from_request(req, state).await {
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, bytes::Bytes::from_request(req, state));
+        let Ok(read) = read.await else {
+            return Err(ApiError {
+                code: Some("request_timeout"),
+                ..ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "invalid_request_error",
+                    format!(
+                        "The request body did not arrive within {} s.",
+                        BODY_READ_TIMEOUT.as_secs()
+                    ),
+                )
+            });
+        };
+        let bytes = match read {
             Ok(b) => b,
             Err(rejection) => {
                 let status = rejection.status();

@@ -1,6 +1,9 @@
 //! Tidepool's HTTP face, over axum: the OpenAI- and Ollama-compatible APIs, `/health`, and graceful
 //! shutdown.
 //!
+//! Every request passes one guard ([`guard`]: peer, Host, Origin, content type) and the LAN's
+//! token check ([`sharing`]); connections are accepted with limits and timeouts ([`listen`]).
+//!
 //! The server holds no inference logic: every request becomes a [`GenerationRequest`] handed to
 //! the core [`Service`].
 //!
@@ -9,6 +12,8 @@
 pub mod admin;
 pub mod dashboard;
 pub mod error;
+pub mod guard;
+pub mod listen;
 pub mod models;
 pub mod ollama;
 pub mod openai;
@@ -17,9 +22,8 @@ pub mod selection;
 pub mod sharing;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, Uri};
@@ -33,6 +37,8 @@ use tidepool_core::gateway::{Gateway, GatewayConfig};
 use tidepool_core::service::{ModelStatus, Service};
 
 use error::ApiError;
+use guard::{Guard, GuardConfig};
+use listen::{ConnGate, ConnLimits};
 
 /// HTTP settings.
 #[derive(Debug, Clone)]
@@ -41,6 +47,8 @@ pub struct HttpConfig {
     pub body_limit: usize,
     /// How long shutdown waits for running requests before closing anyway.
     pub drain_timeout: Duration,
+    /// Connection limits, header and write timeouts.
+    pub connections: ConnLimits,
 }
 
 impl Default for HttpConfig {
@@ -48,6 +56,7 @@ impl Default for HttpConfig {
         HttpConfig {
             body_limit: 4 * 1024 * 1024,
             drain_timeout: Duration::from_secs(60),
+            connections: ConnLimits::default(),
         }
     }
 }
@@ -70,6 +79,10 @@ pub struct AppState {
     /// Task profiles, answer cache, degraded mode and the long-input policy, in front of the
     /// service.
     pub gateway: Arc<Gateway>,
+    /// Host, Origin and content-type rules (see [`guard`]).
+    pub guard: Arc<Guard>,
+    /// Open connections, shared by the loopback and the LAN listeners.
+    pub connections: Arc<OnceLock<Arc<ConnGate>>>,
 }
 
 impl AppState {
@@ -88,17 +101,29 @@ impl AppState {
             downloads: Default::default(),
             switcher: None,
             switch: Default::default(),
+            guard: Arc::new(Guard::new(GuardConfig::default())),
+            connections: Default::default(),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         }
     }
+
+    /// The same state with these guard settings (extra host names, allowed origins).
+    pub fn with_guard(mut self, config: GuardConfig) -> Self {
+        self.guard = Arc::new(Guard::new(config));
+        self
+    }
 }
 
-/// The full router.
+/// The full router. Two groups: the public API (OpenAI, Ollama, health), with a CORS policy for
+/// the allowed origins, and the local routes (admin API, metrics, dashboard), loopback only and
+/// own-origin only by their `route_layer`. Around both, outermost first: a panic becomes an
+/// API-shaped 500; a LAN peer is authenticated and rate limited ([`sharing::lan_guard`]); the
+/// Host and Origin rules ([`guard::guard`]); new requests get 503 once shutdown has begun.
 pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
-    Router::new()
+    let public = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::list_models))
@@ -110,28 +135,34 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
         .route("/api/ps", get(ollama::ps))
         .route("/api/show", post(ollama::show))
         .route("/api/version", get(ollama::version))
-        .merge(
-            Router::new()
-                .route("/admin/status", get(admin::status))
-                .route("/admin/events", get(admin::events))
-                .route("/admin/scale", post(admin::scale))
-                .route(
-                    "/admin/config",
-                    get(admin::get_config).put(admin::put_config),
-                )
-                .route("/metrics", get(admin::metrics))
-                .route("/admin/sharing", get(sharing::get).put(sharing::put))
-                .route("/admin/sharing/rotate", post(sharing::rotate))
-                .route("/admin/models", get(models::list))
-                .route("/admin/models/pull", post(models::pull))
-                .route("/admin/model", axum::routing::put(models::switch))
-                .route("/", get(dashboard::asset))
-                .route("/ui/{*path}", get(dashboard::asset))
-                .route("/css/{*path}", get(dashboard::asset))
-                .route("/js/{*path}", get(dashboard::asset))
-                .route("/vendor/{*path}", get(dashboard::asset))
-                .layer(middleware::from_fn(admin::loopback_only)),
+        .layer(guard::api_cors(state.guard.clone()));
+    let local = Router::new()
+        .route("/admin/status", get(admin::status))
+        .route("/admin/events", get(admin::events))
+        .route("/admin/scale", post(admin::scale))
+        .route(
+            "/admin/config",
+            get(admin::get_config).put(admin::put_config),
         )
+        .route("/metrics", get(admin::metrics))
+        .route("/admin/sharing", get(sharing::get).put(sharing::put))
+        .route("/admin/sharing/token", post(sharing::reveal_token))
+        .route("/admin/sharing/rotate", post(sharing::rotate))
+        .route("/admin/models", get(models::list))
+        .route("/admin/models/pull", post(models::pull))
+        .route("/admin/model", axum::routing::put(models::switch))
+        .route("/", get(dashboard::asset))
+        .route("/ui/{*path}", get(dashboard::asset))
+        .route("/css/{*path}", get(dashboard::asset))
+        .route("/js/{*path}", get(dashboard::asset))
+        .route("/vendor/{*path}", get(dashboard::asset))
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            guard::local_only,
+        ));
+    Router::new()
+        .merge(public)
+        .merge(local)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(cfg.body_limit))
@@ -139,10 +170,14 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
             state.clone(),
             refuse_while_shutting_down,
         ))
-        // Outermost: a LAN peer is authenticated and rate limited before anything else.
+        .layer(middleware::from_fn_with_state(state.clone(), guard::guard))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             sharing::lan_guard,
+        ))
+        .layer(middleware::from_fn(error::panics_in_shape))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            error::panic_response,
         ))
         .with_state(state)
 }
@@ -169,9 +204,16 @@ async fn health(State(app): State<AppState>) -> Response {
             })),
         )
             .into_response(),
+        ModelStatus::Degraded { reason } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "degraded", "model": model, "reason": reason})),
+        )
+            .into_response(),
         ModelStatus::Failed { error } => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "failed", "model": model, "reason": error})),
+            // The first line: a backtrace or a long cause chain stays in the log.
+            Json(json!({"status": "failed", "model": model,
+                        "reason": error::truncate(error.lines().next().unwrap_or(""), 300)})),
         )
             .into_response(),
     }
@@ -211,45 +253,46 @@ async fn refuse_while_shutting_down(
 }
 
 /// Serves until `shutdown` resolves, then refuses new requests (503), waits up to
-/// `drain_timeout` for running generations to finish, and stops.
+/// `drain_timeout` for running generations to finish, and closes every connection.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     cfg: HttpConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    listen::raise_fd_limit();
     let service = state.service.clone();
     let sharing = state.sharing.clone();
+    let gate = state
+        .connections
+        .get_or_init(|| ConnGate::new(cfg.connections.clone()))
+        .clone();
     if let Ok(local) = listener.local_addr() {
+        state.guard.set_port(local.port());
         sharing.started(&state, local, cfg.clone());
     }
-    let app = router(state, &cfg).into_make_service_with_connect_info::<SocketAddr>();
+    let app = router(state, &cfg);
+    let drain_timeout = cfg.drain_timeout;
     let drained = async move {
-        shutdown.await;
         service.begin_shutdown();
         sharing.stop_listeners();
-        let start = Instant::now();
-        let mut last_log = Instant::now() - Duration::from_secs(10);
-        while service.in_flight() > 0 && start.elapsed() < cfg.drain_timeout {
-            if last_log.elapsed() >= Duration::from_secs(5) {
-                tracing::info!(
-                    in_flight = service.in_flight(),
-                    "waiting for running requests to finish"
-                );
-                last_log = Instant::now();
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if service.in_flight() > 0 {
+        let left = service.wait_idle(drain_timeout).await;
+        if left > 0 {
             tracing::warn!(
-                in_flight = service.in_flight(),
+                in_flight = left,
                 "drain timeout reached; closing with requests still running"
             );
         }
     };
-    axum::serve(listener, app)
-        .with_graceful_shutdown(drained)
-        .await
+    listen::serve_connections(
+        listener,
+        app,
+        gate,
+        shutdown,
+        drained,
+        Duration::from_secs(2),
+    )
+    .await
 }
 
 /// Resolves on SIGINT (Ctrl-C) or SIGTERM.

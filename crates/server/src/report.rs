@@ -19,6 +19,15 @@ pub const PROFILE_HEADER: &str = "x-tidepool-profile";
 /// A combined profile's label.
 pub const LABEL_HEADER: &str = "x-tidepool-label";
 
+/// Every header a report may add (exposed to allowed cross-origin pages by the CORS policy).
+pub const HEADER_NAMES: [&str; 5] = [
+    CACHE_HEADER,
+    TRUNCATED_HEADER,
+    DEGRADED_HEADER,
+    PROFILE_HEADER,
+    LABEL_HEADER,
+];
+
 /// Adds the report's headers.
 pub fn insert_headers(headers: &mut HeaderMap, report: &Report) {
     for (name, value) in [

@@ -9,8 +9,8 @@ use crate::error::ApiError;
 use crate::openai::PRIORITY_HEADER;
 use crate::AppState;
 
-/// The header that names a task profile.
-pub const PROFILE_HEADER: &str = "x-tidepool-profile";
+/// The header that names a task profile (the response carries the same header back).
+pub use crate::report::PROFILE_HEADER;
 
 /// The selections a request's headers carry.
 #[derive(Debug, Clone, Default)]
