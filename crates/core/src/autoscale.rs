@@ -22,6 +22,9 @@ const RATE_WINDOW_S: f64 = 5.0;
 const LATENCY_WINDOW_S: f64 = 30.0;
 /// Finished requests a p95 needs before it counts as a signal.
 const LATENCY_MIN_COUNT: u64 = 5;
+/// How often idle workers' engines are probed, and how long a probe may take.
+const PROBE_EVERY: Duration = Duration::from_secs(10);
+const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The running control loop's state, for /admin/status.
 pub struct Autoscaler {
@@ -31,7 +34,32 @@ pub struct Autoscaler {
     policy: Mutex<Policy>,
     state: Mutex<LoopState>,
     power: Mutex<PowerLoop>,
+    /// The served model's idle expiry a request set (Ollama's `keep_alive`), if any: never
+    /// written into the policy, never saved.
+    keep_alive: Mutex<Option<KeepAlive>>,
     epoch: Instant,
+}
+
+/// How long a request asks the model to stay loaded after the last request.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum KeepAlive {
+    /// Unload once idle (Ollama's `keep_alive: 0`).
+    Unload,
+    /// Stay loaded this long after the last request.
+    For(Duration),
+    /// Stay loaded (a negative `keep_alive`).
+    Forever,
+}
+
+impl KeepAlive {
+    /// Seconds after the last request, `INFINITY` for ever.
+    pub fn seconds(self) -> f64 {
+        match self {
+            KeepAlive::Unload => 0.0,
+            KeepAlive::For(d) => d.as_secs_f64(),
+            KeepAlive::Forever => f64::INFINITY,
+        }
+    }
 }
 
 /// The machine side of the loop.
@@ -86,6 +114,7 @@ impl Autoscaler {
             }),
             pool: std::sync::RwLock::new(pool),
             service,
+            keep_alive: Mutex::new(None),
             epoch: Instant::now(),
         })
     }
@@ -96,12 +125,18 @@ impl Autoscaler {
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(every);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last_probe = Instant::now();
             loop {
                 interval.tick().await;
                 if this.service.is_shutting_down() {
                     return;
                 }
                 this.tick();
+                if last_probe.elapsed() >= PROBE_EVERY {
+                    last_probe = Instant::now();
+                    let pool = this.pool();
+                    tokio::spawn(async move { pool.probe_idle(PROBE_TIMEOUT).await });
+                }
             }
         })
     }
@@ -110,12 +145,14 @@ impl Autoscaler {
     pub fn tick(&self) -> Decision {
         // One pool for the whole tick, even if the served model is switched meanwhile.
         let pool = self.pool();
+        // Dead engines are replaced before anything is decided.
+        pool.check_health();
         let signals = {
-            let mut st = self.state.lock().unwrap();
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             let dt = now.duration_since(st.last_tick).as_secs_f64().max(1e-3);
             let arrivals = self.service.arrivals();
-            let instant = (arrivals - st.last_arrivals) as f64 / dt;
+            let instant = arrivals.saturating_sub(st.last_arrivals) as f64 / dt;
             let alpha = 1.0 - (-dt / RATE_WINDOW_S).exp();
             st.rate += alpha * (instant - st.rate);
             st.last_tick = now;
@@ -148,6 +185,7 @@ impl Autoscaler {
             workers: pool.active_workers(),
             budget_workers: pool.budget_workers(),
             limits,
+            keep_alive_s: self.keep_alive().map(KeepAlive::seconds),
         };
         let current = view.workers;
         let decision =
@@ -168,7 +206,7 @@ impl Autoscaler {
             }
             active -= 1;
         }
-        let mut st = self.state.lock().unwrap();
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         if st.decision.as_ref().map(|d| d.workers) != Some(decision.workers) {
             tracing::info!(workers = decision.workers, "{}", decision.reason);
         }
@@ -179,7 +217,7 @@ impl Autoscaler {
     /// Reads the machine, updates the power state, applies the limits that are not worker counts
     /// (slots, CPU cores, shedding) and returns those that are, for the policy.
     fn machine_tick(&self, pool: &Arc<Pool>) -> MachineLimits {
-        let mut p = self.power.lock().unwrap();
+        let mut p = self.power.lock().unwrap_or_else(|p| p.into_inner());
         let reading = p.machine.read();
         let cfg = p.config.clone();
         let state = p.governor.update(&cfg, &reading);
@@ -217,56 +255,86 @@ impl Autoscaler {
 
     /// The latest machine reading and the power state derived from it.
     pub fn machine(&self) -> (Option<MachineReading>, Option<PowerState>) {
-        let p = self.power.lock().unwrap();
+        let p = self.power.lock().unwrap_or_else(|p| p.into_inner());
         (p.reading.clone(), p.state.clone())
     }
 
     /// CPU cores inference may use now.
     pub fn cpu_cores(&self) -> usize {
-        let p = self.power.lock().unwrap();
+        let p = self.power.lock().unwrap_or_else(|p| p.into_inner());
         p.cpu.current().unwrap_or(p.cpu.cores())
     }
 
     pub fn power_config(&self) -> PowerConfig {
-        self.power.lock().unwrap().config.clone()
+        self.power
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config
+            .clone()
     }
 
     /// Replaces the power config (already validated) and applies it at once.
     pub fn set_power_config(&self, config: PowerConfig) -> Decision {
-        self.power.lock().unwrap().config = config;
+        self.power.lock().unwrap_or_else(|p| p.into_inner()).config = config;
         self.tick()
     }
 
     /// The latest decision and the signals it was made on.
     pub fn last(&self) -> (Option<Decision>, Signals) {
-        let st = self.state.lock().unwrap();
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         (st.decision.clone(), st.signals.clone())
     }
 
     /// Holds the pool at `workers` for `ttl` (still within the memory budget), applied at once.
     pub fn set_override(&self, workers: usize, ttl: Duration) -> Decision {
-        let until = self.epoch.elapsed().as_secs_f64() + ttl.as_secs_f64();
-        self.policy.lock().unwrap().manual = Some(Override { workers, until });
+        let until =
+            self.epoch.elapsed().as_secs_f64() + ttl.as_secs_f64().min(crate::bounds::MAX_SECONDS);
+        self.policy.lock().unwrap_or_else(|p| p.into_inner()).manual =
+            Some(Override { workers, until });
         self.tick()
     }
 
+    /// Sets (or with `None` clears) the served model's idle expiry from a request's
+    /// `keep_alive`; a change applies at the next tick.
+    pub fn set_keep_alive(&self, keep_alive: Option<KeepAlive>) {
+        let mut k = self.keep_alive.lock().unwrap_or_else(|p| p.into_inner());
+        if std::mem::replace(&mut *k, keep_alive) != keep_alive {
+            tracing::info!(?keep_alive, "the model's keep_alive, from a request");
+        }
+    }
+
+    /// The idle expiry a request set, if any.
+    pub fn keep_alive(&self) -> Option<KeepAlive> {
+        *self.keep_alive.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn pool(&self) -> Arc<Pool> {
-        self.pool.read().unwrap().clone()
+        self.pool.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Steers `pool` from now on (the served model changed); returns the previous one, which the
     /// caller drains.
     pub fn replace_pool(&self, pool: Arc<Pool>) -> Arc<Pool> {
-        std::mem::replace(&mut *self.pool.write().unwrap(), pool)
+        std::mem::replace(
+            &mut *self.pool.write().unwrap_or_else(|p| p.into_inner()),
+            pool,
+        )
     }
 
     /// Replaces the policy (already validated); the next tick uses it.
     pub fn set_config(&self, config: PolicyConfig) {
-        self.policy.lock().unwrap().set_config(config);
+        self.policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set_config(config);
     }
 
     pub fn config(&self) -> PolicyConfig {
-        self.policy.lock().unwrap().config.clone()
+        self.policy
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .config
+            .clone()
     }
 }
 

@@ -35,13 +35,27 @@ pub const DEFAULT_MAX_TOKENS: u32 = 1024;
 const MIN_OPEN_ANSWER: u64 = 16;
 
 /// The gateway's part of the configuration file.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct GatewayConfig {
     pub cache: CacheConfig,
     pub context: ContextConfig,
     pub degraded: DegradedConfig,
     /// Configured task profiles (the built-in ones are always there unless replaced).
     pub profiles: Profiles,
+    /// Messages one chat request may carry (`server.max_messages`).
+    pub max_messages: usize,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            cache: CacheConfig::default(),
+            context: ContextConfig::default(),
+            degraded: DegradedConfig::default(),
+            profiles: Profiles::default(),
+            max_messages: crate::request::DEFAULT_MAX_MESSAGES,
+        }
+    }
 }
 
 /// Why a request was not started.
@@ -55,6 +69,9 @@ pub enum GatewayError {
     /// An unknown profile (404) or one that cannot serve this request (400).
     #[error(transparent)]
     Profile(#[from] ProfileError),
+    /// The request exceeds a bound (too many messages, stop strings…): HTTP 400 naming `param`.
+    #[error("{message}")]
+    Invalid { param: String, message: String },
 }
 
 /// Whether an answer came from the cache.
@@ -144,11 +161,14 @@ impl Gateway {
     }
 
     pub fn config(&self) -> GatewayConfig {
-        self.config.read().unwrap().clone()
+        self.config
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn cache_stats(&self) -> CacheStats {
-        self.cache.lock().unwrap().stats()
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).stats()
     }
 
     /// The profiles requests may name.
@@ -159,6 +179,9 @@ impl Gateway {
     /// Starts (or replays) one answer.
     pub async fn submit(&self, sub: Submission) -> Result<Answer, GatewayError> {
         let cfg = self.config();
+        sub.request
+            .check_bounds(cfg.max_messages)
+            .map_err(|(param, message)| GatewayError::Invalid { param, message })?;
         let mut report = Report::default();
         let (mut request, class, label_profile) = match &sub.profile {
             None => (sub.request, sub.class.unwrap_or(Class::Standard), None),
@@ -197,7 +220,11 @@ impl Gateway {
             )
         });
         if let Some(key) = &key {
-            let found = self.cache.lock().unwrap().get(key, Instant::now());
+            let found = self
+                .cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(key, Instant::now());
             if let Some(answer) = found {
                 report.cache = Some(CacheStatus::Hit);
                 report.truncation = answer.truncation;
@@ -365,7 +392,7 @@ impl Gateway {
         if bound <= available {
             return Ok((request, None));
         }
-        let total = match self.count(&request.prompt, &request).await {
+        let total = match self.count(&request.prompt, &request).await? {
             Some(n) => n,
             // No engine to count with: the engine checks the length itself when it runs.
             None => return Ok((request, None)),
@@ -402,7 +429,7 @@ impl Gateway {
                 let (kept, _) = layout.select(with_head, tail);
                 let n = self
                     .count(&Prompt::Chat(kept), &request)
-                    .await
+                    .await?
                     .unwrap_or(u64::MAX);
                 search.report(n <= available);
             }
@@ -429,14 +456,32 @@ impl Gateway {
         ))
     }
 
-    /// Tokens of `prompt` with the request's tools, `None` when no engine can count.
-    async fn count(&self, prompt: &Prompt, request: &GenerationRequest) -> Option<u64> {
-        match self.service.count_tokens(prompt, &request.tools).await {
-            Ok(n) => Some(u64::from(n)),
-            Err(e) => {
+    /// Tokens of `prompt` with the request's tools, `None` when no engine can count. Counting
+    /// renders the chat template, which takes time on a long conversation: it may take as long
+    /// as a request may wait, no longer.
+    async fn count(
+        &self,
+        prompt: &Prompt,
+        request: &GenerationRequest,
+    ) -> Result<Option<u64>, GatewayError> {
+        let deadline = self.service.queue_deadline();
+        match tokio::time::timeout(deadline, self.service.count_tokens(prompt, &request.tools))
+            .await
+        {
+            Ok(Ok(n)) => Ok(Some(u64::from(n))),
+            Ok(Err(SubmitError::Engine(EngineError::Invalid(m)))) => Err(GatewayError::Submit(
+                SubmitError::Engine(EngineError::Invalid(m)),
+            )),
+            Ok(Err(e)) => {
                 tracing::debug!("cannot count tokens: {e}");
-                None
+                Ok(None)
             }
+            Err(_) => Err(GatewayError::Submit(SubmitError::DeadlineExceeded(
+                format!(
+                    "Reading the prompt took longer than the {:.0} s a request may wait.",
+                    deadline.as_secs_f64()
+                ),
+            ))),
         }
     }
 
@@ -526,7 +571,10 @@ fn record(
                     usage: *usage,
                     truncation,
                 };
-                cache.lock().unwrap().insert(key, answer, Instant::now());
+                cache
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(key, answer, Instant::now());
             }
             GenerationEvent::Done { .. } | GenerationEvent::Error(_) => {}
         }

@@ -142,6 +142,8 @@ pub struct Metrics {
     pub completion_tokens: AtomicU64,
     pub latency: Histogram,
     pub ttft: Histogram,
+    /// Generations cancelled because their client stopped reading (also counted `cancelled`).
+    pub stalled: AtomicU64,
 }
 
 impl Metrics {
@@ -199,6 +201,11 @@ impl Metrics {
             out,
             "tidepool_time_to_first_token_seconds",
             "Time from submission to the first token (queueing included).",
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_stalled_clients_total Generations cancelled because the client stopped reading.\n# TYPE tidepool_stalled_clients_total counter\ntidepool_stalled_clients_total {}",
+            self.stalled.load(Ordering::Relaxed)
         );
     }
 }

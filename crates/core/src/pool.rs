@@ -7,6 +7,11 @@
 //! - [`Pool::acquire`] hands out a slot on the least-loaded Ready worker, or waits in the bounded
 //!   [`PriorityQueue`] until one frees up or its deadline passes. Dropping the waiting future (the
 //!   client went away) removes it from the queue at once; dropping a [`Lease`] frees its slot.
+//! - A worker whose engine dies (its thread panicked, its channel closed, a health probe timed
+//!   out) is taken out at once: it is never picked again, its reservation is released, waiting
+//!   requests go to the other workers, and a replacement is started. While no worker is healthy
+//!   the pool says it is degraded (`/health` answers 503 with the reason). A loader that panics
+//!   counts as a failed load and gives its reservation back.
 //! - Every transition is an [`Event`] with its reason, kept in a ring buffer.
 
 use std::collections::VecDeque;
@@ -14,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
+use futures::FutureExt;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
@@ -99,6 +105,10 @@ struct Inner {
     stopped: bool,
     /// Slots admitted per worker now (a power mode may admit fewer than a worker has).
     slot_cap: Option<usize>,
+    /// Why the pool has no healthy worker after one died (cleared when one is Ready again).
+    degraded: Option<String>,
+    /// Workers taken out because their engine died, since start.
+    deaths: u64,
 }
 
 impl Inner {
@@ -155,6 +165,8 @@ impl Pool {
                 next_id: 1,
                 stopped: false,
                 slot_cap: None,
+                degraded: None,
+                deaths: 0,
             }),
             factory,
             epoch: Instant::now(),
@@ -178,6 +190,8 @@ impl Pool {
         class: Class,
         deadline: Duration,
     ) -> Result<Lease, AcquireError> {
+        // A worker whose engine died while idle is found here, before anyone waits on it.
+        self.check_health();
         let (tx, mut rx) = oneshot::channel();
         let ticket = {
             let mut inner = self.lock();
@@ -230,6 +244,7 @@ impl Pool {
             .workers
             .iter_mut()
             .filter(|w| w.state == WorkerState::Ready && w.busy < w.slots.min(cap))
+            .filter(|w| w.engine.as_ref().is_some_and(|e| e.health().is_ok()))
             .min_by_key(|w| (w.busy, w.id))?;
         w.busy += 1;
         Some(Lease {
@@ -263,11 +278,135 @@ impl Pool {
     }
 
     fn release(self: &Arc<Self>, worker: u64) {
-        let mut inner = self.lock();
-        if let Some(stopped) = release_slot(&mut inner, worker) {
-            self.stop_worker(&mut inner, stopped);
+        let dead = {
+            let mut inner = self.lock();
+            if let Some(stopped) = release_slot(&mut inner, worker) {
+                self.stop_worker(&mut inner, stopped);
+            }
+            // A generation that just ended may have ended because the engine died.
+            let dead = inner
+                .workers
+                .iter()
+                .find(|w| w.id == worker)
+                .and_then(|w| w.engine.as_ref())
+                .and_then(|e| e.health().dead_reason());
+            if dead.is_none() {
+                self.dispatch(&mut inner);
+            }
+            dead
+        };
+        if let Some(why) = dead {
+            self.worker_died(worker, &why);
         }
-        self.dispatch(&mut inner);
+    }
+
+    /// Takes out worker `id`, whose engine died, and starts a replacement. Running requests on
+    /// it have already failed (their streams carried the engine's error); waiting ones go to
+    /// the other workers.
+    pub fn worker_died(self: &Arc<Self>, id: u64, why: &str) {
+        let replace = {
+            let mut inner = self.lock();
+            let Some(pos) = inner.workers.iter().position(|w| w.id == id) else {
+                return;
+            };
+            let w = inner.workers.remove(pos);
+            inner.ledger.release(id);
+            inner.deaths += 1;
+            let replace =
+                matches!(w.state, WorkerState::Ready | WorkerState::Loading) && !inner.stopped;
+            self.event(
+                &mut inner,
+                Some(id),
+                Some(w.state),
+                Some(WorkerState::Stopped),
+                format!(
+                    "engine died: {why}{}",
+                    if replace {
+                        "; starting a replacement"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            let healthy = inner.workers.iter().any(|w| w.state == WorkerState::Ready);
+            if !healthy {
+                inner.degraded = Some(format!(
+                    "worker {id}'s engine died ({why}); a replacement is loading"
+                ));
+            }
+            if let Some(engine) = w.engine {
+                std::thread::spawn(move || {
+                    // An engine whose thread panicked may panic again on the way down.
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| drop(engine)));
+                    crate::memory::return_freed_memory();
+                });
+            }
+            self.dispatch(&mut inner);
+            replace
+        };
+        if replace {
+            if let Err(e) = self.add_worker(&format!("replacing worker {id}, whose engine died")) {
+                let mut inner = self.lock();
+                inner.degraded = Some(format!(
+                    "worker {id}'s engine died ({why}) and no replacement fits: {e}"
+                ));
+            }
+        }
+    }
+
+    /// Checks every Ready worker's engine; the dead ones are taken out and replaced.
+    pub fn check_health(self: &Arc<Self>) {
+        let dead: Vec<(u64, String)> = {
+            let inner = self.lock();
+            inner
+                .workers
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready)
+                .filter_map(|w| {
+                    let why = w.engine.as_ref()?.health().dead_reason()?;
+                    Some((w.id, why))
+                })
+                .collect()
+        };
+        for (id, why) in dead {
+            self.worker_died(id, &why);
+        }
+    }
+
+    /// Probes every idle Ready worker's engine (a round trip through its thread) with
+    /// `timeout`; one that fails or does not answer is taken out and replaced. Busy workers are
+    /// left alone: their requests show whether they work.
+    pub async fn probe_idle(self: &Arc<Self>, timeout: Duration) {
+        let idle: Vec<(u64, Arc<dyn Engine>)> = {
+            let inner = self.lock();
+            inner
+                .workers
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready && w.busy == 0)
+                .filter_map(|w| Some((w.id, w.engine.clone()?)))
+                .collect()
+        };
+        for (id, engine) in idle {
+            let why = match tokio::time::timeout(timeout, engine.probe()).await {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => format!("health probe failed: {e}"),
+                Err(_) => format!(
+                    "health probe did not answer within {:.0} s",
+                    timeout.as_secs_f64()
+                ),
+            };
+            self.worker_died(id, &why);
+        }
+    }
+
+    /// Why the pool has no healthy worker, after one died.
+    pub fn degraded(&self) -> Option<String> {
+        self.lock().degraded.clone()
+    }
+
+    /// Workers whose engine died, since start.
+    pub fn deaths(&self) -> u64 {
+        self.lock().deaths
     }
 
     fn event(
@@ -330,7 +469,13 @@ impl Pool {
         let load = self.factory.load();
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = load.await;
+            let result = match std::panic::AssertUnwindSafe(load).catch_unwind().await {
+                Ok(r) => r,
+                Err(panic) => Err(EngineError::Internal(format!(
+                    "the loader panicked: {}",
+                    panic_message(&panic)
+                ))),
+            };
             let mut inner = pool.lock();
             let Some(pos) = inner.workers.iter().position(|w| w.id == id) else {
                 return;
@@ -339,6 +484,7 @@ impl Pool {
                 Ok(engine) if inner.workers[pos].state == WorkerState::Loading => {
                     inner.workers[pos].engine = Some(engine);
                     inner.workers[pos].state = WorkerState::Ready;
+                    inner.degraded = None;
                     let msg = format!("ready in {:.2} s", started.elapsed().as_secs_f64());
                     pool.event(
                         &mut inner,
@@ -354,7 +500,8 @@ impl Pool {
                     pool.stop_worker(&mut inner, id);
                 }
                 Err(e) => {
-                    let msg = format!("load failed: {e}");
+                    tracing::warn!(worker = id, "worker failed to load: {e}");
+                    let msg = format!("load failed: {}", first_line(&e.to_string()));
                     pool.event(
                         &mut inner,
                         Some(id),
@@ -526,6 +673,24 @@ impl Pool {
         inner.stopped = true;
         let waiting = inner.queue.expire(f64::INFINITY);
         drop(waiting);
+    }
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// The first line of an error (a backtrace or a long cause chain stays in the log).
+fn first_line(text: &str) -> &str {
+    let line = text.lines().next().unwrap_or("");
+    match line.char_indices().nth(300) {
+        Some((end, _)) => &line[..end],
+        None => line,
     }
 }
 

@@ -1,5 +1,11 @@
 //! The front door of the engine room: what the HTTP layer calls. It knows which model is served,
 //! whether it is loaded yet, and hands each request to an engine.
+//!
+//! Every generation it starts runs in its own task, which owns the worker slot and feeds the
+//! client through a bounded queue ([`OUTPUT_QUEUE`] events): the slot is released when the
+//! generation ends or fails, not when the HTTP transport drops. A client that goes away cancels
+//! the generation at once; one that stops reading (the queue stays full for the write timeout)
+//! has its generation cancelled and its slot freed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
@@ -18,6 +24,12 @@ use crate::request::{GenerationEvent, GenerationRequest, Prompt, ToolSpec};
 
 /// What a shed request is told to wait before retrying: a machine cools over tens of seconds.
 const SHED_RETRY_AFTER_S: u64 = 30;
+
+/// Events a generation may run ahead of its client before it waits for it to read.
+pub const OUTPUT_QUEUE: usize = 64;
+
+/// How long a generation waits for a client that stopped reading, by default.
+pub const DEFAULT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Why a request could not be started.
 #[derive(Debug, Error, Clone)]
@@ -74,9 +86,18 @@ pub enum ModelState {
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum ModelStatus {
-    Loading { detail: String, seconds: f64 },
+    Loading {
+        detail: String,
+        seconds: f64,
+    },
     Ready,
-    Failed { error: String },
+    /// Served by a pool that has no healthy worker since one died (a replacement is loading).
+    Degraded {
+        reason: String,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// The service: one served model (for now, one engine).
@@ -86,7 +107,7 @@ pub struct Service {
     served: RwLock<(String, Vec<String>)>,
     state: RwLock<ModelState>,
     shutting_down: std::sync::atomic::AtomicBool,
-    in_flight: Arc<AtomicUsize>,
+    in_flight: Arc<InFlight>,
     /// Requests submitted since start, and when the last one came (load signals).
     arrivals: std::sync::atomic::AtomicU64,
     last_arrival: std::sync::Mutex<Option<Instant>>,
@@ -94,22 +115,32 @@ pub struct Service {
     queue_deadline: RwLock<std::time::Duration>,
     /// Why batch-class requests are refused now (critical heat), if they are.
     shedding: RwLock<Option<String>>,
+    /// How long a generation waits for a client that stopped reading.
+    write_timeout: RwLock<std::time::Duration>,
     pub metrics: Arc<Metrics>,
 }
 
-/// Counts a generation as running from submission until its stream is dropped.
-struct InFlightGuard(Arc<AtomicUsize>);
+/// Generations submitted and not yet delivered, and a way to wait for them to end.
+#[derive(Default)]
+struct InFlight {
+    count: AtomicUsize,
+    changed: tokio::sync::Notify,
+}
+
+/// Counts a generation as running from submission until its client has it all (or left).
+struct InFlightGuard(Arc<InFlight>);
 
 impl InFlightGuard {
-    fn new(counter: &Arc<AtomicUsize>) -> Self {
-        counter.fetch_add(1, Ordering::SeqCst);
+    fn new(counter: &Arc<InFlight>) -> Self {
+        counter.count.fetch_add(1, Ordering::SeqCst);
         InFlightGuard(counter.clone())
     }
 }
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
+        self.0.count.fetch_sub(1, Ordering::SeqCst);
+        self.0.changed.notify_waiters();
     }
 }
 
@@ -127,58 +158,86 @@ impl Service {
             last_arrival: Default::default(),
             queue_deadline: RwLock::new(std::time::Duration::from_secs(30)),
             shedding: RwLock::new(None),
+            write_timeout: RwLock::new(DEFAULT_WRITE_TIMEOUT),
             metrics: Default::default(),
         })
     }
 
     pub fn model_name(&self) -> String {
-        self.served.read().unwrap().0.clone()
+        self.served
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .0
+            .clone()
     }
 
     /// Changes the served model's name (a fallback model replaced the requested one).
     pub fn set_model_name(&self, name: impl Into<String>, aliases: Vec<String>) {
-        *self.served.write().unwrap() = (name.into(), aliases);
+        *self.served.write().unwrap_or_else(|p| p.into_inner()) = (name.into(), aliases);
     }
 
     /// Whether `name` refers to the served model.
     pub fn serves(&self, name: &str) -> bool {
-        let served = self.served.read().unwrap();
+        let served = self.served.read().unwrap_or_else(|p| p.into_inner());
         name == served.0 || served.1.iter().any(|a| a == name)
     }
 
     pub fn set_state(&self, state: ModelState) {
-        *self.state.write().unwrap() = state;
+        *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
     }
 
     /// Updates the detail of a model that is still loading (download progress, say).
     pub fn set_loading_detail(&self, detail: impl Into<String>) {
-        let mut s = self.state.write().unwrap();
+        let mut s = self.state.write().unwrap_or_else(|p| p.into_inner());
         if let ModelState::Loading { detail: d, .. } = &mut *s {
             *d = detail.into();
         }
     }
 
     pub fn status(&self) -> ModelStatus {
-        match &*self.state.read().unwrap() {
+        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
             ModelState::Loading { since, detail } => ModelStatus::Loading {
                 detail: detail.clone(),
                 seconds: since.elapsed().as_secs_f64(),
             },
-            ModelState::Ready(_) | ModelState::Pooled(_) => ModelStatus::Ready,
+            ModelState::Ready(_) => ModelStatus::Ready,
+            ModelState::Pooled(p) => match p.degraded() {
+                Some(reason) => ModelStatus::Degraded { reason },
+                None => ModelStatus::Ready,
+            },
             ModelState::Failed(e) => ModelStatus::Failed { error: e.clone() },
         }
     }
 
     /// The pool, when the model is served by one.
     pub fn pool(&self) -> Option<Arc<Pool>> {
-        match &*self.state.read().unwrap() {
+        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
             ModelState::Pooled(p) => Some(p.clone()),
             _ => None,
         }
     }
 
+    /// How long a generation waits for a client that stopped reading before it is cancelled.
+    pub fn set_write_timeout(&self, d: std::time::Duration) {
+        *self
+            .write_timeout
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = d;
+    }
+
+    /// How long a pooled request may wait for a slot.
+    pub fn queue_deadline(&self) -> std::time::Duration {
+        *self
+            .queue_deadline
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     pub fn set_queue_deadline(&self, d: std::time::Duration) {
-        *self.queue_deadline.write().unwrap() = d;
+        *self
+            .queue_deadline
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = d;
     }
 
     /// Requests submitted so far (a counter; the autoscaler derives the rate).
@@ -188,12 +247,15 @@ impl Service {
 
     /// Time since the last request arrived, if any did.
     pub fn idle_for(&self) -> Option<std::time::Duration> {
-        self.last_arrival.lock().unwrap().map(|t| t.elapsed())
+        self.last_arrival
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map(|t| t.elapsed())
     }
 
     /// Where requests go: one engine, or the pool.
     fn backend(&self) -> Result<Backend, SubmitError> {
-        match &*self.state.read().unwrap() {
+        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
             ModelState::Ready(e) => Ok(Backend::Engine(e.clone())),
             ModelState::Pooled(p) => Ok(Backend::Pool(p.clone())),
             ModelState::Loading { detail, .. } => Err(SubmitError::NotReady(format!(
@@ -246,7 +308,8 @@ impl Service {
         if let Err(e) = &result {
             self.record_refusal(e);
         }
-        Ok(self.track(result?, started))
+        let (stream, guard) = result?;
+        Ok(self.deliver(stream, guard, started))
     }
 
     fn record_refusal(&self, e: &SubmitError) {
@@ -272,7 +335,7 @@ impl Service {
             }
             let backend = self.backend()?;
             self.arrivals.fetch_add(1, Ordering::Relaxed);
-            *self.last_arrival.lock().unwrap() = Some(Instant::now());
+            *self.last_arrival.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
             let guard = InFlightGuard::new(&self.in_flight);
             Ok(match backend {
                 Backend::Engine(engine) => Pinned {
@@ -281,7 +344,10 @@ impl Service {
                     _lease: None,
                 },
                 Backend::Pool(pool) => {
-                    let deadline = *self.queue_deadline.read().unwrap();
+                    let deadline = *self
+                        .queue_deadline
+                        .read()
+                        .unwrap_or_else(|p| p.into_inner());
                     let lease = pool.acquire(class, deadline).await?;
                     Pinned {
                         engine: lease.engine().clone(),
@@ -318,19 +384,33 @@ impl Service {
             let _held = &hold;
             event
         }));
-        Ok(self.track(stream, started))
+        let guard = InFlightGuard::new(&self.in_flight);
+        Ok(self.deliver(stream, guard, started))
     }
 
-    /// Records how a started generation ends.
-    fn track(&self, stream: GenerationStream, started: Instant) -> GenerationStream {
+    /// Runs a started generation in its own task and hands the client the receiving end: the
+    /// task owns the generation (and so its slot) until it ends, the client's side owns
+    /// `guard`, so the server counts the request until the client has all of it.
+    fn deliver(
+        &self,
+        stream: GenerationStream,
+        guard: InFlightGuard,
+        started: Instant,
+    ) -> GenerationStream {
         let mut tracker = Tracker {
             metrics: self.metrics.clone(),
             started,
             first: None,
             ended: false,
         };
-        Box::pin(stream.map(move |event| {
+        let tracked = stream.map(move |event| {
             tracker.see(&event);
+            event
+        });
+        let write_timeout = *self.write_timeout.read().unwrap_or_else(|p| p.into_inner());
+        let events = pump(Box::pin(tracked), write_timeout, self.metrics.clone());
+        Box::pin(events.map(move |event| {
+            let _counted = &guard;
             event
         }))
     }
@@ -339,12 +419,17 @@ impl Service {
         &self,
         request: GenerationRequest,
         class: Class,
-    ) -> Result<GenerationStream, SubmitError> {
+    ) -> Result<(GenerationStream, InFlightGuard), SubmitError> {
         if self.is_shutting_down() {
             return Err(SubmitError::ShuttingDown);
         }
         if class == Class::Batch {
-            if let Some(why) = self.shedding.read().unwrap().clone() {
+            if let Some(why) = self
+                .shedding
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone()
+            {
                 return Err(SubmitError::Shed {
                     message: format!("Batch requests are refused while the machine cools: {why}."),
                     retry_after_s: SHED_RETRY_AFTER_S,
@@ -353,36 +438,62 @@ impl Service {
         }
         let backend = self.backend()?;
         self.arrivals.fetch_add(1, Ordering::Relaxed);
-        *self.last_arrival.lock().unwrap() = Some(Instant::now());
+        *self.last_arrival.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let guard = InFlightGuard::new(&self.in_flight);
+        let deadline = self.queue_deadline();
         let (stream, lease) = match backend {
-            Backend::Engine(engine) => (engine.generate(request).await?, None),
+            Backend::Engine(engine) => (
+                started_within(deadline, engine.generate(request)).await?,
+                None,
+            ),
             Backend::Pool(pool) => {
-                let deadline = *self.queue_deadline.read().unwrap();
                 let lease = pool.acquire(class, deadline).await?;
-                (lease.engine().generate(request).await?, Some(lease))
+                (
+                    started_within(deadline, lease.engine().generate(request)).await?,
+                    Some(lease),
+                )
             }
         };
-        // The stream owns the slot: dropping it (finished, or the client left) frees both.
-        Ok(Box::pin(stream.map(move |event| {
-            let _running = (&guard, &lease);
+        // The stream owns the slot: dropping it (the generation ended, or was cancelled) frees it.
+        let stream: GenerationStream = Box::pin(stream.map(move |event| {
+            let _running = &lease;
             event
-        })))
+        }));
+        Ok((stream, guard))
     }
 
     /// Refuses batch-class requests with `why` (`None`: accept them again). Other classes still
     /// queue as usual.
     pub fn set_shedding(&self, why: Option<String>) {
-        *self.shedding.write().unwrap() = why;
+        *self.shedding.write().unwrap_or_else(|p| p.into_inner()) = why;
     }
 
     pub fn shedding(&self) -> Option<String> {
-        self.shedding.read().unwrap().clone()
+        self.shedding
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Generations submitted and not yet finished (or dropped).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+        self.in_flight.count.load(Ordering::SeqCst)
+    }
+
+    /// Waits until no generation is in flight, or `timeout` passes; returns how many still are.
+    pub async fn wait_idle(&self, timeout: std::time::Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Registered before the check, so a change between the two is not missed.
+            let changed = self.in_flight.changed.notified();
+            let n = self.in_flight();
+            if n == 0 {
+                return 0;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return self.in_flight();
+            }
+        }
     }
 
     /// Tokens `prompt` occupies once rendered (needs a running engine).
@@ -394,6 +505,58 @@ impl Service {
         let engine = self.engine()?;
         Ok(engine.count_tokens(prompt, tools).await?)
     }
+}
+
+/// Waits for an engine to start a generation (render the prompt, tokenize it, admit it) for at
+/// most `deadline`.
+async fn started_within(
+    deadline: std::time::Duration,
+    start: impl std::future::Future<Output = Result<GenerationStream, EngineError>>,
+) -> Result<GenerationStream, SubmitError> {
+    match tokio::time::timeout(deadline, start).await {
+        Ok(r) => Ok(r?),
+        Err(_) => Err(SubmitError::DeadlineExceeded(format!(
+            "The engine did not start the generation within {:.0} s.",
+            deadline.as_secs_f64()
+        ))),
+    }
+}
+
+/// Runs `stream` in its own task, feeding a bounded queue: the task ends (dropping the
+/// generation, which frees its slot) when the generation ends, when the receiver is dropped (the
+/// client went away: the generation is cancelled), or when the queue stays full for
+/// `write_timeout` (the client stopped reading: cancelled too).
+fn pump(
+    mut stream: GenerationStream,
+    write_timeout: std::time::Duration,
+    metrics: Arc<Metrics>,
+) -> GenerationStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(OUTPUT_QUEUE);
+    tokio::spawn(async move {
+        while let Some(event) = stream.next().await {
+            let last = matches!(
+                event,
+                GenerationEvent::Done { .. } | GenerationEvent::Error(_)
+            );
+            match tokio::time::timeout(write_timeout, tx.send(event)).await {
+                Ok(Ok(())) => {}
+                // The client went away: dropping the stream cancels the generation.
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    tracing::warn!(
+                        write_timeout_s = write_timeout.as_secs_f64(),
+                        "a client stopped reading its answer: generation cancelled, slot freed"
+                    );
+                    metrics.stalled.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+            if last {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 /// Records how one generation ends: finished, failed, or dropped early (cancelled).

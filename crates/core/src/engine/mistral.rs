@@ -1,8 +1,17 @@
 //! [`Engine`] over mistral.rs: one in-process `mistralrs::Model` loaded from local GGUF file(s).
 //!
 //! Every generation runs as a streaming request inside mistral.rs, also when the client asked for
-//! one JSON body: the stream gives time-to-first-token, and dropping it cancels the sequence
-//! inside the engine at its next token, so a client that goes away frees its slot.
+//! one JSON body: the stream gives time-to-first-token. Dropping the stream winds the sequence
+//! down (see [`super::token_tap`]): its response channel is kept, and drained, until mistral.rs
+//! has sent its last response, because mistral.rs 0.8.1 panics its engine thread when it answers
+//! a request whose receiver is gone (`engine/add_request.rs:808` for a tokenization,
+//! `utils/mod.rs:183` for a failed batch). For the same reason every tokenization runs in a
+//! detached task that outlives its caller.
+//!
+//! Tidepool also does here what mistral.rs 0.8.1 does not: stop strings cut the streamed text
+//! at the match ([`super::text_out`]), a named `tool_choice` is constrained by a grammar so the
+//! call always comes, and special tokens typed into messages are neutralized
+//! ([`super::special_tokens`]).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +30,7 @@ use tokio::sync::mpsc;
 
 use super::logit_bias::{check_logit_bias, LogitBias};
 use super::seeded::SeededSampler;
+use super::text_out::{Step, TextOut};
 use super::token_tap::{TapCounts, TokenTap};
 use super::{
     DeviceInfo, DevicePreference, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream,
@@ -46,6 +56,50 @@ pub struct MistralEngine {
     model: mistralrs::Model,
     sender: mpsc::Sender<Request>,
     info: EngineInfo,
+}
+
+impl MistralEngine {
+    /// Makes mistral.rs 0.8.1's engine thread panic the way a client hang-up used to (it answers
+    /// a tokenization whose receiver is gone: `engine/add_request.rs:808`), and waits until the
+    /// thread is gone. Tests of what a dead engine does.
+    #[cfg(test)]
+    pub(crate) async fn crash(&self) {
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let _ = self
+            .sender
+            .send(Request::Tokenize(TokenizationRequest {
+                text: Either::Right("crash".into()),
+                tools: None,
+                add_generation_prompt: false,
+                add_special_tokens: false,
+                enable_thinking: None,
+                reasoning_effort: None,
+                response: tx,
+            }))
+            .await;
+        self.sender.closed().await;
+    }
+}
+
+/// Sends a tokenization request and waits for its answer in a task of its own, so the receiver
+/// lives until mistral.rs answers even when the caller is dropped (mistral.rs panics when it
+/// answers a dropped receiver).
+async fn tokenize_detached(
+    sender: &mpsc::Sender<Request>,
+    make: impl FnOnce(mpsc::Sender<anyhow::Result<Vec<u32>>>) -> TokenizationRequest,
+) -> Result<Vec<u32>, EngineError> {
+    let (tx, mut rx) = mpsc::channel(1);
+    sender
+        .send(Request::Tokenize(make(tx)))
+        .await
+        .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
+    let answer = tokio::spawn(async move { rx.recv().await });
+    match answer.await {
+        Ok(Some(Ok(tokens))) => Ok(tokens),
+        Ok(Some(Err(e))) => Err(EngineError::Invalid(format!("{e:#}"))),
+        Ok(None) | Err(_) => Err(EngineError::Unavailable("the engine has stopped".into())),
+    }
 }
 
 impl MistralEngine {
@@ -126,29 +180,39 @@ impl MistralEngine {
     }
 
     async fn tokenize(&self, prompt: &Prompt, tools: &[ToolSpec]) -> Result<Vec<u32>, EngineError> {
-        let (tx, mut rx) = mpsc::channel(1);
-        let text = match prompt {
+        let (prompt, tools) = self.safe(prompt, tools);
+        let text = match &prompt {
             Prompt::Chat(messages) => Either::Left(to_mistral_messages(messages)),
             Prompt::Text(t) => Either::Right(t.clone()),
         };
-        let req = Request::Tokenize(TokenizationRequest {
+        let tools = (!tools.is_empty()).then(|| tools.iter().map(to_mistral_tool).collect());
+        tokenize_detached(&self.sender, |response| TokenizationRequest {
             text,
-            tools: (!tools.is_empty()).then(|| tools.iter().map(to_mistral_tool).collect()),
+            tools,
             add_generation_prompt: true,
             add_special_tokens: true,
             enable_thinking: None,
             reasoning_effort: None,
-            response: tx,
-        });
-        self.sender
-            .send(req)
-            .await
-            .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
-        match rx.recv().await {
-            Some(Ok(tokens)) => Ok(tokens),
-            Some(Err(e)) => Err(EngineError::Invalid(format!("{e:#}"))),
-            None => Err(EngineError::Unavailable("the engine has stopped".into())),
-        }
+            response,
+        })
+        .await
+    }
+
+    /// The prompt and tools with client text neutralized (special-token spellings broken), as
+    /// mistral.rs will tokenize them.
+    fn safe(&self, prompt: &Prompt, tools: &[ToolSpec]) -> (Prompt, Vec<ToolSpec>) {
+        let specials = &self.info.gguf.special_tokens;
+        let mut tools = tools.to_vec();
+        let prompt = match prompt {
+            Prompt::Chat(m) => {
+                let mut m = m.clone();
+                super::special_tokens::neutralize_request(&mut m, &mut tools, specials, true);
+                Prompt::Chat(m)
+            }
+            // A raw prompt is the client's own template.
+            Prompt::Text(t) => Prompt::Text(t.clone()),
+        };
+        (prompt, tools)
     }
 }
 
@@ -161,6 +225,41 @@ impl Drop for MistralEngine {
 impl Engine for MistralEngine {
     fn info(&self) -> &EngineInfo {
         &self.info
+    }
+
+    fn health(&self) -> super::Health {
+        if self.sender.is_closed() {
+            super::Health::Dead(
+                "mistral.rs's engine thread stopped (it panicked or was shut down)".into(),
+            )
+        } else {
+            super::Health::Ok
+        }
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            // The engine thread returns from its loop and drops its receiver: `health` says dead.
+            if self.sender.send(Request::Terminate).await.is_ok() {
+                self.sender.closed().await;
+            }
+        })
+    }
+
+    fn probe(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        Box::pin(async move {
+            tokenize_detached(&self.sender, |response| TokenizationRequest {
+                text: Either::Right("ping".into()),
+                tools: None,
+                add_generation_prompt: false,
+                add_special_tokens: false,
+                enable_thinking: None,
+                reasoning_effort: None,
+                response,
+            })
+            .await
+            .map(|_| ())
+        })
     }
 
     fn count_tokens<'a>(
@@ -177,13 +276,33 @@ impl Engine for MistralEngine {
     ) -> BoxFuture<'_, Result<GenerationStream, EngineError>> {
         Box::pin(async move {
             check_logit_bias(&request.sampling, self.info.gguf.shape.vocab)?;
+            // A grammar mistral.rs cannot run fails its whole batch mid-step: refuse it now.
+            if request.constraint != OutputConstraint::None
+                || matches!(request.tool_choice, ToolChoice::Function(_))
+            {
+                let checked = request.clone();
+                tokio::task::spawn_blocking(move || super::grammar::check(&checked))
+                    .await
+                    .map_err(|e| {
+                        EngineError::Internal(format!("checking the grammar failed: {e}"))
+                    })??;
+            }
+            let (prompt, tools) = self.safe(&request.prompt, &request.tools);
+            let request = GenerationRequest {
+                prompt,
+                tools,
+                ..request
+            };
             // Raw-text completions stream chunks without usage: count the prompt up front.
             let completion_prompt_tokens = match &request.prompt {
                 Prompt::Text(_) => Some(self.tokenize(&request.prompt, &[]).await?.len() as u32),
                 Prompt::Chat(_) => None,
             };
-            let (tx, mut rx) = mpsc::channel(256);
-            let tap = TokenTap::default();
+            let (tx, rx) = mpsc::channel(256);
+            let tap = TokenTap {
+                eos: self.info.gguf.eos_token_id,
+                ..TokenTap::default()
+            };
             let counts = tap.counts.clone();
             let normal = build_request(&request, tx, self.model.inner().next_request_id(), tap)?;
             let started = Instant::now();
@@ -191,9 +310,15 @@ impl Engine for MistralEngine {
                 .send(Request::Normal(Box::new(normal)))
                 .await
                 .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
+            // From here mistral.rs owns a sender to `rx`: a task of its own holds `rx` until the
+            // last response (see the module doc), forwarding into an unbounded buffer (at most
+            // `max_tokens` chunks) so a slow client never stalls mistral.rs's engine loop, which
+            // awaits each send. When the buffer's reader is gone, it winds the sequence down.
+            let (buf_tx, mut buf_rx) = mpsc::unbounded_channel();
+            tokio::spawn(forward(rx, buf_tx, counts.clone()));
             // Validation errors (bad grammar, prompt too long) arrive before any token: report
             // them as errors of the call, not of the stream.
-            let first = match rx.recv().await {
+            let first = match buf_rx.recv().await {
                 None => return Err(EngineError::Unavailable("the engine has stopped".into())),
                 Some(Response::ValidationError(e)) => {
                     return Err(EngineError::Invalid(e.to_string()))
@@ -203,18 +328,6 @@ impl Engine for MistralEngine {
                 }
                 Some(r) => r,
             };
-            // mistral.rs awaits each send on this bounded channel inside its engine loop, so a
-            // client that reads slowly would stall every sequence. Drain it promptly into an
-            // unbounded buffer (at most `max_tokens` chunks); when the client goes away the
-            // forwarder stops, drops `rx`, and the engine cancels the sequence at its next send.
-            let (buf_tx, buf_rx) = mpsc::unbounded_channel();
-            tokio::spawn(async move {
-                while let Some(r) = rx.recv().await {
-                    if buf_tx.send(r).is_err() {
-                        break;
-                    }
-                }
-            });
             let state = StreamState {
                 rx: buf_rx,
                 pending: Some(first),
@@ -224,6 +337,7 @@ impl Engine for MistralEngine {
                 completion_prompt_tokens,
                 counts,
                 max_tokens: request.sampling.max_tokens,
+                text: TextOut::new(&request.sampling.stop),
                 tokenizer: TokenCounter {
                     sender: self.sender.clone(),
                 },
@@ -236,6 +350,35 @@ impl Engine for MistralEngine {
     }
 }
 
+/// Whether `r` is the last response mistral.rs sends for a request.
+fn is_final(r: &Response) -> bool {
+    match r {
+        Response::Chunk(c) => c.choices.iter().any(|ch| ch.finish_reason.is_some()),
+        Response::CompletionChunk(c) => c.choices.iter().any(|ch| ch.finish_reason.is_some()),
+        _ => true,
+    }
+}
+
+/// Holds a request's response channel until mistral.rs is done with it, forwarding into `buf`
+/// while someone reads it and winding the sequence down once nobody does.
+async fn forward(
+    mut rx: mpsc::Receiver<Response>,
+    buf: mpsc::UnboundedSender<Response>,
+    counts: Arc<TapCounts>,
+) {
+    let mut reader = true;
+    while let Some(r) = rx.recv().await {
+        let last = is_final(&r);
+        if reader && buf.send(r).is_err() {
+            reader = false;
+            counts.wind_down();
+        }
+        if last {
+            break;
+        }
+    }
+}
+
 /// Counts tokens of generated text for raw completions (whose stream carries no usage).
 struct TokenCounter {
     sender: mpsc::Sender<Request>,
@@ -243,28 +386,25 @@ struct TokenCounter {
 
 impl TokenCounter {
     async fn count(&self, text: &str) -> u32 {
-        let (tx, mut rx) = mpsc::channel(1);
-        let req = Request::Tokenize(TokenizationRequest {
-            text: Either::Right(text.to_string()),
+        let text = text.to_string();
+        tokenize_detached(&self.sender, |response| TokenizationRequest {
+            text: Either::Right(text),
             tools: None,
             add_generation_prompt: false,
             add_special_tokens: false,
             enable_thinking: None,
             reasoning_effort: None,
-            response: tx,
-        });
-        if self.sender.send(req).await.is_err() {
-            return 0;
-        }
-        match rx.recv().await {
-            Some(Ok(t)) => t.len() as u32,
-            _ => 0,
-        }
+            response,
+        })
+        .await
+        .map_or(0, |t| t.len() as u32)
     }
 }
 
 struct StreamState {
     rx: mpsc::UnboundedReceiver<Response>,
+    /// Stop strings: text that may begin one is held back, and the answer ends at a match.
+    text: TextOut,
     pending: Option<Response>,
     started: Instant,
     first_text: Option<Instant>,
@@ -326,11 +466,12 @@ async fn next_event(mut st: StreamState) -> Option<(Vec<GenerationEvent>, Stream
     };
     let mut events = Vec::new();
     let mut finish: Option<(String, Option<mistralrs::Usage>)> = None;
+    let mut stopped = false;
     match resp {
         Response::Chunk(chunk) => {
             if let Some(choice) = chunk.choices.into_iter().next() {
                 if let Some(text) = choice.delta.content.filter(|t| !t.is_empty()) {
-                    events.push(GenerationEvent::Text(text));
+                    stopped = push_text(&mut st.text, &text, &mut events);
                 }
                 if let Some(calls) = choice.delta.tool_calls.filter(|c| !c.is_empty()) {
                     events.push(GenerationEvent::ToolCalls(
@@ -352,10 +493,15 @@ async fn next_event(mut st: StreamState) -> Option<(Vec<GenerationEvent>, Stream
         Response::CompletionChunk(chunk) => {
             if let Some(choice) = chunk.choices.into_iter().next() {
                 if !choice.text.is_empty() {
+                    let before = events.len();
+                    stopped = push_text(&mut st.text, &choice.text, &mut events);
                     if let Some(all) = st.completion_text.as_mut() {
-                        all.push_str(&choice.text);
+                        for e in &events[before..] {
+                            if let GenerationEvent::Text(t) = e {
+                                all.push_str(t);
+                            }
+                        }
                     }
-                    events.push(GenerationEvent::Text(choice.text));
                 }
                 if let Some(reason) = choice.finish_reason {
                     finish = Some((reason, None));
@@ -389,6 +535,19 @@ async fn next_event(mut st: StreamState) -> Option<(Vec<GenerationEvent>, Stream
             ));
         }
     }
+    if stopped {
+        // A stop string matched: the answer ends here, whatever mistral.rs does next (it winds
+        // down once this stream is dropped).
+        finish = Some(("stop".into(), None));
+    } else if finish.is_some() {
+        let rest = st.text.finish();
+        if !rest.is_empty() {
+            if let Some(all) = st.completion_text.as_mut() {
+                all.push_str(&rest);
+            }
+            events.push(GenerationEvent::Text(rest));
+        }
+    }
     if st.first_text.is_none()
         && events
             .iter()
@@ -404,7 +563,10 @@ async fn next_event(mut st: StreamState) -> Option<(Vec<GenerationEvent>, Stream
                 let text = st.completion_text.take().unwrap_or_default();
                 (p, st.tokenizer.count(&text).await)
             }
-            (None, None) => (0, 0),
+            (None, None) => (
+                st.counts.prompt_tokens().unwrap_or(0),
+                st.counts.generated_tokens(),
+            ),
         };
         let usage = Usage {
             prompt_tokens,
@@ -419,6 +581,19 @@ async fn next_event(mut st: StreamState) -> Option<(Vec<GenerationEvent>, Stream
         st.finished = true;
     }
     Some((events, st))
+}
+
+/// Passes one text delta through the stop-string filter into `events`; `true` when a stop string
+/// matched (the text before it is in `events`, the rest is dropped).
+fn push_text(out: &mut TextOut, text: &str, events: &mut Vec<GenerationEvent>) -> bool {
+    let (sent, stopped) = match out.push(text.as_bytes()) {
+        Step::Text(t) => (t, false),
+        Step::Stop(t) => (t, true),
+    };
+    if !sent.is_empty() {
+        events.push(GenerationEvent::Text(sent));
+    }
+    stopped
 }
 
 fn map_finish_reason(s: &str) -> FinishReason {
@@ -459,34 +634,33 @@ fn build_request(
         processors.push(Arc::new(LogitBias(req.sampling.logit_bias.clone())));
     }
     processors.extend(sampler);
-    let constraint = match &req.constraint {
-        OutputConstraint::None => Constraint::None,
-        OutputConstraint::JsonObject => Constraint::JsonSchema(super::compact_json_schema(
+    let forced = match (&req.constraint, &req.tool_choice) {
+        (OutputConstraint::None, ToolChoice::Function(name)) if !req.tools.is_empty() => {
+            Some(super::forced_call_lark(&req.tools, name)?)
+        }
+        _ => None,
+    };
+    let constraint = match (&req.constraint, forced) {
+        // A named tool: the grammar writes the call, mistral.rs's parser turns it into one.
+        (_, Some(call)) => Constraint::Lark(call),
+        (OutputConstraint::None, None) => Constraint::None,
+        (OutputConstraint::JsonObject, None) => Constraint::JsonSchema(super::compact_json_schema(
             &serde_json::json!({"type": "object"}),
         )),
-        OutputConstraint::JsonSchema(s) => Constraint::JsonSchema(super::compact_json_schema(s)),
-        OutputConstraint::Regex(r) => Constraint::Regex(r.clone()),
-        OutputConstraint::Lark(g) => Constraint::Lark(g.clone()),
+        (OutputConstraint::JsonSchema(s), None) => {
+            Constraint::JsonSchema(super::compact_json_schema(s))
+        }
+        (OutputConstraint::Regex(r), None) => Constraint::Regex(r.clone()),
+        (OutputConstraint::Lark(g), None) => Constraint::Lark(g.clone()),
     };
     let (tools, tool_choice) = if req.tools.is_empty() || req.tool_choice == ToolChoice::None {
         (None, None)
     } else {
         let tools: Vec<mistralrs::Tool> = req.tools.iter().map(to_mistral_tool).collect();
-        let choice = match &req.tool_choice {
-            ToolChoice::Function(name) => {
-                let t = tools
-                    .iter()
-                    .find(|t| &t.function.name == name)
-                    .cloned()
-                    .ok_or_else(|| {
-                        EngineError::Invalid(format!(
-                            "tool_choice names `{name}`, which is not in `tools`"
-                        ))
-                    })?;
-                mistralrs::ToolChoice::Tool(t)
-            }
-            _ => mistralrs::ToolChoice::Auto,
-        };
+        // mistral.rs's own `ToolChoice::Tool` constrains nothing and fails the whole batch when
+        // the model does not call the tool (`tools/mod.rs:470`); the grammar above forces the
+        // call, and `Auto` lets mistral.rs parse it.
+        let choice = mistralrs::ToolChoice::Auto;
         (Some(tools), Some(choice))
     };
     Ok(NormalRequest {
@@ -622,5 +796,137 @@ impl crate::pool::WorkerFactory for MistralWorkers {
             let engine = MistralEngine::load(&model, &config).await?;
             Ok(Arc::new(engine) as Arc<dyn Engine>)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::OnceLock;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::fixture::{write_fixture, FixtureOptions, FixtureShape};
+    use crate::quant_plan::QuantScheme;
+    use crate::request::ChatMessage;
+
+    fn tiny() -> LocalModel {
+        static PATH: OnceLock<PathBuf> = OnceLock::new();
+        let path = PATH.get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("tp-mistral-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join("tiny-q8_0.gguf");
+            let opts = FixtureOptions {
+                shape: FixtureShape::named("tiny").unwrap(),
+                quant: QuantScheme::Q8_0,
+                seed: 1,
+            };
+            write_fixture(&opts, &path, &|_, _| {}).unwrap();
+            path
+        });
+        crate::model_source::local_file(path).unwrap()
+    }
+
+    fn config() -> EngineConfig {
+        EngineConfig {
+            device: DevicePreference::Cpu,
+            max_sequences: 2,
+            prefix_cache_entries: 0,
+        }
+    }
+
+    fn chat(text: &str, max_tokens: u32) -> GenerationRequest {
+        let mut r = GenerationRequest::chat(vec![ChatMessage::new(Role::User, text)]);
+        r.sampling.max_tokens = Some(max_tokens);
+        r.sampling.temperature = Some(0.0);
+        r
+    }
+
+    async fn finishes(engine: &dyn Engine, r: GenerationRequest) -> bool {
+        let Ok(s) = engine.generate(r).await else {
+            return false;
+        };
+        let events: Vec<_> = tokio::time::timeout(Duration::from_secs(120), s.collect::<Vec<_>>())
+            .await
+            .expect("the generation ends");
+        matches!(events.last(), Some(GenerationEvent::Done { .. }))
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn dropped_streams_and_counts_never_kill_the_engine() {
+        let e = MistralEngine::load(&tiny(), &config()).await.unwrap();
+        for i in 0..40 {
+            // Dropped at once, after the first event, or while counting tokens: mistral.rs
+            // panicked on every one of these before its receivers were kept alive.
+            let mut r = chat(&format!("story {i}"), 200);
+            if i % 2 == 0 {
+                r.prompt = Prompt::Text(format!("once upon a time {i}"));
+            }
+            match i % 3 {
+                0 => {
+                    let _ = tokio::time::timeout(Duration::from_micros(200), e.generate(r)).await;
+                }
+                1 => {
+                    if let Ok(mut s) = e.generate(r).await {
+                        let _ = s.next().await;
+                    }
+                }
+                _ => {
+                    let count = e.count_tokens(&r.prompt, &[]);
+                    let _ = tokio::time::timeout(Duration::from_micros(50), count).await;
+                }
+            }
+        }
+        assert!(e.health().is_ok(), "{:?}", e.health());
+        assert!(finishes(&e, chat("still there?", 8)).await);
+    }
+
+    /// Mistral.rs workers whose engines the test can reach as `MistralEngine`s.
+    struct Kept(std::sync::Mutex<Vec<Arc<MistralEngine>>>);
+
+    impl crate::pool::WorkerFactory for Arc<Kept> {
+        fn reservation(&self) -> crate::ledger::Reservation {
+            crate::ledger::Reservation {
+                weights: 1,
+                kv_cache: 0,
+                overhead: 0,
+            }
+        }
+        fn slots(&self) -> usize {
+            2
+        }
+        fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+            let kept = self.clone();
+            Box::pin(async move {
+                let e = Arc::new(MistralEngine::load(&tiny(), &config()).await?);
+                kept.0.lock().unwrap().push(e.clone());
+                Ok(e as Arc<dyn Engine>)
+            })
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_crashed_engine_reports_dead_and_the_pool_replaces_it() {
+        let kept = Arc::new(Kept(Default::default()));
+        let pool = crate::pool::Pool::new(Arc::new(kept.clone()), 10, 8);
+        let first = pool.add_worker("test").unwrap();
+        pool.wait_ready(first).await.unwrap();
+        let engine = kept.0.lock().unwrap()[0].clone();
+        // The real mistral.rs panic (see `crash`).
+        engine.crash().await;
+        assert!(!engine.health().is_ok());
+        // The next request is served by a replacement.
+        let lease = pool
+            .acquire(crate::queue::Class::Standard, Duration::from_secs(120))
+            .await
+            .expect("a replacement takes the request");
+        assert_ne!(lease.worker(), first);
+        assert!(finishes(lease.engine().as_ref(), chat("hello", 8)).await);
+        assert_eq!(pool.deaths(), 1);
+        assert!(pool
+            .events()
+            .iter()
+            .any(|e| e.message.contains("engine died")));
+        assert_eq!(pool.degraded(), None);
     }
 }

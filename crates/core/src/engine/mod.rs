@@ -4,6 +4,7 @@
 //! which one serves a model.
 
 pub mod choice;
+pub mod grammar;
 #[cfg(feature = "llamacpp")]
 pub mod llamacpp;
 pub mod logit_bias;
@@ -11,6 +12,8 @@ pub mod mistral;
 #[cfg(feature = "llamacpp")]
 pub mod probe;
 pub mod seeded;
+pub mod special_tokens;
+pub mod text_out;
 pub mod token_tap;
 
 use std::pin::Pin;
@@ -95,9 +98,84 @@ pub(crate) fn compact_json_schema(schema: &serde_json::Value) -> serde_json::Val
     schema
 }
 
+/// Whether an engine can still serve.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Health {
+    Ok,
+    /// The engine cannot serve again (its thread ended or panicked, its channel closed).
+    Dead(String),
+}
+
+impl Health {
+    pub fn is_ok(&self) -> bool {
+        *self == Health::Ok
+    }
+
+    pub fn dead_reason(self) -> Option<String> {
+        match self {
+            Health::Ok => None,
+            Health::Dead(why) => Some(why),
+        }
+    }
+}
+
+/// A Lark grammar (llguidance's dialect) for exactly one call of tool `name`, in the Hermes form
+/// Qwen2.5 and SmolLM2 use (`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`), the
+/// arguments held to the tool's schema. Both engines constrain a named `tool_choice` with it, so
+/// the call always comes and always parses.
+pub fn forced_call_lark(
+    tools: &[crate::request::ToolSpec],
+    name: &str,
+) -> Result<String, EngineError> {
+    let tool = tools.iter().find(|t| t.name == name).ok_or_else(|| {
+        EngineError::Invalid(format!(
+            "tool_choice names `{}`, which is not in `tools`",
+            crate::bounds::clip(name)
+        ))
+    })?;
+    let args = tool
+        .parameters
+        .clone()
+        .unwrap_or_else(|| serde_json::json!({"type": "object"}));
+    let schema = serde_json::json!({
+        "type": "object",
+        "properties": {"name": {"const": name}, "arguments": args},
+        "required": ["name", "arguments"],
+        "additionalProperties": false,
+        // The call's JSON in one compact layout: free whitespace lets a model pad forever.
+        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
+    });
+    Ok(format!(
+        "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {schema}\n"
+    ))
+}
+
 /// One loaded model that generates text.
 pub trait Engine: Send + Sync {
     fn info(&self) -> &EngineInfo;
+
+    /// Whether the engine can serve: cheap, no I/O (the pool asks before every lease).
+    fn health(&self) -> Health {
+        Health::Ok
+    }
+
+    /// Stops the engine now: running requests end with an error; once the returned future is
+    /// done the engine reports itself dead.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
+
+    /// A round trip through the engine's own thread, proving it still answers (the pool runs
+    /// it with a timeout on idle workers).
+    fn probe(&self) -> BoxFuture<'_, Result<(), EngineError>> {
+        let h = self.health();
+        Box::pin(async move {
+            match h {
+                Health::Ok => Ok(()),
+                Health::Dead(why) => Err(EngineError::Unavailable(why)),
+            }
+        })
+    }
 
     /// Starts a generation. Errors that can be known before the first token (bad grammar, prompt
     /// too long) come back here; later failures arrive as [`GenerationEvent::Error`].

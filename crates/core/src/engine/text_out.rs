@@ -3,7 +3,9 @@
 //! llama.cpp hands out each token as raw bytes, and a multi-byte UTF-8 character may be split
 //! across tokens; stop strings may span tokens too. [`TextOut`] holds back the bytes of an
 //! unfinished character and the tail that could still become a stop string, so every delta it
-//! returns is whole characters that will never have to be taken back. Pure: no llama.cpp here.
+//! returns is whole characters that will never have to be taken back. Both engines use it:
+//! mistral.rs 0.8.1 detects stop strings one token late and never trims a streamed answer at
+//! them (`pipeline/sampling.rs`), so its text deltas go through here too. Pure: no engine here.
 
 /// What one token's bytes produced.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,8 +3,8 @@
 //! `"stream": false`), `GET /api/tags`, `GET /api/ps`, `POST /api/show`, `GET /api/version`.
 //!
 //! Errors are Ollama-shaped: `{"error": "..."}` with the HTTP status; a stream that fails part-way
-//! ends with one `{"error": "..."}` line. `keep_alive` is mapped onto the worker pool's idle TTL
-//! (see [`apply_keep_alive`]).
+//! ends with one `{"error": "..."}` line. `keep_alive` sets the served model's idle expiry (see
+//! [`apply_keep_alive`]); it never rewrites the policy, and is ignored from the LAN.
 
 pub mod types;
 
@@ -22,6 +22,7 @@ use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
 use tidepool_core::GenerationStream;
 
 use crate::error::ApiError;
+use crate::guard::Peer;
 use crate::openai::{collect, with_report};
 use crate::selection::{model_and_profile, Selection};
 use crate::AppState;
@@ -110,34 +111,25 @@ impl<S: Send + Sync> axum::extract::FromRequestParts<S> for OllamaSelection {
     }
 }
 
-/// Applies `keep_alive` to the pool: how long its workers stay after the last request (the
-/// policy's `idle_ttl_s`); `0` also lowers `min_workers` to 0 and drains the workers now (each
-/// finishes what it runs), as Ollama unloads the model. No-op without a pool.
-pub fn apply_keep_alive(app: &AppState, keep_alive: &Option<KeepAlive>) -> Result<(), OllamaError> {
-    let Some(ka) = keep_alive else {
-        return Ok(());
-    };
-    let setting = ka.setting()?;
-    let Some(scaler) = app.autoscaler.get() else {
-        return Ok(());
-    };
-    let mut cfg = scaler.config();
-    match setting {
-        KeepAliveSetting::For(d) => cfg.idle_ttl_s = d.as_secs_f64(),
-        KeepAliveSetting::Forever => cfg.idle_ttl_s = 1e9,
-        KeepAliveSetting::Unload => {
-            cfg.idle_ttl_s = 0.0;
-            cfg.min_workers = 0;
+/// Applies a request's `keep_alive` as Ollama means it: the served model's idle expiry from now
+/// on (`0` unloads it once idle, a negative value keeps it loaded, none restores the policy's
+/// own idle rules). The configured policy is never rewritten and nothing is saved; a LAN peer's
+/// `keep_alive` is ignored (a shared server's residency is its owner's to decide). No-op
+/// without a pool.
+pub fn apply_keep_alive(
+    app: &AppState,
+    keep_alive: &Option<KeepAlive>,
+    peer: std::net::IpAddr,
+) -> Result<(), OllamaError> {
+    let setting = keep_alive.as_ref().map(KeepAlive::setting).transpose()?;
+    if !crate::guard::is_loopback(peer) {
+        if setting.is_some() {
+            tracing::debug!(%peer, "keep_alive from a LAN peer ignored");
         }
+        return Ok(());
     }
-    tracing::info!(
-        idle_ttl_s = cfg.idle_ttl_s,
-        min_workers = cfg.min_workers,
-        "keep_alive applied to the pool policy"
-    );
-    scaler.set_config(cfg);
-    if setting == KeepAliveSetting::Unload {
-        scaler.set_override(0, Duration::from_secs(1));
+    if let Some(scaler) = app.autoscaler.get() {
+        scaler.set_keep_alive(setting);
     }
     Ok(())
 }
@@ -246,10 +238,8 @@ fn stream_response(
                 Some(v)
             }
             GenerationEvent::Error(e) => Some(
-                OllamaError::from(crate::error::ApiError::internal(format!(
-                    "generation failed: {e}"
-                )))
-                .to_json(),
+                OllamaError::from(crate::error::ApiError::hidden("The generation failed", &e))
+                    .to_json(),
             ),
         };
         futures::future::ready(out)
@@ -265,6 +255,7 @@ async fn respond(
     shape: Shape,
     model: String,
     keep_alive: &Option<KeepAlive>,
+    peer: std::net::IpAddr,
 ) -> Result<Response, OllamaError> {
     let started = Instant::now();
     // A bad keep_alive is refused before anything runs.
@@ -277,7 +268,7 @@ async fn respond(
         .await
         .map_err(ApiError::from)?;
     let (events, report) = (answer.stream, answer.report);
-    apply_keep_alive(app, keep_alive)?;
+    apply_keep_alive(app, keep_alive, peer)?;
     if stream {
         let resp = stream_response(events, shape, model, started, report.clone());
         return Ok(with_report(resp, &report));
@@ -309,6 +300,7 @@ fn load_only(model: &str, shape: Shape, ka: &Option<KeepAlive>) -> Response {
 /// POST /api/generate
 pub async fn generate(
     State(app): State<AppState>,
+    Peer(peer): Peer,
     OllamaSelection(selection): OllamaSelection,
     OllamaJson(req): OllamaJson<GenerateRequest>,
 ) -> Result<Response, OllamaError> {
@@ -319,7 +311,7 @@ pub async fn generate(
         &selection,
     )?;
     if req.is_load_only() {
-        apply_keep_alive(&app, &req.keep_alive)?;
+        apply_keep_alive(&app, &req.keep_alive, peer)?;
         return Ok(load_only(&model, Shape::Generate, &req.keep_alive));
     }
     let generation = req.to_generation()?;
@@ -334,6 +326,7 @@ pub async fn generate(
         Shape::Generate,
         model,
         &req.keep_alive,
+        peer,
     )
     .await
 }
@@ -341,6 +334,7 @@ pub async fn generate(
 /// POST /api/chat
 pub async fn chat(
     State(app): State<AppState>,
+    Peer(peer): Peer,
     OllamaSelection(selection): OllamaSelection,
     OllamaJson(req): OllamaJson<ChatRequest>,
 ) -> Result<Response, OllamaError> {
@@ -351,7 +345,7 @@ pub async fn chat(
         &selection,
     )?;
     if req.is_load_only() {
-        apply_keep_alive(&app, &req.keep_alive)?;
+        apply_keep_alive(&app, &req.keep_alive, peer)?;
         return Ok(load_only(&model, Shape::Chat, &req.keep_alive));
     }
     let generation = req.to_generation()?;
@@ -366,6 +360,7 @@ pub async fn chat(
         Shape::Chat,
         model,
         &req.keep_alive,
+        peer,
     )
     .await
 }
@@ -459,6 +454,7 @@ pub async fn ps(State(app): State<AppState>) -> Json<Value> {
     match (app.service.pool(), app.autoscaler.get()) {
         (Some(pool), Some(scaler)) => {
             let cfg = scaler.config();
+            let keep_alive = scaler.keep_alive().map(KeepAliveSetting::seconds);
             // Seconds until the last request is `ttl` old.
             let after_idle = |ttl: f64| {
                 let idle = app.service.idle_for().map_or(0.0, |d| d.as_secs_f64());
@@ -473,7 +469,13 @@ pub async fn ps(State(app): State<AppState>) -> Json<Value> {
             for (rank, w) in workers.iter().enumerate() {
                 // The first `min_workers` stay; with none kept, the pool empties `idle_ttl_s`
                 // after the last request; workers above the floor go after the down window.
-                let expires = if rank < cfg.min_workers {
+                let expires = if let Some(k) = keep_alive {
+                    if k.is_finite() {
+                        after_idle(k)
+                    } else {
+                        FOREVER_UNIX
+                    }
+                } else if rank < cfg.min_workers {
                     FOREVER_UNIX
                 } else if cfg.min_workers == 0 && rank == 0 {
                     after_idle(cfg.idle_ttl_s)

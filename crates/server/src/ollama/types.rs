@@ -1,8 +1,6 @@
 //! Ollama request bodies as its clients send them, their translation into Tidepool's internal
 //! [`GenerationRequest`], and Ollama-shaped errors (`{"error": "..."}` with the HTTP status).
 
-use std::time::Duration;
-
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -127,15 +125,7 @@ pub enum KeepAlive {
 }
 
 /// What `keep_alive` asks of the pool.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum KeepAliveSetting {
-    /// Unload now (when idle).
-    Unload,
-    /// Keep loaded for this long after the last request.
-    For(Duration),
-    /// Keep loaded indefinitely (a negative value).
-    Forever,
-}
+pub use tidepool_core::autoscale::KeepAlive as KeepAliveSetting;
 
 impl KeepAlive {
     pub fn setting(&self) -> Result<KeepAliveSetting, OllamaError> {
@@ -155,7 +145,7 @@ impl KeepAlive {
         } else if secs == 0.0 {
             KeepAliveSetting::Unload
         } else {
-            KeepAliveSetting::For(Duration::from_secs_f64(secs.min(1e9)))
+            KeepAliveSetting::For(tidepool_core::bounds::duration(secs))
         })
     }
 }
@@ -557,7 +547,7 @@ mod tests {
         assert_eq!(s(json!(-1)), KeepAliveSetting::Forever);
         assert_eq!(
             s(json!("5m")),
-            KeepAliveSetting::For(Duration::from_secs(300))
+            KeepAliveSetting::For(std::time::Duration::from_secs(300))
         );
         assert!(serde_json::from_value::<KeepAlive>(json!("soon"))
             .unwrap()

@@ -93,13 +93,14 @@ pub(crate) async fn collect(mut stream: GenerationStream) -> Result<Collected, A
                 out.finish = Some(finish_reason);
                 out.usage = usage;
             }
-            GenerationEvent::Error(e) => {
-                return Err(ApiError::internal(format!("generation failed: {e}")))
-            }
+            GenerationEvent::Error(e) => return Err(ApiError::hidden("The generation failed", &e)),
         }
     }
     if out.finish.is_none() {
-        return Err(ApiError::internal("generation ended without a result"));
+        return Err(ApiError::hidden(
+            "The generation ended without a result",
+            "the stream closed before its last event (the engine stopped, or the client stalled)",
+        ));
     }
     Ok(out)
 }
@@ -228,7 +229,7 @@ fn chat_sse(
                 v
             }
             GenerationEvent::Error(e) => {
-                vec![ApiError::internal(format!("generation failed: {e}")).to_json()]
+                vec![ApiError::hidden("The generation failed", &e).to_json()]
             }
         };
         futures::stream::iter(items.into_iter().map(|v| sse_data(&v)))
@@ -260,26 +261,53 @@ pub async fn completions(
     }
     let class = selection.class;
     let generations = req.to_generations()?;
-    // Start every prompt before reading any, so they share the worker's slots.
-    let mut streams = Vec::with_capacity(generations.len());
-    let mut reports = Vec::with_capacity(generations.len());
-    for g in generations {
-        let answer = app.gateway.submit(Submission::new(g, class)).await?;
-        streams.push(answer.stream);
-        reports.push(answer.report);
-    }
-    let report = crate::report::merge(&reports);
+    // Each prompt starts when a slot is free and is read from the moment it starts, so a list
+    // longer than the free slots queues its tail behind its head instead of deadlocking on it.
     let id = new_id("cmpl");
     let created = now_secs();
     if req.is_stream() {
+        let mut gens = generations.into_iter();
+        let first = gens.next().ok_or_else(|| {
+            ApiError::invalid_param("prompt", "`prompt` must not be an empty list.")
+        })?;
+        // The first prompt is started before the response, so a refusal is an HTTP error.
+        let answer = app.gateway.submit(Submission::new(first, class)).await?;
+        let report = answer.report;
+        let mut streams = vec![answer.stream];
+        for g in gens {
+            let gateway = app.gateway.clone();
+            let later = futures::stream::once(async move {
+                match gateway.submit(Submission::new(g, class)).await {
+                    Ok(a) => a.stream,
+                    Err(e) => {
+                        let e = ApiError::from(e);
+                        let failed: GenerationStream =
+                            Box::pin(futures::stream::iter([GenerationEvent::Error(e.message)]));
+                        failed
+                    }
+                }
+            })
+            .flatten();
+            streams.push(Box::pin(later));
+        }
         let events = completion_sse(streams, id, created, model, req.include_usage());
         return Ok(with_report(Sse::new(events).into_response(), &report));
     }
-    let results = futures::future::join_all(streams.into_iter().map(collect)).await;
+    let runs = generations.into_iter().map(|g| {
+        let gateway = app.gateway.clone();
+        async move {
+            let answer = gateway.submit(Submission::new(g, class)).await?;
+            let out = collect(answer.stream).await?;
+            Ok::<_, ApiError>((out, answer.report))
+        }
+    });
+    let results = futures::future::join_all(runs).await;
     let mut choices = Vec::new();
     let mut usage = Usage::default();
+    let mut reports = Vec::new();
     for (i, r) in results.into_iter().enumerate() {
-        let out = r?;
+        let (out, report) = r?;
+        reports.push(report);
         usage.prompt_tokens += out.usage.prompt_tokens;
         usage.completion_tokens += out.usage.completion_tokens;
         choices.push(json!({
@@ -289,6 +317,7 @@ pub async fn completions(
             "finish_reason": out.finish.unwrap_or(FinishReason::Stop).as_openai(),
         }));
     }
+    let report = crate::report::merge(&reports);
     Ok(Json(json!({
         "id": id,
         "object": "text_completion",
@@ -303,7 +332,7 @@ pub async fn completions(
 }
 
 fn completion_sse(
-    streams: Vec<GenerationStream>,
+    streams: Vec<futures::stream::BoxStream<'static, GenerationEvent>>,
     id: String,
     created: u64,
     model: String,
@@ -353,7 +382,7 @@ fn completion_sse(
                 v
             }
             GenerationEvent::Error(e) => {
-                vec![ApiError::internal(format!("generation failed: {e}")).to_json()]
+                vec![ApiError::hidden("The generation failed", &e).to_json()]
             }
         };
         futures::stream::iter(items.into_iter().map(|v| sse_data(&v)))

@@ -5,6 +5,10 @@
 //! tokens), decodes it, and samples one token for every sequence whose logits came out. A
 //! sequence whose client went away (its event receiver dropped) is removed at the start of the
 //! next step and its KV cells are cleared at once, so its slot is free for the next request.
+//!
+//! A panic inside a step (a bug here or in llama.cpp's bindings) is caught: every running and
+//! waiting request gets an error event, the engine marks itself dead, and the thread ends; the
+//! pool then replaces the worker.
 
 use std::collections::VecDeque;
 use std::sync::mpsc::{Receiver, Sender, TryRecvError};
@@ -23,9 +27,9 @@ use llguidance::Matcher;
 use tokio::sync::mpsc::UnboundedSender;
 use toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 
-use super::text_out::{Step, TextOut};
 use super::tool_calls;
 use super::Shared;
+use crate::engine::text_out::{Step, TextOut};
 use crate::request::{FinishReason, GenerationEvent, Sampling, Usage};
 
 /// One request, as the engine thread receives it.
@@ -49,7 +53,7 @@ pub(super) fn spawn(
     params: LlamaContextParams,
     slots: usize,
     n_batch: u32,
-) -> std::io::Result<(Sender<Job>, Ready)> {
+) -> std::io::Result<(Sender<Msg>, Ready)> {
     let (jobs_tx, jobs_rx) = std::sync::mpsc::channel();
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     std::thread::Builder::new()
@@ -64,7 +68,7 @@ pub(super) fn spawn(
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            Batcher {
+            let why = Batcher {
                 shared: &shared,
                 ctx,
                 batch: LlamaBatch::new(n_batch as usize, 1),
@@ -74,6 +78,11 @@ pub(super) fn spawn(
                 waiting: VecDeque::new(),
             }
             .run(jobs_rx);
+            *shared.died.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            shared
+                .alive
+                .store(false, std::sync::atomic::Ordering::Release);
+            shared.ended.notify_waiters();
         })?;
     Ok((jobs_tx, ready_rx))
 }
@@ -91,35 +100,108 @@ struct Batcher<'a> {
     waiting: VecDeque<Job>,
 }
 
+/// What the engine thread receives.
+pub(super) enum Msg {
+    Job(Box<Job>),
+    /// Stop now: running and waiting requests get an error.
+    Stop,
+    /// Panic in the next step (unit tests of the panic path).
+    #[cfg(test)]
+    Panic,
+}
+
 impl Batcher<'_> {
-    fn run(mut self, jobs: Receiver<Job>) {
-        let mut open = true;
+    /// Serves until the engine is dropped or shut down, or a step panics; returns why it ended.
+    fn run(mut self, jobs: Receiver<Msg>) -> String {
         loop {
-            if self.active.is_empty() && self.waiting.is_empty() {
-                if !open {
-                    return;
-                }
-                match jobs.recv() {
-                    Ok(job) => self.waiting.push_back(job),
-                    Err(_) => return,
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.turn(&jobs))) {
+                Ok(None) => {}
+                Ok(Some(why)) => return why,
+                Err(panic) => {
+                    let why = format!(
+                        "the llama.cpp engine thread panicked: {}",
+                        crate::pool::panic_message(&panic)
+                    );
+                    tracing::error!("{why}");
+                    for s in self.active.iter_mut() {
+                        s.fail(why.clone());
+                    }
+                    for j in self.waiting.drain(..) {
+                        super::fail(&j.events, why.clone());
+                    }
+                    // The context may be in any state: this engine serves no more.
+                    self.active.clear();
+                    return why;
                 }
             }
-            loop {
-                match jobs.try_recv() {
-                    Ok(job) => self.waiting.push_back(job),
-                    Err(TryRecvError::Empty) => break,
-                    Err(TryRecvError::Disconnected) => {
-                        open = false;
-                        break;
+        }
+    }
+
+    /// One turn of the loop: take new jobs, admit, step. `Some` when the engine should stop.
+    fn turn(&mut self, jobs: &Receiver<Msg>) -> Option<String> {
+        let mut open = true;
+        let mut panic_now = false;
+        if self.active.is_empty() && self.waiting.is_empty() {
+            match jobs.recv() {
+                Ok(m) => {
+                    if let Some(why) = self.take(m, &mut panic_now) {
+                        return Some(why);
                     }
                 }
+                Err(_) => return Some("the llama.cpp engine was dropped".into()),
             }
-            self.admit();
-            self.drop_cancelled();
-            if self.active.is_empty() {
-                continue;
+        }
+        loop {
+            match jobs.try_recv() {
+                Ok(m) => {
+                    if let Some(why) = self.take(m, &mut panic_now) {
+                        return Some(why);
+                    }
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    open = false;
+                    break;
+                }
             }
-            self.step();
+        }
+        self.admit();
+        self.drop_cancelled();
+        if self.active.is_empty() {
+            return (!open && self.waiting.is_empty())
+                .then(|| "the llama.cpp engine was dropped".into());
+        }
+        if panic_now {
+            panic!("a test asked this step to panic");
+        }
+        self.step();
+        None
+    }
+
+    /// Takes one message; `Some` when it stops the engine.
+    fn take(&mut self, m: Msg, panic_now: &mut bool) -> Option<String> {
+        // Only a test asks for a panic.
+        let _ = &panic_now;
+        match m {
+            Msg::Job(job) => {
+                self.waiting.push_back(*job);
+                None
+            }
+            Msg::Stop => {
+                let why = "the llama.cpp engine was shut down".to_string();
+                for s in self.active.iter_mut() {
+                    s.fail(why.clone());
+                }
+                for j in self.waiting.drain(..) {
+                    super::fail(&j.events, why.clone());
+                }
+                Some(why)
+            }
+            #[cfg(test)]
+            Msg::Panic => {
+                *panic_now = true;
+                None
+            }
         }
     }
 

@@ -8,18 +8,18 @@
 //! the next step.
 //!
 //! Prompts are rendered with the GGUF's chat template by [`chat`] (as mistral.rs does), output
-//! is cut into whole-character deltas with stop strings by [`text_out`], and tool calls are parsed
+//! is cut into whole-character deltas with stop strings by [`super::text_out`], and tool calls are parsed
 //! by [`tool_calls`]. Grammars (regex, JSON schema, JSON object, Lark) run through llguidance,
 //! the same library mistral.rs uses, masking logits before sampling.
 
 mod batcher;
 pub mod chat;
-pub mod text_out;
 pub mod tool_calls;
 
 use std::ffi::{c_char, c_void, CStr};
 use std::num::NonZeroU32;
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
@@ -28,14 +28,13 @@ use llama_cpp_2::llama_backend::LlamaBackend;
 use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 use tokio::sync::mpsc;
 
-use self::batcher::Job;
-use self::chat::ChatTemplate;
+use self::batcher::{Job, Msg};
+use self::chat::{ChatTemplate, Segment};
 use super::logit_bias::check_logit_bias;
-use super::{DeviceInfo, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream};
+use super::{DeviceInfo, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream, Health};
 use crate::catalog::DeviceClass;
 use crate::gguf_info::GgufInfo;
 use crate::model_source::LocalModel;
@@ -92,16 +91,30 @@ struct Shared {
     context_tokens: u32,
     /// llguidance's view of the vocabulary, built on the first constrained request.
     grammar: OnceLock<Result<Arc<ParserFactory>, String>>,
+    /// The model's special tokens as text (what client text must not forge).
+    specials: Vec<String>,
+    /// Cleared by the batching thread when it ends (a panic included).
+    alive: AtomicBool,
+    /// Why the batching thread ended, once it has.
+    died: Mutex<Option<String>>,
+    /// Woken when the batching thread ends.
+    ended: tokio::sync::Notify,
 }
 
 impl Shared {
-    fn tokenize(&self, text: &str) -> Vec<LlamaToken> {
-        self.model.vocab().tokenize(text.as_bytes(), true, true)
-    }
-
-    fn render(&self, prompt: &Prompt, tools: &[ToolSpec]) -> Result<String, EngineError> {
+    /// The prompt's tokens. A chat prompt is rendered by the chat template into template and
+    /// client segments: the template's text is tokenized with special tokens on, the client's
+    /// with them off, so control tokens typed into a message stay text. A raw text prompt is
+    /// the client's own template and is tokenized with special tokens on, as llama.cpp's server
+    /// does.
+    fn prompt_tokens(
+        &self,
+        prompt: &Prompt,
+        tools: &[ToolSpec],
+    ) -> Result<Vec<LlamaToken>, EngineError> {
+        let vocab = self.model.vocab();
         match prompt {
-            Prompt::Text(t) => Ok(t.clone()),
+            Prompt::Text(t) => Ok(vocab.tokenize(t.as_bytes(), true, true)),
             Prompt::Chat(messages) => {
                 if messages.is_empty() {
                     return Err(EngineError::Invalid("`messages` must not be empty".into()));
@@ -109,9 +122,26 @@ impl Shared {
                 let template = self.template.as_ref().ok_or_else(|| {
                     EngineError::Invalid("this model has no chat template".into())
                 })?;
-                template
-                    .render(messages, tools)
-                    .map_err(|e| EngineError::Invalid(e.to_string()))
+                let mut messages = messages.clone();
+                let mut tools = tools.to_vec();
+                crate::engine::special_tokens::neutralize_request(
+                    &mut messages,
+                    &mut tools,
+                    &self.specials,
+                    false,
+                );
+                let segments = template
+                    .render_segments(&messages, &tools, &self.specials)
+                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
+                let mut tokens = Vec::new();
+                for (i, seg) in segments.iter().enumerate() {
+                    let (text, special) = match seg {
+                        Segment::Template(t) => (t, true),
+                        Segment::Client(t) => (t, false),
+                    };
+                    vocab.tokenize_into(text.as_bytes(), &mut tokens, i == 0, special);
+                }
+                Ok(tokens)
             }
         }
     }
@@ -128,62 +158,23 @@ impl Shared {
             .map_err(|e| EngineError::Internal(format!("grammar support: {e}")))
     }
 
-    /// The grammar matcher of a request, or `None` when its output is free.
+    /// The grammar matcher of a request, or `None` when its output is free; a grammar that
+    /// cannot run is refused here ([`crate::engine::grammar::matcher`]).
     fn matcher(&self, req: &GenerationRequest) -> Result<Option<Matcher>, EngineError> {
-        let grammar = match &req.constraint {
-            OutputConstraint::None => match (&req.tool_choice, req.tools.is_empty()) {
-                // A named tool must be called: constrain the output to that call.
-                (ToolChoice::Function(name), false) => Some(forced_call(&req.tools, name)?),
-                _ => None,
-            },
-            OutputConstraint::JsonObject => Some(TopLevelGrammar::from_json_schema(
-                super::compact_json_schema(&serde_json::json!({"type": "object"})),
-            )),
-            OutputConstraint::JsonSchema(s) => Some(TopLevelGrammar::from_json_schema(
-                super::compact_json_schema(s),
-            )),
-            OutputConstraint::Regex(r) => Some(TopLevelGrammar::from_regex(r)),
-            OutputConstraint::Lark(g) => Some(TopLevelGrammar::from_lark(g.clone())),
-        };
-        let Some(grammar) = grammar else {
-            return Ok(None);
-        };
-        let parser = self
-            .parser_factory()?
-            .create_parser(grammar)
-            .map_err(|e| EngineError::Invalid(format!("invalid constraint: {e}")))?;
-        Ok(Some(Matcher::new(Ok(parser))))
+        match crate::engine::grammar::of(req)? {
+            None => Ok(None),
+            Some(g) => Ok(Some(crate::engine::grammar::matcher(
+                &*self.parser_factory()?,
+                g,
+            )?)),
+        }
     }
-}
-
-/// A Lark grammar for exactly one call of tool `name`, in the Hermes form Qwen2.5 uses.
-fn forced_call(tools: &[ToolSpec], name: &str) -> Result<TopLevelGrammar, EngineError> {
-    let tool = tools.iter().find(|t| t.name == name).ok_or_else(|| {
-        EngineError::Invalid(format!(
-            "tool_choice names `{name}`, which is not in `tools`"
-        ))
-    })?;
-    let args = tool
-        .parameters
-        .clone()
-        .unwrap_or_else(|| serde_json::json!({"type": "object"}));
-    let schema = serde_json::json!({
-        "type": "object",
-        "properties": {"name": {"const": name}, "arguments": args},
-        "required": ["name", "arguments"],
-        "additionalProperties": false,
-        // The call's JSON in one compact layout: free whitespace lets a model pad forever.
-        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
-    });
-    Ok(TopLevelGrammar::from_lark(format!(
-        "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {schema}\n"
-    )))
 }
 
 /// A llama.cpp model instance with its batching thread.
 pub struct LlamaCppEngine {
     shared: Arc<Shared>,
-    jobs: std::sync::mpsc::Sender<Job>,
+    jobs: std::sync::mpsc::Sender<Msg>,
     info: EngineInfo,
 }
 
@@ -247,6 +238,10 @@ impl LlamaCppEngine {
             template,
             context_tokens,
             grammar: OnceLock::new(),
+            specials: gguf.special_tokens.clone(),
+            alive: AtomicBool::new(true),
+            died: Mutex::new(None),
+            ended: tokio::sync::Notify::new(),
         });
         let threads = threads
             .unwrap_or_else(crate::cpu_limit::available_cores)
@@ -291,13 +286,18 @@ impl LlamaCppEngine {
         })
     }
 
-    fn prompt_tokens(
+    /// The prompt's tokens, rendered and tokenized on the blocking pool (a long conversation
+    /// takes a while, and must not hold up the async runtime).
+    async fn prompt_tokens(
         &self,
         prompt: &Prompt,
         tools: &[ToolSpec],
     ) -> Result<Vec<LlamaToken>, EngineError> {
-        let text = self.shared.render(prompt, tools)?;
-        Ok(self.shared.tokenize(&text))
+        let shared = self.shared.clone();
+        let (prompt, tools) = (prompt.clone(), tools.to_vec());
+        tokio::task::spawn_blocking(move || shared.prompt_tokens(&prompt, &tools))
+            .await
+            .map_err(|e| EngineError::Internal(format!("rendering the prompt failed: {e}")))?
     }
 }
 
@@ -306,12 +306,33 @@ impl Engine for LlamaCppEngine {
         &self.info
     }
 
+    fn health(&self) -> Health {
+        if self.shared.alive.load(Ordering::Acquire) {
+            return Health::Ok;
+        }
+        let why = self
+            .shared
+            .died
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| "the llama.cpp engine thread ended".into());
+        Health::Dead(why)
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let _ = self.jobs.send(Msg::Stop);
+            self.ended().await;
+        })
+    }
+
     fn count_tokens<'a>(
         &'a self,
         prompt: &'a Prompt,
         tools: &'a [ToolSpec],
     ) -> BoxFuture<'a, Result<u32, EngineError>> {
-        Box::pin(async move { Ok(self.prompt_tokens(prompt, tools)?.len() as u32) })
+        Box::pin(async move { Ok(self.prompt_tokens(prompt, tools).await?.len() as u32) })
     }
 
     fn generate(
@@ -323,7 +344,7 @@ impl Engine for LlamaCppEngine {
             check_logit_bias(&request.sampling, self.info.gguf.shape.vocab)?;
             let tools_on = !request.tools.is_empty() && request.tool_choice != ToolChoice::None;
             let tools: &[ToolSpec] = if tools_on { &request.tools } else { &[] };
-            let tokens = self.prompt_tokens(&request.prompt, tools)?;
+            let tokens = self.prompt_tokens(&request.prompt, tools).await?;
             if tokens.is_empty() {
                 return Err(EngineError::Invalid("the prompt is empty".into()));
             }
@@ -348,9 +369,13 @@ impl Engine for LlamaCppEngine {
                 events: tx,
                 started,
             };
-            self.jobs
-                .send(job)
-                .map_err(|_| EngineError::Unavailable("the engine has stopped".into()))?;
+            self.jobs.send(Msg::Job(Box::new(job))).map_err(|_| {
+                EngineError::Unavailable(
+                    self.health()
+                        .dead_reason()
+                        .unwrap_or_else(|| "the engine has stopped".into()),
+                )
+            })?;
             let stream =
                 futures::stream::unfold(
                     rx,
@@ -358,6 +383,25 @@ impl Engine for LlamaCppEngine {
                 );
             Ok(Box::pin(stream) as GenerationStream)
         })
+    }
+}
+
+impl LlamaCppEngine {
+    /// Resolves once the batching thread has ended.
+    pub(crate) async fn ended(&self) {
+        loop {
+            let woken = self.shared.ended.notified();
+            if !self.shared.alive.load(Ordering::Acquire) {
+                return;
+            }
+            woken.await;
+        }
+    }
+
+    /// Makes the engine thread's next step panic (tests of the panic path).
+    #[cfg(test)]
+    pub(crate) fn panic_next_step(&self) {
+        let _ = self.jobs.send(Msg::Panic);
     }
 }
 
