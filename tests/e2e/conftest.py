@@ -22,13 +22,15 @@ def tidepool_bin():
 
 
 class Server:
-    def __init__(self, args, ready_timeout=900):
+    def __init__(self, args, ready_timeout=900, env=None):
         self.proc = subprocess.Popen(
             [tidepool_bin(), "serve", "--port", "0", *args],
             stdout=subprocess.PIPE,
             stderr=sys.stderr,
             text=True,
+            env={**os.environ, **(env or {})},
         )
+
         line = self.proc.stdout.readline()
         m = re.search(r"http://([0-9.]+:\d+)", line)
         if not m:
@@ -68,10 +70,16 @@ def smollm2_server():
 
 
 @pytest.fixture(scope="session")
-def tiny_server(tmp_path_factory):
-    """Tidepool serving the tiny random-weight fixture (fast; output is noise, shapes are real)."""
+def tiny_gguf(tmp_path_factory):
+    """The tiny random-weight fixture (fast; output is noise, shapes are real)."""
     path = tmp_path_factory.mktemp("fixture") / "tiny.gguf"
     subprocess.run([tidepool_bin(), "fixture", "--size", "tiny", "--out", str(path)], check=True)
-    server = Server(["--model", str(path), "--slots", "2", "--config", ENGINE_CONFIG])
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_gguf):
+    """Tidepool serving the tiny random-weight fixture (fast; output is noise, shapes are real)."""
+    server = Server(["--model", str(tiny_gguf), "--slots", "2", "--config", ENGINE_CONFIG])
     yield server
     server.stop()

@@ -272,7 +272,7 @@ async fn empty_prompt_only_loads() {
 }
 
 #[tokio::test]
-async fn keep_alive_sets_the_idle_ttl_and_zero_unloads() {
+async fn keep_alive_sets_the_models_expiry_never_the_policy_and_zero_unloads() {
     let s = start_server(ServerOptions {
         model: Some(tiny_fixture()),
         pool: Some((8, std::time::Duration::from_secs(30))),
@@ -303,8 +303,18 @@ async fn keep_alive_sets_the_idle_ttl_and_zero_unloads() {
         };
     let r = generate(json!("5m")).await.unwrap();
     assert_eq!(r.status(), 200);
+    // The model's expiry, not the policy: /admin/config is what the user configured.
     let cfg: Value = get_json(s.url("/admin/config")).await.1;
-    assert_eq!(cfg["policy"]["idle_ttl_s"], 300.0, "{cfg}");
+    assert_eq!(cfg["policy"]["idle_ttl_s"], 600.0, "{cfg}");
+    assert_eq!(cfg["policy"]["min_workers"], 1, "{cfg}");
+    let status: Value = get_json(s.url("/admin/status")).await.1;
+    assert_eq!(status["keep_alive"], 300.0, "{status}");
+    let ps: Value = get_json(s.url("/api/ps")).await.1;
+    let expires = ps["models"][0]["expires_at"].as_str().unwrap().to_string();
+    assert!(
+        expires.as_str() < "2100",
+        "a 5 minute expiry, not forever: {expires}"
+    );
 
     let r = generate(json!("soon")).await.unwrap();
     assert_eq!(r.status(), 400);
@@ -322,6 +332,11 @@ async fn keep_alive_sets_the_idle_ttl_and_zero_unloads() {
         assert!(std::time::Instant::now() < deadline, "still loaded: {ps}");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
+    let cfg: Value = get_json(s.url("/admin/config")).await.1;
+    assert_eq!(
+        cfg["policy"]["min_workers"], 1,
+        "unloading rewrote the policy: {cfg}"
+    );
     // The next request loads a worker again (cold start).
     let r = generate(json!("1m")).await.unwrap();
     assert_eq!(r.status(), 200);

@@ -374,9 +374,11 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         max_sequences: slots,
         prefix_cache_entries: cfg.model.prefix_cache_for(gpu),
     };
+    // Read (and so check) the file before any engine sees it: a malformed GGUF is an error here.
+    let gguf = GgufInfo::read(&local.files)?;
     let engine = choose_engine(local, cfg, &engine_cfg, gpu).await?;
     // The pool: every worker reserves its weights, KV cache for its slots and overhead.
-    let gguf = GgufInfo::read(&local.files)?;
+
     let shape = WorkerShape {
         slots: slots as u64,
         context_tokens: cfg.pool.context_tokens,

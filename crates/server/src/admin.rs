@@ -191,6 +191,14 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         "tidepool_process_resident_bytes {}",
         process_rss_bytes()
     );
+    if let Some(gate) = app.connections.get() {
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_write_timeouts_total Connections closed because the client stopped reading.\n# TYPE tidepool_write_timeouts_total counter\ntidepool_write_timeouts_total {}",
+            gate.write_timeouts()
+        );
+    }
+
     if let Some(scaler) = app.autoscaler.get() {
         let pool = scaler.pool();
         gauge(

@@ -264,6 +264,21 @@ impl From<EngineError> for ApiError {
     }
 }
 
+/// The error for a generation that failed part-way: the client's own output constraint is a 400
+/// that says what went wrong; anything else is an engine failure, hidden behind an incident id.
+pub fn generation_failed(e: &str) -> ApiError {
+    match e.strip_prefix(tidepool_core::engine::grammar::FAILED) {
+        Some(why) => ApiError::invalid_param(
+            "response_format",
+            format!(
+                "The output constraint cannot be followed: {}",
+                truncate(why, 300)
+            ),
+        ),
+        None => ApiError::hidden("The generation failed", e),
+    }
+}
+
 /// Marks the 500 that [`panic_response`] made, so [`panics_in_shape`] can reshape it.
 #[derive(Clone, Copy)]
 struct FromPanic;

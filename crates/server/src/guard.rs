@@ -310,14 +310,23 @@ pub async fn local_only(State(app): State<AppState>, req: Request, next: Next) -
     run(&app, RouteKind::Local, req, next).await
 }
 
-/// The CORS policy of the public API: exactly the allowed origins, the methods and headers the
-/// API uses; nothing cross-origin elsewhere (the local routes have no CORS layer at all).
+/// Whether `path` is in the public API's namespaces (`/v1`, `/api`), the only ones a web page of
+/// another origin may be allowed to call.
+pub fn is_api_path(path: &str) -> bool {
+    path.starts_with("/v1/") || path.starts_with("/api/")
+}
+
+/// The CORS policy: exactly the allowed origins, on the public API's paths only, with the
+/// methods and headers the API uses; nothing cross-origin elsewhere.
 pub fn api_cors(guard: Arc<Guard>) -> tower_http::cors::CorsLayer {
     use tower_http::cors::{AllowOrigin, CorsLayer};
     CorsLayer::new()
-        .allow_origin(AllowOrigin::predicate(move |origin: &HeaderValue, _| {
-            origin.to_str().is_ok_and(|o| guard.api_origin_allowed(o))
-        }))
+        .allow_origin(AllowOrigin::predicate(
+            move |origin: &HeaderValue, parts: &axum::http::request::Parts| {
+                is_api_path(parts.uri.path())
+                    && origin.to_str().is_ok_and(|o| guard.api_origin_allowed(o))
+            },
+        ))
         .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
         .allow_headers([
             header::CONTENT_TYPE,

@@ -117,9 +117,9 @@ impl AppState {
     }
 }
 
-/// The full router. Two groups: the public API (OpenAI, Ollama, health), with a CORS policy for
-/// the allowed origins, and the local routes (admin API, metrics, dashboard), loopback only and
-/// own-origin only by their `route_layer`. Around both, outermost first: a panic becomes an
+/// The full router. Two groups: the public API (OpenAI, Ollama, health) and the local routes
+/// (admin API, metrics, dashboard), loopback only and own-origin only by their `route_layer`.
+/// The CORS policy allows the configured origins on `/v1` and `/api` only. Around both, outermost first: a panic becomes an
 /// API-shaped 500; a LAN peer is authenticated and rate limited ([`sharing::lan_guard`]); the
 /// Host and Origin rules ([`guard::guard`]); new requests get 503 once shutdown has begun.
 pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
@@ -134,8 +134,7 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
         .route("/api/tags", get(ollama::tags))
         .route("/api/ps", get(ollama::ps))
         .route("/api/show", post(ollama::show))
-        .route("/api/version", get(ollama::version))
-        .layer(guard::api_cors(state.guard.clone()));
+        .route("/api/version", get(ollama::version));
     let local = Router::new()
         .route("/admin/status", get(admin::status))
         .route("/admin/events", get(admin::events))
@@ -166,6 +165,8 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(cfg.body_limit))
+        // Answers preflights before routing (a route has no OPTIONS method of its own).
+        .layer(guard::api_cors(state.guard.clone()))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             refuse_while_shutting_down,

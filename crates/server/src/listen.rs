@@ -55,6 +55,8 @@ impl Default for ConnLimits {
 
 /// The connection counts, shared by every listener of one server.
 pub struct ConnGate {
+    /// Connections closed because the client stopped reading for the write timeout.
+    write_timeouts: std::sync::atomic::AtomicU64,
     limits: ConnLimits,
     local: Arc<Semaphore>,
     lan: Arc<Semaphore>,
@@ -84,6 +86,7 @@ impl Drop for ConnPermit {
 impl ConnGate {
     pub fn new(limits: ConnLimits) -> Arc<ConnGate> {
         Arc::new(ConnGate {
+            write_timeouts: Default::default(),
             local: Arc::new(Semaphore::new(limits.max_local.max(1))),
             lan: Arc::new(Semaphore::new(limits.max_lan.max(1))),
             per_address: Mutex::new(HashMap::new()),
@@ -93,6 +96,12 @@ impl ConnGate {
 
     pub fn limits(&self) -> &ConnLimits {
         &self.limits
+    }
+
+    /// Connections cut off because their client stopped reading, since start.
+    pub fn write_timeouts(&self) -> u64 {
+        self.write_timeouts
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// A place for a connection from `peer`, or `None` when its limit is reached.
@@ -187,11 +196,19 @@ pub async fn serve_connections(
             });
         let builder = builder.clone();
         let watcher = graceful.watcher();
+        let counts = gate.clone();
         connections.spawn(async move {
             let _permit = permit;
             let conn = builder.serve_connection_with_upgrades(io, service);
             if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, "connection ended: {e}");
+                if timed_out(e.as_ref()) {
+                    counts
+                        .write_timeouts
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::info!(%peer, "a client stopped reading: connection closed");
+                } else {
+                    tracing::debug!(%peer, "connection ended: {e}");
+                }
             }
         });
     }
@@ -207,6 +224,21 @@ pub async fn serve_connections(
     }
     connections.shutdown().await;
     Ok(())
+}
+
+/// Whether an error (or one of its causes) is an I/O timeout: the write timeout fired.
+fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if err
+            .downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Raises this process's open-file limit to its hard limit (a server needs one descriptor per

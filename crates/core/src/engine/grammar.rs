@@ -67,13 +67,41 @@ fn invalid(e: &str) -> EngineError {
     ))
 }
 
-/// Checks the request's constraint, if it has one (see the module doc).
+/// Steps of the dry run [`check`] takes through a grammar.
+const DRY_RUN_STEPS: usize = 48;
+
+/// Checks the request's constraint, if it has one (see the module doc): the grammar is built,
+/// and walked for a few dozen bytes along the lowest allowed byte at each step, so a grammar
+/// that explodes as soon as it starts (an object that must contain itself) fails here too.
 pub fn check(req: &GenerationRequest) -> Result<(), EngineError> {
-    match of(req)? {
-        None => Ok(()),
-        Some(g) => matcher(byte_factory()?, g).map(|_| ()),
+    let Some(g) = of(req)? else {
+        return Ok(());
+    };
+    let factory = byte_factory()?;
+    let mut m = matcher(factory, g)?;
+    let eos = factory.tok_env().tok_trie().eos_token();
+    for _ in 0..DRY_RUN_STEPS {
+        if m.is_stopped() {
+            break;
+        }
+        let mask = m.compute_mask().map_err(|e| invalid(&e.to_string()))?;
+        // Any allowed byte but the end; none (only the end is allowed) means the output may
+        // stop here, which is fine.
+        let mut next = None;
+        mask.iter_set_entries(|t| {
+            if next.is_none() && t as u32 != eos && t < 256 {
+                next = Some(t as u32);
+            }
+        });
+        let Some(t) = next else { break };
+        m.consume_token(t).map_err(|e| invalid(&e.to_string()))?;
     }
+    Ok(())
 }
+
+/// The message prefix of a generation that failed because of its output constraint (a
+/// grammar that became unusable part-way): the client's mistake, answered as such.
+pub const FAILED: &str = "the output constraint failed: ";
 
 #[cfg(test)]
 mod tests {
@@ -100,6 +128,10 @@ mod tests {
             OutputConstraint::Lark("start: (".into()),
             OutputConstraint::Regex("(".into()),
             OutputConstraint::JsonSchema(serde_json::json!({"$ref": "#/$defs/nothing"})),
+            // An object that must contain itself: fine to start, explodes after `{"`.
+            OutputConstraint::JsonSchema(serde_json::json!({
+                "type": "object", "properties": {"a": {"$ref": "#"}}, "required": ["a"]
+            })),
         ] {
             let e = check(&with(bad.clone())).unwrap_err();
             assert!(matches!(e, EngineError::Invalid(_)), "{bad:?}: {e}");

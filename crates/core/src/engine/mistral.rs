@@ -277,9 +277,9 @@ impl Engine for MistralEngine {
         Box::pin(async move {
             check_logit_bias(&request.sampling, self.info.gguf.shape.vocab)?;
             // A grammar mistral.rs cannot run fails its whole batch mid-step: refuse it now.
-            if request.constraint != OutputConstraint::None
-                || matches!(request.tool_choice, ToolChoice::Function(_))
-            {
+            let constrained = request.constraint != OutputConstraint::None
+                || matches!(request.tool_choice, ToolChoice::Function(_));
+            if constrained {
                 let checked = request.clone();
                 tokio::task::spawn_blocking(move || super::grammar::check(&checked))
                     .await
@@ -323,12 +323,22 @@ impl Engine for MistralEngine {
                 Some(Response::ValidationError(e)) => {
                     return Err(EngineError::Invalid(e.to_string()))
                 }
+                Some(Response::InternalError(e))
+                    if constrained && is_grammar_error(&e.to_string()) =>
+                {
+                    return Err(EngineError::Invalid(format!(
+                        "{}{}",
+                        super::grammar::FAILED,
+                        crate::bounds::clip(&e.to_string())
+                    )))
+                }
                 Some(Response::InternalError(e)) => {
                     return Err(EngineError::Internal(e.to_string()))
                 }
                 Some(r) => r,
             };
             let state = StreamState {
+                constrained,
                 rx: buf_rx,
                 pending: Some(first),
                 started,
@@ -402,6 +412,8 @@ impl TokenCounter {
 }
 
 struct StreamState {
+    /// The request has an output constraint (so a parser error is the constraint's).
+    constrained: bool,
     rx: mpsc::UnboundedReceiver<Response>,
     /// Stop strings: text that may begin one is held back, and the answer ends at a match.
     text: TextOut,
@@ -519,11 +531,11 @@ async fn next_event(mut st: StreamState) -> Option<(Vec<GenerationEvent>, Stream
         }
         Response::ModelError(msg, _) | Response::CompletionModelError(msg, _) => {
             st.finished = true;
-            return Some((vec![GenerationEvent::Error(msg)], st));
+            return Some((vec![GenerationEvent::Error(st.classify(msg))], st));
         }
         Response::InternalError(e) | Response::ValidationError(e) => {
             st.finished = true;
-            return Some((vec![GenerationEvent::Error(e.to_string())], st));
+            return Some((vec![GenerationEvent::Error(st.classify(e.to_string()))], st));
         }
         _ => {
             st.finished = true;
@@ -583,6 +595,31 @@ async fn next_event(mut st: StreamState) -> Option<(Vec<GenerationEvent>, Stream
     Some((events, st))
 }
 
+/// Whether an engine error comes from the grammar (llguidance's parser or lexer).
+fn is_grammar_error(msg: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    [
+        "parser error",
+        "lexer",
+        "grammar",
+        "llguidance",
+        "too many items",
+    ]
+    .iter()
+    .any(|k| m.contains(k))
+}
+
+impl StreamState {
+    /// A failure of a constrained generation that the grammar caused is reported as such.
+    fn classify(&self, msg: String) -> String {
+        if self.constrained && is_grammar_error(&msg) {
+            format!("{}{}", super::grammar::FAILED, crate::bounds::clip(&msg))
+        } else {
+            msg
+        }
+    }
+}
+
 /// Passes one text delta through the stop-string filter into `events`; `true` when a stop string
 /// matched (the text before it is in `events`, the rest is dropped).
 fn push_text(out: &mut TextOut, text: &str, events: &mut Vec<GenerationEvent>) -> bool {
@@ -629,9 +666,15 @@ fn build_request(
         },
     };
     let (sampling_params, sampler) = to_sampling(&req.sampling);
+    let counts = tap.counts.clone();
     let mut processors: Vec<Arc<dyn mistralrs::CustomLogitsProcessor>> = vec![Arc::new(tap)];
     if !req.sampling.logit_bias.is_empty() {
-        processors.push(Arc::new(LogitBias(req.sampling.logit_bias.clone())));
+        // A client's bias may ban the end token; once the client is gone it must not keep the
+        // sequence running to max_tokens.
+        processors.push(Arc::new(UntilWindDown {
+            inner: LogitBias(req.sampling.logit_bias.clone()),
+            counts,
+        }));
     }
     processors.extend(sampler);
     let forced = match (&req.constraint, &req.tool_choice) {
@@ -682,7 +725,27 @@ fn build_request(
     })
 }
 
+/// A logits processor that stops applying once its generation winds down (its client is gone).
+struct UntilWindDown<P> {
+    inner: P,
+    counts: Arc<TapCounts>,
+}
+
+impl<P: mistralrs::CustomLogitsProcessor> mistralrs::CustomLogitsProcessor for UntilWindDown<P> {
+    fn apply(
+        &self,
+        logits: &candle_core::Tensor,
+        context: &[u32],
+    ) -> candle_core::Result<candle_core::Tensor> {
+        if self.counts.is_winding_down() {
+            return Ok(logits.clone());
+        }
+        self.inner.apply(logits, context)
+    }
+}
+
 /// mistral.rs sampling parameters, plus Tidepool's own sampler for seeded requests.
+
 fn to_sampling(
     s: &Sampling,
 ) -> (

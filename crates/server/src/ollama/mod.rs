@@ -237,10 +237,9 @@ fn stream_response(
                 stats(&mut v, &usage, finish_reason, started, &report);
                 Some(v)
             }
-            GenerationEvent::Error(e) => Some(
-                OllamaError::from(crate::error::ApiError::hidden("The generation failed", &e))
-                    .to_json(),
-            ),
+            GenerationEvent::Error(e) => {
+                Some(OllamaError::from(crate::error::generation_failed(&e)).to_json())
+            }
         };
         futures::future::ready(out)
     });

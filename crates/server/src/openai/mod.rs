@@ -93,7 +93,7 @@ pub(crate) async fn collect(mut stream: GenerationStream) -> Result<Collected, A
                 out.finish = Some(finish_reason);
                 out.usage = usage;
             }
-            GenerationEvent::Error(e) => return Err(ApiError::hidden("The generation failed", &e)),
+            GenerationEvent::Error(e) => return Err(crate::error::generation_failed(&e)),
         }
     }
     if out.finish.is_none() {
@@ -229,7 +229,7 @@ fn chat_sse(
                 v
             }
             GenerationEvent::Error(e) => {
-                vec![ApiError::hidden("The generation failed", &e).to_json()]
+                vec![crate::error::generation_failed(&e).to_json()]
             }
         };
         futures::stream::iter(items.into_iter().map(|v| sse_data(&v)))
@@ -382,7 +382,7 @@ fn completion_sse(
                 v
             }
             GenerationEvent::Error(e) => {
-                vec![ApiError::hidden("The generation failed", &e).to_json()]
+                vec![crate::error::generation_failed(&e).to_json()]
             }
         };
         futures::stream::iter(items.into_iter().map(|v| sse_data(&v)))

@@ -385,7 +385,7 @@ impl Seq {
         if let Some(m) = self.matcher.as_mut() {
             let mask = m
                 .compute_mask_or_eos()
-                .map_err(|e| format!("grammar: {e}"))?;
+                .map_err(|e| format!("{}{e}", crate::engine::grammar::FAILED))?;
             for d in cand.data.iter_mut() {
                 if !mask.is_allowed(d.id().0 as u32) {
                     d.set_logit(f32::NEG_INFINITY);
@@ -406,7 +406,8 @@ impl Seq {
         if let Some(m) = self.matcher.as_mut() {
             if m.consume_token(token.0 as u32).is_err() {
                 return Err(format!(
-                    "grammar: token {} does not fit the constraint",
+                    "{}token {} does not fit it",
+                    crate::engine::grammar::FAILED,
                     token.0
                 ));
             }

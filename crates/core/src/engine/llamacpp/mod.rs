@@ -356,6 +356,13 @@ impl Engine for LlamaCppEngine {
                 )));
             }
             let matcher = if tools_on || request.constraint != OutputConstraint::None {
+                // A grammar that cannot run is refused before it takes a sequence slot.
+                let checked = request.clone();
+                tokio::task::spawn_blocking(move || crate::engine::grammar::check(&checked))
+                    .await
+                    .map_err(|e| {
+                        EngineError::Internal(format!("checking the grammar failed: {e}"))
+                    })??;
                 self.shared.matcher(&request)?
             } else {
                 None
