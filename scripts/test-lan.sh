@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # LAN sharing through a real non-loopback address: a network namespace joined to this one by a
 # veth pair is "another machine" (10.231.7.2) reaching `tidepool serve --share-lan` at 10.231.7.1.
-# Checks: no token 401, wrong token 401, right token 200, over the rate 429 with Retry-After,
-# admin API 403 from the LAN, loopback needs no token, and the switch, the rate and the token
-# change at run time. Needs root (ip netns); set TIDEPOOL_SKIP_NETNS=1 to skip on a machine
+# Checks: no token 401, wrong token 401, right token 200, over the rate 429 with Retry-After
+# (failed attempts count), repeated wrong tokens back off to 429, admin API 403 from the LAN,
+# keep_alive from the LAN changes nothing, loopback needs no token, and the switch, the rate and
+# the token change at run time. Needs root (ip netns); set TIDEPOOL_SKIP_NETNS=1 to skip on a machine
 # without it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ echo "ok   non-loopback bind without a token refused"
 
 cat > "$work/c.toml" <<TOML
 [server]
-lan_rate_per_minute = 5
+lan_rate_per_minute = 10
 [model]
 slots = 1
 TOML
@@ -96,7 +97,7 @@ expect "LAN chat completion" 200 "$(lan /v1/chat/completions "${auth[@]}" -H 'co
 expect "LAN admin API" 403 "$(lan /admin/status "${auth[@]}")"
 expect "LAN dashboard" 403 "$(lan / "${auth[@]}")"
 expect "LAN metrics" 403 "$(lan /metrics "${auth[@]}")"
-# 5 per minute: 2 used above; the 6th request is over.
+# 10 per minute: 7 used above (the refused ones count too); the 11th request is over.
 for _ in 1 2 3; do lan /health "${auth[@]}" > /dev/null; done
 expect "LAN over the rate" 429 "$(lan /v1/models "${auth[@]}")"
 grep -qi '^retry-after: [0-9]' "$work/headers" || { echo "FAIL 429 without Retry-After"; failures=$((failures + 1)); }
@@ -111,12 +112,35 @@ expect "loopback while off" 200 "$(local_ /v1/models)"
 # On again with a higher rate.
 expect "switch on" 200 "$(local_ /admin/sharing -X PUT -H 'content-type: application/json' -d '{"enabled": true, "rate_per_minute": 100}')"
 expect "LAN after switching on" 200 "$(lan /v1/models "${auth[@]}")"
-# A rotated token replaces the old one at once.
-local_ /admin/sharing/rotate -X POST > /dev/null
+# keep_alive from the LAN changes no policy and no expiry.
+expect "LAN keep_alive 0" 200 "$(lan /api/generate "${auth[@]}" -d '{"model":"tiny","prompt":"hi","stream":false,"keep_alive":0,"options":{"num_predict":2}}')"
+local_ /admin/status > /dev/null
+python3 - "$work/body" <<'PY' || failures=$((failures + 1))
+import json, sys
+s = json.load(open(sys.argv[1]))
+bad = []
+if s.get("keep_alive") is not None: bad.append(f"keep_alive {s.get('keep_alive')}")
+if s["policy"]["min_workers"] != 1: bad.append(f"min_workers {s['policy']['min_workers']}")
+if s["policy"]["idle_ttl_s"] != 600: bad.append(f"idle_ttl_s {s['policy']['idle_ttl_s']}")
+print(("FAIL LAN keep_alive changed the server: " + ", ".join(bad)) if bad else "ok   LAN keep_alive changed no policy")
+sys.exit(1 if bad else 0)
+PY
+# The token is shown only to the dashboard's own origin.
+local_ /admin/sharing > /dev/null
+python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1]))["token"] is None else 1)' "$work/body" \
+  && echo "ok   GET /admin/sharing hides the token from a client without the dashboard's origin" \
+  || { echo "FAIL GET /admin/sharing showed the token"; failures=$((failures + 1)); }
+# A rotated token replaces the old one at once (seen by the dashboard's origin).
+local_ /admin/sharing/rotate -X POST -H 'content-type: application/json' -H "Origin: http://127.0.0.1:$port" > /dev/null
 new_token=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["token"])' "$work/body")
 expect "LAN with the old token" 401 "$(lan /v1/models "${auth[@]}")"
 expect "LAN with the new token" 200 "$(lan /v1/models -H "Authorization: Bearer $new_token")"
 
+# Wrong tokens back off: after 5 free failures an address waits, even with the right token.
+for _ in 1 2 3 4 5 6; do lan /v1/models -H "Authorization: Bearer wrong-$new_token" > /dev/null; done
+expect "LAN wrong tokens back off" 429 "$(lan /v1/models -H "Authorization: Bearer wrong-$new_token")"
+grep -qi '^retry-after: [0-9]' "$work/headers" || { echo "FAIL backoff 429 without Retry-After"; failures=$((failures + 1)); }
+expect "LAN right token during backoff" 429 "$(lan /v1/models -H "Authorization: Bearer $new_token")"
 if [ "$failures" -gt 0 ]; then
   echo "$failures LAN sharing check(s) failed; server log:"
   tail -20 "$work/log"

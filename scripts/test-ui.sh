@@ -51,7 +51,8 @@ EOF
 # shellcheck source=scripts/serve-lib.sh
 source scripts/serve-lib.sh
 echo "==> tidepool serve (tiny fixture)"
-start_server "$bin" "$work/tiny.gguf" "$work/tidepool.toml" "$work/serve"
+# A home of its own: the tests rotate the LAN token, whose file lives there.
+TIDEPOOL_HOME="$work/home" start_server "$bin" "$work/tiny.gguf" "$work/tidepool.toml" "$work/serve"
 echo "    $server_url"
 
 echo "==> npm ci (tests/ui)"

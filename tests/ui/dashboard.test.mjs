@@ -216,8 +216,19 @@ test("a setting changed in the UI reaches GET /admin/config", async () => {
     await until("the not-available note", () => page.locator("#sharing-unavailable").isVisible());
   } else {
     await until("the sharing panel", () => page.locator("#set-sharing").isVisible());
+    // The token reaches the dashboard (its own origin) and nobody else: the page's own request
+    // gets it, a client without that origin does not, and the page, reloaded, shows it.
+    const rotated = await page.evaluate(async () => {
+      const r = await fetch("/admin/sharing/rotate", { method: "POST", headers: { "content-type": "application/json" }, body: "{}" });
+      return (await r.json()).token;
+    });
+    assert.match(String(rotated), /^[0-9a-f]{64}$/);
+    assert.equal((await (await fetch(URL + "/admin/sharing")).json()).token, null, "GET without the dashboard's origin hides the token");
+    await page.reload();
+    await until("the token shown after a reload", async () => (await page.locator("#sharing-token").textContent()) === rotated);
   }
   await page.screenshot({ path: join(SHOTS, "settings.png"), fullPage: true });
+
 
   // Put things back for the tests after this one.
   await page.getByLabel("Min workers").fill(String(before.policy.min_workers));
