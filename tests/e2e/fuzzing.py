@@ -114,6 +114,8 @@ def hostile(route):
         ("array body", b"[1, 2, 3]", True),
         ("NaN", b'{"max_tokens": NaN}', True),
         ("huge number", b'{"max_tokens": 1e999}', True),
+        ("3 MB model name", encode({"model": "m" * 3_000_000, "id": "i" * 100, "messages": [], "prompt": "x"}), True),
+        ("3 MB key", b'{"' + b"k" * 3_000_000 + b'": 1}', True),
     ]
     if bodyless:
         out = [(name, body, False) for name, body, _ in out]

@@ -149,6 +149,8 @@ def test_fuzzed_bodies_never_break_the_server(server):
                 assert_in_shape(path, r)
             except Exception as e:
                 return (path, name, f"{code} not in the API's shape: {e}")
+            if len(content or b"") > 4096:
+                return (path, name, f"{code} echoes {len(content)} bytes back")
         elif content is not None:
             try:
                 json.loads(content)

@@ -184,7 +184,7 @@ pub enum Plan {
 /// Looks `name` up.
 pub fn find<'a>(profiles: &'a Profiles, name: &str) -> Result<&'a ProfileConfig, ProfileError> {
     profiles.get(name).ok_or_else(|| ProfileError::Unknown {
-        name: name.to_string(),
+        name: crate::bounds::clip(name),
         known: profiles.keys().cloned().collect::<Vec<_>>().join(", "),
     })
 }

@@ -52,7 +52,8 @@ impl FromStr for Class {
             "standard" => Ok(Class::Standard),
             "batch" => Ok(Class::Batch),
             other => Err(format!(
-                "unknown priority `{other}` (expected interactive, standard or batch)"
+                "unknown priority `{}` (expected interactive, standard or batch)",
+                crate::bounds::clip(other)
             )),
         }
     }

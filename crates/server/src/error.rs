@@ -373,48 +373,64 @@ where
             ));
         }
         let de = &mut serde_json::Deserializer::from_slice(&bytes);
-        match serde_path_to_error::deserialize(de) {
-            Ok(v) => Ok(ApiJson(v)),
-            Err(err) => {
-                let path = err.path().to_string();
-                let inner = err.into_inner();
-                if inner.is_syntax() || inner.is_eof() {
-                    Err(ApiError::bad_request(format!(
-                        "We could not parse the JSON body of your request: {inner}"
-                    )))
-                } else if path.is_empty() || path == "." {
-                    let msg = inner.to_string();
-                    // Flattened fields lose their path: find the field from the error's position
-                    // (a missing field is reported at the end of the object, so not for those).
-                    let located = (!msg.starts_with("missing field"))
-                        .then(|| field_at(&bytes, inner.line(), inner.column()))
-                        .flatten();
-                    if let Some(field) = located {
-                        return Err(ApiError::invalid_param(
-                            &field,
-                            format!("Invalid value for `{field}`: {msg}"),
-                        ));
-                    }
-                    // "missing field `messages`": name the field.
-                    match msg
-                        .split('`')
-                        .nth(1)
-                        .filter(|_| msg.starts_with("missing field"))
-                    {
-                        Some(field) => Err(ApiError::invalid_param(
-                            field,
-                            format!("Missing required parameter: `{field}`."),
-                        )),
-                        None => Err(ApiError::bad_request(format!(
-                            "Invalid request body: {msg}"
-                        ))),
-                    }
-                } else {
-                    Err(ApiError::invalid_param(
-                        &path,
-                        format!("Invalid value for `{path}`: {inner}"),
-                    ))
+        parse_error(serde_path_to_error::deserialize(de), &bytes).map_err(clipped)
+    }
+}
+
+/// An error whose message and parameter echo client input, cut to a readable length (a 3 MB
+/// field name or value is not sent back).
+fn clipped(mut e: ApiError) -> ApiError {
+    e.message = truncate(&e.message, 500).into_owned();
+    e.param = e.param.map(|p| truncate(&p, 100).into_owned());
+    e
+}
+
+/// The body's value, or an OpenAI-style error naming the field that is wrong.
+fn parse_error<T>(
+    result: Result<T, serde_path_to_error::Error<serde_json::Error>>,
+    bytes: &[u8],
+) -> Result<ApiJson<T>, ApiError> {
+    match result {
+        Ok(v) => Ok(ApiJson(v)),
+        Err(err) => {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            if inner.is_syntax() || inner.is_eof() {
+                Err(ApiError::bad_request(format!(
+                    "We could not parse the JSON body of your request: {inner}"
+                )))
+            } else if path.is_empty() || path == "." {
+                let msg = inner.to_string();
+                // Flattened fields lose their path: find the field from the error's position
+                // (a missing field is reported at the end of the object, so not for those).
+                let located = (!msg.starts_with("missing field"))
+                    .then(|| field_at(bytes, inner.line(), inner.column()))
+                    .flatten();
+                if let Some(field) = located {
+                    return Err(ApiError::invalid_param(
+                        &field,
+                        format!("Invalid value for `{field}`: {msg}"),
+                    ));
                 }
+                // "missing field `messages`": name the field.
+                match msg
+                    .split('`')
+                    .nth(1)
+                    .filter(|_| msg.starts_with("missing field"))
+                {
+                    Some(field) => Err(ApiError::invalid_param(
+                        field,
+                        format!("Missing required parameter: `{field}`."),
+                    )),
+                    None => Err(ApiError::bad_request(format!(
+                        "Invalid request body: {msg}"
+                    ))),
+                }
+            } else {
+                Err(ApiError::invalid_param(
+                    &path,
+                    format!("Invalid value for `{path}`: {inner}"),
+                ))
             }
         }
     }

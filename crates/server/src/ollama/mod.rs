@@ -85,7 +85,8 @@ fn check_model(
     model_and_profile(app, Some(m), body_profile, selection.profile.as_deref()).map_err(|e| {
         if e.status == axum::http::StatusCode::NOT_FOUND {
             OllamaError::not_found(format!(
-                "model '{m}' not found; this server serves '{}'",
+                "model '{}' not found; this server serves '{}'",
+                crate::error::truncate(m, 100),
                 app.service.model_name()
             ))
         } else {

@@ -336,7 +336,8 @@ fn parse_role(role: &str, i: usize) -> Result<Role, ApiError> {
             return Err(ApiError::invalid_param(
                 &format!("messages[{i}].role"),
                 format!(
-                    "Invalid role `{other}` in messages[{i}]; expected system, developer, user, assistant or tool."
+                    "Invalid role `{}` in messages[{i}]; expected system, developer, user, assistant or tool.",
+                    crate::error::truncate(other, 50)
                 ),
             ))
         }
