@@ -4,7 +4,9 @@
 //! worker counts are applied here too: slots admitted per worker, the CPU cores inference runs
 //! on, and refusing the batch class while the machine is critically hot.
 
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::cpu_limit::CpuLimiter;
@@ -29,7 +31,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The running control loop's state, for /admin/status.
 pub struct Autoscaler {
     /// The pool it steers; replaced when the served model changes.
-    pool: std::sync::RwLock<Arc<Pool>>,
+    pool: RwLock<Arc<Pool>>,
     service: Arc<Service>,
     policy: Mutex<Policy>,
     state: Mutex<LoopState>,
@@ -112,7 +114,7 @@ impl Autoscaler {
                 signals: Signals::default(),
                 histories: Default::default(),
             }),
-            pool: std::sync::RwLock::new(pool),
+            pool: RwLock::new(pool),
             service,
             keep_alive: Mutex::new(None),
             epoch: Instant::now(),
@@ -148,7 +150,7 @@ impl Autoscaler {
         // Dead engines are replaced before anything is decided.
         pool.check_health();
         let signals = {
-            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.lock();
             let now = Instant::now();
             let dt = now.duration_since(st.last_tick).as_secs_f64().max(1e-3);
             let arrivals = self.service.arrivals();
@@ -188,11 +190,10 @@ impl Autoscaler {
             keep_alive_s: self.keep_alive().map(KeepAlive::seconds),
         };
         let current = view.workers;
-        let decision =
-            self.policy
-                .lock()
-                .unwrap()
-                .tick(self.epoch.elapsed().as_secs_f64(), &signals, view);
+        let decision = self
+            .policy
+            .lock()
+            .tick(self.epoch.elapsed().as_secs_f64(), &signals, view);
         let mut active = current;
         while active < decision.workers {
             if pool.add_worker(&decision.reason).is_err() {
@@ -206,7 +207,7 @@ impl Autoscaler {
             }
             active -= 1;
         }
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.lock();
         if st.decision.as_ref().map(|d| d.workers) != Some(decision.workers) {
             tracing::info!(workers = decision.workers, "{}", decision.reason);
         }
@@ -217,7 +218,7 @@ impl Autoscaler {
     /// Reads the machine, updates the power state, applies the limits that are not worker counts
     /// (slots, CPU cores, shedding) and returns those that are, for the policy.
     fn machine_tick(&self, pool: &Arc<Pool>) -> MachineLimits {
-        let mut p = self.power.lock().unwrap_or_else(|p| p.into_inner());
+        let mut p = self.power.lock();
         let reading = p.machine.read();
         let cfg = p.config.clone();
         let state = p.governor.update(&cfg, &reading);
@@ -255,33 +256,29 @@ impl Autoscaler {
 
     /// The latest machine reading and the power state derived from it.
     pub fn machine(&self) -> (Option<MachineReading>, Option<PowerState>) {
-        let p = self.power.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.power.lock();
         (p.reading.clone(), p.state.clone())
     }
 
     /// CPU cores inference may use now.
     pub fn cpu_cores(&self) -> usize {
-        let p = self.power.lock().unwrap_or_else(|p| p.into_inner());
+        let p = self.power.lock();
         p.cpu.current().unwrap_or(p.cpu.cores())
     }
 
     pub fn power_config(&self) -> PowerConfig {
-        self.power
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .config
-            .clone()
+        self.power.lock().config.clone()
     }
 
     /// Replaces the power config (already validated) and applies it at once.
     pub fn set_power_config(&self, config: PowerConfig) -> Decision {
-        self.power.lock().unwrap_or_else(|p| p.into_inner()).config = config;
+        self.power.lock().config = config;
         self.tick()
     }
 
     /// The latest decision and the signals it was made on.
     pub fn last(&self) -> (Option<Decision>, Signals) {
-        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let st = self.state.lock();
         (st.decision.clone(), st.signals.clone())
     }
 
@@ -289,15 +286,14 @@ impl Autoscaler {
     pub fn set_override(&self, workers: usize, ttl: Duration) -> Decision {
         let until =
             self.epoch.elapsed().as_secs_f64() + ttl.as_secs_f64().min(crate::bounds::MAX_SECONDS);
-        self.policy.lock().unwrap_or_else(|p| p.into_inner()).manual =
-            Some(Override { workers, until });
+        self.policy.lock().manual = Some(Override { workers, until });
         self.tick()
     }
 
     /// Sets (or with `None` clears) the served model's idle expiry from a request's
     /// `keep_alive`; a change applies at the next tick.
     pub fn set_keep_alive(&self, keep_alive: Option<KeepAlive>) {
-        let mut k = self.keep_alive.lock().unwrap_or_else(|p| p.into_inner());
+        let mut k = self.keep_alive.lock();
         if std::mem::replace(&mut *k, keep_alive) != keep_alive {
             tracing::info!(?keep_alive, "the model's keep_alive, from a request");
         }
@@ -305,36 +301,26 @@ impl Autoscaler {
 
     /// The idle expiry a request set, if any.
     pub fn keep_alive(&self) -> Option<KeepAlive> {
-        *self.keep_alive.lock().unwrap_or_else(|p| p.into_inner())
+        *self.keep_alive.lock()
     }
 
     pub fn pool(&self) -> Arc<Pool> {
-        self.pool.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.pool.read().clone()
     }
 
     /// Steers `pool` from now on (the served model changed); returns the previous one, which the
     /// caller drains.
     pub fn replace_pool(&self, pool: Arc<Pool>) -> Arc<Pool> {
-        std::mem::replace(
-            &mut *self.pool.write().unwrap_or_else(|p| p.into_inner()),
-            pool,
-        )
+        std::mem::replace(&mut *self.pool.write(), pool)
     }
 
     /// Replaces the policy (already validated); the next tick uses it.
     pub fn set_config(&self, config: PolicyConfig) {
-        self.policy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set_config(config);
+        self.policy.lock().set_config(config);
     }
 
     pub fn config(&self) -> PolicyConfig {
-        self.policy
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .config
-            .clone()
+        self.policy.lock().config.clone()
     }
 }
 

@@ -8,7 +8,9 @@
 //! behaves the same.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -161,14 +163,11 @@ impl Gateway {
     }
 
     pub fn config(&self) -> GatewayConfig {
-        self.config
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.config.read().clone()
     }
 
     pub fn cache_stats(&self) -> CacheStats {
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).stats()
+        self.cache.lock().stats()
     }
 
     /// The profiles requests may name.
@@ -220,11 +219,7 @@ impl Gateway {
             )
         });
         if let Some(key) = &key {
-            let found = self
-                .cache
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(key, Instant::now());
+            let found = self.cache.lock().get(key, Instant::now());
             if let Some(answer) = found {
                 report.cache = Some(CacheStatus::Hit);
                 report.truncation = answer.truncation;
@@ -571,10 +566,7 @@ fn record(
                     usage: *usage,
                     truncation,
                 };
-                cache
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(key, answer, Instant::now());
+                cache.lock().insert(key, answer, Instant::now());
             }
             GenerationEvent::Done { .. } | GenerationEvent::Error(_) => {}
         }

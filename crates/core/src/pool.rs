@@ -502,6 +502,9 @@ impl Pool {
                 Err(e) => {
                     tracing::warn!(worker = id, "worker failed to load: {e}");
                     let msg = format!("load failed: {}", first_line(&e.to_string()));
+                    if inner.degraded.is_some() {
+                        inner.degraded = Some(format!("no healthy worker: worker {id} {msg}"));
+                    }
                     pool.event(
                         &mut inner,
                         Some(id),

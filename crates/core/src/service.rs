@@ -8,7 +8,9 @@
 //! has its generation cancelled and its slot freed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
 
 use futures::StreamExt;
 use std::time::Instant;
@@ -110,7 +112,7 @@ pub struct Service {
     in_flight: Arc<InFlight>,
     /// Requests submitted since start, and when the last one came (load signals).
     arrivals: std::sync::atomic::AtomicU64,
-    last_arrival: std::sync::Mutex<Option<Instant>>,
+    last_arrival: parking_lot::Mutex<Option<Instant>>,
     /// How long a pooled request may wait for a slot.
     queue_deadline: RwLock<std::time::Duration>,
     /// Why batch-class requests are refused now (critical heat), if they are.
@@ -164,38 +166,34 @@ impl Service {
     }
 
     pub fn model_name(&self) -> String {
-        self.served
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .0
-            .clone()
+        self.served.read().0.clone()
     }
 
     /// Changes the served model's name (a fallback model replaced the requested one).
     pub fn set_model_name(&self, name: impl Into<String>, aliases: Vec<String>) {
-        *self.served.write().unwrap_or_else(|p| p.into_inner()) = (name.into(), aliases);
+        *self.served.write() = (name.into(), aliases);
     }
 
     /// Whether `name` refers to the served model.
     pub fn serves(&self, name: &str) -> bool {
-        let served = self.served.read().unwrap_or_else(|p| p.into_inner());
+        let served = self.served.read();
         name == served.0 || served.1.iter().any(|a| a == name)
     }
 
     pub fn set_state(&self, state: ModelState) {
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = state;
+        *self.state.write() = state;
     }
 
     /// Updates the detail of a model that is still loading (download progress, say).
     pub fn set_loading_detail(&self, detail: impl Into<String>) {
-        let mut s = self.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut s = self.state.write();
         if let ModelState::Loading { detail: d, .. } = &mut *s {
             *d = detail.into();
         }
     }
 
     pub fn status(&self) -> ModelStatus {
-        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
+        match &*self.state.read() {
             ModelState::Loading { since, detail } => ModelStatus::Loading {
                 detail: detail.clone(),
                 seconds: since.elapsed().as_secs_f64(),
@@ -211,7 +209,7 @@ impl Service {
 
     /// The pool, when the model is served by one.
     pub fn pool(&self) -> Option<Arc<Pool>> {
-        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
+        match &*self.state.read() {
             ModelState::Pooled(p) => Some(p.clone()),
             _ => None,
         }
@@ -219,25 +217,16 @@ impl Service {
 
     /// How long a generation waits for a client that stopped reading before it is cancelled.
     pub fn set_write_timeout(&self, d: std::time::Duration) {
-        *self
-            .write_timeout
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = d;
+        *self.write_timeout.write() = d;
     }
 
     /// How long a pooled request may wait for a slot.
     pub fn queue_deadline(&self) -> std::time::Duration {
-        *self
-            .queue_deadline
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+        *self.queue_deadline.read()
     }
 
     pub fn set_queue_deadline(&self, d: std::time::Duration) {
-        *self
-            .queue_deadline
-            .write()
-            .unwrap_or_else(|p| p.into_inner()) = d;
+        *self.queue_deadline.write() = d;
     }
 
     /// Requests submitted so far (a counter; the autoscaler derives the rate).
@@ -247,15 +236,12 @@ impl Service {
 
     /// Time since the last request arrived, if any did.
     pub fn idle_for(&self) -> Option<std::time::Duration> {
-        self.last_arrival
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .map(|t| t.elapsed())
+        self.last_arrival.lock().map(|t| t.elapsed())
     }
 
     /// Where requests go: one engine, or the pool.
     fn backend(&self) -> Result<Backend, SubmitError> {
-        match &*self.state.read().unwrap_or_else(|p| p.into_inner()) {
+        match &*self.state.read() {
             ModelState::Ready(e) => Ok(Backend::Engine(e.clone())),
             ModelState::Pooled(p) => Ok(Backend::Pool(p.clone())),
             ModelState::Loading { detail, .. } => Err(SubmitError::NotReady(format!(
@@ -335,7 +321,7 @@ impl Service {
             }
             let backend = self.backend()?;
             self.arrivals.fetch_add(1, Ordering::Relaxed);
-            *self.last_arrival.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+            *self.last_arrival.lock() = Some(Instant::now());
             let guard = InFlightGuard::new(&self.in_flight);
             Ok(match backend {
                 Backend::Engine(engine) => Pinned {
@@ -344,10 +330,7 @@ impl Service {
                     _lease: None,
                 },
                 Backend::Pool(pool) => {
-                    let deadline = *self
-                        .queue_deadline
-                        .read()
-                        .unwrap_or_else(|p| p.into_inner());
+                    let deadline = *self.queue_deadline.read();
                     let lease = pool.acquire(class, deadline).await?;
                     Pinned {
                         engine: lease.engine().clone(),
@@ -407,7 +390,7 @@ impl Service {
             tracker.see(&event);
             event
         });
-        let write_timeout = *self.write_timeout.read().unwrap_or_else(|p| p.into_inner());
+        let write_timeout = *self.write_timeout.read();
         let events = pump(Box::pin(tracked), write_timeout, self.metrics.clone());
         Box::pin(events.map(move |event| {
             let _counted = &guard;
@@ -424,12 +407,7 @@ impl Service {
             return Err(SubmitError::ShuttingDown);
         }
         if class == Class::Batch {
-            if let Some(why) = self
-                .shedding
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone()
-            {
+            if let Some(why) = self.shedding.read().clone() {
                 return Err(SubmitError::Shed {
                     message: format!("Batch requests are refused while the machine cools: {why}."),
                     retry_after_s: SHED_RETRY_AFTER_S,
@@ -438,7 +416,7 @@ impl Service {
         }
         let backend = self.backend()?;
         self.arrivals.fetch_add(1, Ordering::Relaxed);
-        *self.last_arrival.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        *self.last_arrival.lock() = Some(Instant::now());
         let guard = InFlightGuard::new(&self.in_flight);
         let deadline = self.queue_deadline();
         let (stream, lease) = match backend {
@@ -465,14 +443,11 @@ impl Service {
     /// Refuses batch-class requests with `why` (`None`: accept them again). Other classes still
     /// queue as usual.
     pub fn set_shedding(&self, why: Option<String>) {
-        *self.shedding.write().unwrap_or_else(|p| p.into_inner()) = why;
+        *self.shedding.write() = why;
     }
 
     pub fn shedding(&self) -> Option<String> {
-        self.shedding
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.shedding.read().clone()
     }
 
     /// Generations submitted and not yet finished (or dropped).
