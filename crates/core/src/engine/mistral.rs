@@ -745,7 +745,6 @@ impl<P: mistralrs::CustomLogitsProcessor> mistralrs::CustomLogitsProcessor for U
 }
 
 /// mistral.rs sampling parameters, plus Tidepool's own sampler for seeded requests.
-
 fn to_sampling(
     s: &Sampling,
 ) -> (
