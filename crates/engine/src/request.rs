@@ -280,7 +280,7 @@ mod duration_secs {
         s.serialize_f64(d.as_secs_f64())
     }
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        Ok(crate::bounds::duration(f64::deserialize(d)?))
+        Ok(tidepool_bounds::duration(f64::deserialize(d)?))
     }
 }
 

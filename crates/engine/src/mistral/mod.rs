@@ -35,13 +35,13 @@ use super::token_tap::{TapCounts, TokenTap};
 use super::{
     DeviceInfo, DevicePreference, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream,
 };
-use crate::catalog::DeviceClass;
-use crate::gguf_info::GgufInfo;
-use crate::model_source::LocalModel;
 use crate::request::{
     ChatMessage, FinishReason, GenerationEvent, GenerationRequest, OutputConstraint, Prompt, Role,
     Sampling, ToolCall, ToolChoice, ToolSpec, Usage,
 };
+use tidepool_models::catalog::DeviceClass;
+use tidepool_models::gguf_info::GgufInfo;
+use tidepool_models::model_source::LocalModel;
 
 /// Whether this build can run on a GPU here (a `cuda` or `metal` build on a machine that has one).
 pub fn gpu_available() -> bool {
@@ -68,17 +68,25 @@ impl MistralEngine {
         drop(rx);
         let _ = self
             .sender
-            .send(Request::Tokenize(TokenizationRequest {
-                text: Either::Right("crash".into()),
-                tools: None,
-                add_generation_prompt: false,
-                add_special_tokens: false,
-                enable_thinking: None,
-                reasoning_effort: None,
-                response: tx,
-            }))
+            .send(Request::Tokenize(plain_text("crash".into(), tx)))
             .await;
         self.sender.closed().await;
+    }
+}
+
+/// Tokenizing `text` as it is: no template, no special tokens added.
+fn plain_text(
+    text: String,
+    response: mpsc::Sender<anyhow::Result<Vec<u32>>>,
+) -> TokenizationRequest {
+    TokenizationRequest {
+        text: Either::Right(text),
+        tools: None,
+        add_generation_prompt: false,
+        add_special_tokens: false,
+        enable_thinking: None,
+        reasoning_effort: None,
+        response,
     }
 }
 
@@ -248,17 +256,9 @@ impl Engine for MistralEngine {
 
     fn probe(&self) -> BoxFuture<'_, Result<(), EngineError>> {
         Box::pin(async move {
-            tokenize_detached(&self.sender, |response| TokenizationRequest {
-                text: Either::Right("ping".into()),
-                tools: None,
-                add_generation_prompt: false,
-                add_special_tokens: false,
-                enable_thinking: None,
-                reasoning_effort: None,
-                response,
-            })
-            .await
-            .map(|_| ())
+            tokenize_detached(&self.sender, |response| plain_text("ping".into(), response))
+                .await
+                .map(|_| ())
         })
     }
 
@@ -329,7 +329,7 @@ impl Engine for MistralEngine {
                     return Err(EngineError::Invalid(format!(
                         "{}{}",
                         super::grammar::FAILED,
-                        crate::bounds::clip(&e.to_string())
+                        tidepool_bounds::clip(&e.to_string())
                     )))
                 }
                 Some(Response::InternalError(e)) => {
@@ -397,17 +397,9 @@ struct TokenCounter {
 impl TokenCounter {
     async fn count(&self, text: &str) -> u32 {
         let text = text.to_string();
-        tokenize_detached(&self.sender, |response| TokenizationRequest {
-            text: Either::Right(text),
-            tools: None,
-            add_generation_prompt: false,
-            add_special_tokens: false,
-            enable_thinking: None,
-            reasoning_effort: None,
-            response,
-        })
-        .await
-        .map_or(0, |t| t.len() as u32)
+        tokenize_detached(&self.sender, |response| plain_text(text, response))
+            .await
+            .map_or(0, |t| t.len() as u32)
     }
 }
 
@@ -613,7 +605,7 @@ impl StreamState {
     /// A failure of a constrained generation that the grammar caused is reported as such.
     fn classify(&self, msg: String) -> String {
         if self.constrained && is_grammar_error(&msg) {
-            format!("{}{}", super::grammar::FAILED, crate::bounds::clip(&msg))
+            format!("{}{}", super::grammar::FAILED, tidepool_bounds::clip(&msg))
         } else {
             msg
         }
@@ -836,57 +828,16 @@ fn to_mistral_messages(messages: &[ChatMessage]) -> Vec<IndexMap<String, Message
         .collect()
 }
 
-/// Makes pool workers that are mistral.rs instances of one model.
-pub struct MistralWorkers {
-    pub model: LocalModel,
-    pub config: EngineConfig,
-    pub reservation: crate::ledger::Reservation,
-}
-
-impl crate::pool::WorkerFactory for MistralWorkers {
-    fn reservation(&self) -> crate::ledger::Reservation {
-        self.reservation
-    }
-
-    fn slots(&self) -> usize {
-        self.config.max_sequences.max(1)
-    }
-
-    fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
-        let (model, config) = (self.model.clone(), self.config.clone());
-        Box::pin(async move {
-            let engine = MistralEngine::load(&model, &config).await?;
-            Ok(Arc::new(engine) as Arc<dyn Engine>)
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
-    use std::sync::OnceLock;
     use std::time::Duration;
 
     use super::*;
-    use crate::fixture::{write_fixture, FixtureOptions, FixtureShape};
-    use crate::quant_plan::QuantScheme;
     use crate::request::ChatMessage;
 
     fn tiny() -> LocalModel {
-        static PATH: OnceLock<PathBuf> = OnceLock::new();
-        let path = PATH.get_or_init(|| {
-            let dir = std::env::temp_dir().join(format!("tp-mistral-{}", std::process::id()));
-            std::fs::create_dir_all(&dir).unwrap();
-            let path = dir.join("tiny-q8_0.gguf");
-            let opts = FixtureOptions {
-                shape: FixtureShape::named("tiny").unwrap(),
-                quant: QuantScheme::Q8_0,
-                seed: 1,
-            };
-            write_fixture(&opts, &path, &|_, _| {}).unwrap();
-            path
-        });
-        crate::model_source::local_file(path).unwrap()
+        let path = crate::test_fixture::tiny_path();
+        tidepool_models::model_source::local_file(path).unwrap()
     }
 
     fn config() -> EngineConfig {
@@ -943,52 +894,17 @@ mod tests {
         assert!(finishes(&e, chat("still there?", 8)).await);
     }
 
-    /// Mistral.rs workers whose engines the test can reach as `MistralEngine`s.
-    struct Kept(std::sync::Mutex<Vec<Arc<MistralEngine>>>);
-
-    impl crate::pool::WorkerFactory for Arc<Kept> {
-        fn reservation(&self) -> crate::ledger::Reservation {
-            crate::ledger::Reservation {
-                weights: 1,
-                kv_cache: 0,
-                overhead: 0,
-            }
-        }
-        fn slots(&self) -> usize {
-            2
-        }
-        fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
-            let kept = self.clone();
-            Box::pin(async move {
-                let e = Arc::new(MistralEngine::load(&tiny(), &config()).await?);
-                kept.0.lock().unwrap().push(e.clone());
-                Ok(e as Arc<dyn Engine>)
-            })
-        }
-    }
-
     #[tokio::test(flavor = "multi_thread")]
-    async fn a_crashed_engine_reports_dead_and_the_pool_replaces_it() {
-        let kept = Arc::new(Kept(Default::default()));
-        let pool = crate::pool::Pool::new(Arc::new(kept.clone()), 10, 8);
-        let first = pool.add_worker("test").unwrap();
-        pool.wait_ready(first).await.unwrap();
-        let engine = kept.0.lock().unwrap()[0].clone();
-        // The real mistral.rs panic (see `crash`).
-        engine.crash().await;
-        assert!(!engine.health().is_ok());
-        // The next request is served by a replacement.
-        let lease = pool
-            .acquire(crate::queue::Class::Standard, Duration::from_secs(120))
-            .await
-            .expect("a replacement takes the request");
-        assert_ne!(lease.worker(), first);
-        assert!(finishes(lease.engine().as_ref(), chat("hello", 8)).await);
-        assert_eq!(pool.deaths(), 1);
-        assert!(pool
-            .events()
-            .iter()
-            .any(|e| e.message.contains("engine died")));
-        assert_eq!(pool.degraded(), None);
+    async fn a_crashed_engine_reports_dead_and_refuses_work() {
+        let e = MistralEngine::load(&tiny(), &config()).await.unwrap();
+        assert!(e.health().is_ok());
+        // The real mistral.rs panic (see `crash`); the pool replaces such a worker
+        // (tidepool-sched's tests, and tests/tests/engine_health.rs on real engines).
+        e.crash().await;
+        assert!(matches!(e.health(), super::super::Health::Dead(_)));
+        assert!(matches!(
+            e.generate(chat("hello", 8)).await,
+            Err(EngineError::Unavailable(_))
+        ));
     }
 }

@@ -8,13 +8,12 @@
 
 use std::collections::BTreeMap;
 
-use candle_core::{Result, Tensor};
-
 use super::EngineError;
 use crate::request::Sampling;
 
 /// Refuses `logit_bias` entries for tokens the vocabulary does not have (every engine calls this
 /// before it starts a generation).
+#[cfg(any(feature = "mistralrs", feature = "llamacpp"))]
 pub(crate) fn check_logit_bias(s: &Sampling, vocab: u32) -> std::result::Result<(), EngineError> {
     match s.logit_bias.keys().find(|&&id| id >= vocab) {
         Some(id) => Err(EngineError::Invalid(format!(
@@ -45,8 +44,14 @@ impl LogitBias {
     }
 }
 
+#[cfg(feature = "mistralrs")]
 impl mistralrs::CustomLogitsProcessor for LogitBias {
-    fn apply(&self, logits: &Tensor, _context: &[u32]) -> Result<Tensor> {
+    fn apply(
+        &self,
+        logits: &candle_core::Tensor,
+        _context: &[u32],
+    ) -> candle_core::Result<candle_core::Tensor> {
+        use candle_core::Tensor;
         let mut values: Vec<f32> = logits.to_dtype(candle_core::DType::F32)?.to_vec1()?;
         self.apply_to(&mut values);
         Tensor::from_vec(values, logits.dims1()?, logits.device())?.to_dtype(logits.dtype())
@@ -66,7 +71,9 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "mistralrs")]
     fn the_processor_changes_the_argmax() {
+        use candle_core::Tensor;
         use mistralrs::CustomLogitsProcessor;
         let logits = Tensor::new(&[5.0f32, 1.0, 0.0], &candle_core::Device::Cpu).unwrap();
         let bias = LogitBias(BTreeMap::from([(0, -100.0)]));

@@ -10,8 +10,8 @@ use futures::StreamExt;
 
 use super::choice::{EngineKind, Measured, ProbeKey};
 use super::{Engine, EngineConfig, EngineError};
-use crate::model_source::LocalModel;
 use crate::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
+use tidepool_models::model_source::LocalModel;
 
 /// Tokens decoded in the timed run.
 pub const PROBE_TOKENS: u32 = 32;

@@ -35,12 +35,12 @@ use self::batcher::{Job, Msg};
 use self::chat::{ChatTemplate, Segment};
 use super::logit_bias::check_logit_bias;
 use super::{DeviceInfo, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream, Health};
-use crate::catalog::DeviceClass;
-use crate::gguf_info::GgufInfo;
-use crate::model_source::LocalModel;
 use crate::request::{
     GenerationEvent, GenerationRequest, OutputConstraint, Prompt, ToolChoice, ToolSpec,
 };
+use tidepool_models::catalog::DeviceClass;
+use tidepool_models::gguf_info::GgufInfo;
+use tidepool_models::model_source::LocalModel;
 
 /// `EngineInfo::backend` of this engine.
 pub const BACKEND: &str = "llama.cpp";
@@ -124,7 +124,7 @@ impl Shared {
                 })?;
                 let mut messages = messages.clone();
                 let mut tools = tools.to_vec();
-                crate::engine::special_tokens::neutralize_request(
+                crate::special_tokens::neutralize_request(
                     &mut messages,
                     &mut tools,
                     &self.specials,
@@ -159,14 +159,11 @@ impl Shared {
     }
 
     /// The grammar matcher of a request, or `None` when its output is free; a grammar that
-    /// cannot run is refused here ([`crate::engine::grammar::matcher`]).
+    /// cannot run is refused here ([`crate::grammar::matcher`]).
     fn matcher(&self, req: &GenerationRequest) -> Result<Option<Matcher>, EngineError> {
-        match crate::engine::grammar::of(req)? {
+        match crate::grammar::of(req)? {
             None => Ok(None),
-            Some(g) => Ok(Some(crate::engine::grammar::matcher(
-                &*self.parser_factory()?,
-                g,
-            )?)),
+            Some(g) => Ok(Some(crate::grammar::matcher(&*self.parser_factory()?, g)?)),
         }
     }
 }
@@ -244,7 +241,7 @@ impl LlamaCppEngine {
             ended: tokio::sync::Notify::new(),
         });
         let threads = threads
-            .unwrap_or_else(crate::cpu_limit::available_cores)
+            .unwrap_or_else(crate::available_cores)
             .clamp(1, i32::MAX as usize) as i32;
         let n_batch = 512u32.max(slots as u32);
         let ctx_params = LlamaContextParams::default()
@@ -358,7 +355,7 @@ impl Engine for LlamaCppEngine {
             let matcher = if tools_on || request.constraint != OutputConstraint::None {
                 // A grammar that cannot run is refused before it takes a sequence slot.
                 let checked = request.clone();
-                tokio::task::spawn_blocking(move || crate::engine::grammar::check(&checked))
+                tokio::task::spawn_blocking(move || crate::grammar::check(&checked))
                     .await
                     .map_err(|e| {
                         EngineError::Internal(format!("checking the grammar failed: {e}"))
@@ -415,53 +412,6 @@ impl LlamaCppEngine {
 impl Drop for LlamaCppEngine {
     fn drop(&mut self) {
         tracing::debug!(model = %self.info.model, "llama.cpp engine dropped");
-    }
-}
-
-/// Bytes one llama.cpp worker holds: the mmapped weights (counted whole per worker, although
-/// workers of one model share the file's pages), an f16 KV cache of `context_tokens` per slot,
-/// and `overhead` for compute buffers. Unlike mistral.rs on the CPU, llama.cpp keeps the token
-/// embedding table quantized, so there is no dense copy of it to reserve.
-pub fn reservation(
-    gguf: &GgufInfo,
-    slots: u64,
-    context_tokens: u64,
-    overhead: u64,
-) -> crate::ledger::Reservation {
-    crate::ledger::Reservation {
-        weights: gguf.tensor_bytes,
-        kv_cache: gguf.shape.kv_bytes_per_token(2) * context_tokens * slots,
-        overhead,
-    }
-}
-
-/// Makes pool workers that are llama.cpp instances of one model.
-pub struct LlamaCppWorkers {
-    pub model: LocalModel,
-    pub config: EngineConfig,
-    /// Tokens of context per slot.
-    pub context_tokens: u32,
-    /// CPU threads per worker; `None`: every core the CPU limit allows.
-    pub threads: Option<usize>,
-    pub reservation: crate::ledger::Reservation,
-}
-
-impl crate::pool::WorkerFactory for LlamaCppWorkers {
-    fn reservation(&self) -> crate::ledger::Reservation {
-        self.reservation
-    }
-
-    fn slots(&self) -> usize {
-        self.config.max_sequences.max(1)
-    }
-
-    fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
-        let (model, config) = (self.model.clone(), self.config.clone());
-        let (ctx, threads) = (self.context_tokens, self.threads);
-        Box::pin(async move {
-            let engine = LlamaCppEngine::load(&model, &config, ctx, threads).await?;
-            Ok(Arc::new(engine) as Arc<dyn Engine>)
-        })
     }
 }
 

@@ -1,20 +1,37 @@
-//! The engine boundary: everything above it (pool, router, API) sees only [`Engine`]; below it is
-//! one inference library instance: mistral.rs ([`mistral::MistralEngine`]) or, with the
-//! `llamacpp` feature (on by default), llama.cpp (`llamacpp::LlamaCppEngine`). [`choice`] says
-//! which one serves a model.
+//! The engine boundary: everything above it (scheduler, gateway, API) sees only [`Engine`] and the
+//! internal request and event types of [`request`]; below it is one inference library instance:
+//! mistral.rs ([`mistral::MistralEngine`], feature `mistralrs`) or llama.cpp
+//! ([`llamacpp::LlamaCppEngine`], feature `llamacpp`), both on by default. [`choice`] says which
+//! one serves a model, [`EngineSpec`] loads one more instance of it for the pool.
+//!
+//! Shared by both engines: output constraints ([`grammar`]), stop strings and whole-character
+//! deltas ([`text_out`]), keeping typed control tokens as text ([`special_tokens`]), and the
+//! `logit_bias` check ([`logit_bias`]). Built without either feature, the crate has the types and
+//! the pure parts only, which is what the scheduler, the control loop and the gateway need.
 
 pub mod choice;
+pub mod fake;
 pub mod grammar;
 #[cfg(feature = "llamacpp")]
 pub mod llamacpp;
 pub mod logit_bias;
+#[cfg(feature = "mistralrs")]
 pub mod mistral;
-#[cfg(feature = "llamacpp")]
+#[cfg(all(feature = "llamacpp", feature = "mistralrs"))]
 pub mod probe;
+pub mod request;
+#[cfg(feature = "mistralrs")]
 pub mod seeded;
+mod spec;
 pub mod special_tokens;
+#[cfg(all(test, any(feature = "mistralrs", feature = "llamacpp")))]
+mod test_fixture;
 pub mod text_out;
+#[cfg(feature = "mistralrs")]
 pub mod token_tap;
+
+pub use request::{GenerationEvent, GenerationRequest};
+pub use spec::EngineSpec;
 
 use std::pin::Pin;
 
@@ -35,8 +52,8 @@ mod tests {
     }
 }
 
-use crate::gguf_info::GgufInfo;
-use crate::request::{GenerationEvent, GenerationRequest, Prompt, ToolSpec};
+use crate::request::{Prompt, ToolSpec};
+use tidepool_models::gguf_info::GgufInfo;
 
 /// The events of one generation; dropping the stream cancels the generation.
 pub type GenerationStream = Pin<Box<dyn Stream<Item = GenerationEvent> + Send>>;
@@ -62,7 +79,7 @@ pub enum EngineError {
 pub struct DeviceInfo {
     /// `cpu`, `cuda:0`, `metal:0`.
     pub name: String,
-    pub class: crate::catalog::DeviceClass,
+    pub class: tidepool_models::catalog::DeviceClass,
 }
 
 /// Static facts about a loaded engine.
@@ -130,7 +147,7 @@ pub fn forced_call_lark(
     let tool = tools.iter().find(|t| t.name == name).ok_or_else(|| {
         EngineError::Invalid(format!(
             "tool_choice names `{}`, which is not in `tools`",
-            crate::bounds::clip(name)
+            tidepool_bounds::clip(name)
         ))
     })?;
     let args = tool
@@ -192,6 +209,34 @@ pub trait Engine: Send + Sync {
     ) -> BoxFuture<'a, Result<u32, EngineError>>;
 }
 
+/// Whether this build can run on a GPU here (a `cuda` or `metal` build on a machine that has one).
+pub fn gpu_available() -> bool {
+    #[cfg(feature = "mistralrs")]
+    {
+        mistral::gpu_available()
+    }
+    #[cfg(not(feature = "mistralrs"))]
+    {
+        false
+    }
+}
+
+/// The text of a panic's payload.
+pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "(no message)".into())
+}
+
+/// The CPU cores this process may run on.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
 /// Which device to run on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum DevicePreference {
@@ -204,12 +249,12 @@ pub enum DevicePreference {
 impl DevicePreference {
     /// The device class a model would land on, for choosing a default quantization before
     /// anything loads.
-    pub fn class(self) -> crate::catalog::DeviceClass {
-        use crate::catalog::DeviceClass;
+    pub fn class(self) -> tidepool_models::catalog::DeviceClass {
+        use tidepool_models::catalog::DeviceClass;
         match self {
             DevicePreference::Cpu => DeviceClass::Cpu,
             DevicePreference::Auto => {
-                if mistral::gpu_available() {
+                if gpu_available() {
                     DeviceClass::Gpu
                 } else {
                     DeviceClass::Cpu

@@ -16,8 +16,8 @@ use minijinja::value::{Kwargs, Value};
 use minijinja::{context, Environment, Error, ErrorKind};
 use serde::Serialize;
 
-use crate::engine::special_tokens::neutralize;
 use crate::request::{ChatMessage, Role, ToolSpec};
+use crate::special_tokens::neutralize;
 
 /// A template failed to parse or render.
 #[derive(Debug, thiserror::Error)]
@@ -250,7 +250,7 @@ mod tests {
 
     fn qwen() -> ChatTemplate {
         ChatTemplate {
-            source: crate::fixture::QWEN25_CHAT_TEMPLATE.to_string(),
+            source: tidepool_models::fixture::QWEN25_CHAT_TEMPLATE.to_string(),
             bos_token: String::new(),
             eos_token: "<|im_end|>".into(),
         }

@@ -29,8 +29,8 @@ use toktrie::{ApproximateTokEnv, TokEnv, TokRxInfo, TokTrie};
 
 use super::tool_calls;
 use super::Shared;
-use crate::engine::text_out::{Step, TextOut};
 use crate::request::{FinishReason, GenerationEvent, Sampling, Usage};
+use crate::text_out::{Step, TextOut};
 
 /// One request, as the engine thread receives it.
 pub(super) struct Job {
@@ -120,7 +120,7 @@ impl Batcher<'_> {
                 Err(panic) => {
                     let why = format!(
                         "the llama.cpp engine thread panicked: {}",
-                        crate::pool::panic_message(&panic)
+                        crate::panic_message(&panic)
                     );
                     tracing::error!("{why}");
                     for s in self.active.iter_mut() {
@@ -385,7 +385,7 @@ impl Seq {
         if let Some(m) = self.matcher.as_mut() {
             let mask = m
                 .compute_mask_or_eos()
-                .map_err(|e| format!("{}{e}", crate::engine::grammar::FAILED))?;
+                .map_err(|e| format!("{}{e}", crate::grammar::FAILED))?;
             for d in cand.data.iter_mut() {
                 if !mask.is_allowed(d.id().0 as u32) {
                     d.set_logit(f32::NEG_INFINITY);
@@ -407,7 +407,7 @@ impl Seq {
             if m.consume_token(token.0 as u32).is_err() {
                 return Err(format!(
                     "{}token {} does not fit it",
-                    crate::engine::grammar::FAILED,
+                    crate::grammar::FAILED,
                     token.0
                 ));
             }

@@ -12,7 +12,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::catalog::DeviceClass;
+use tidepool_models::catalog::DeviceClass;
 
 /// An inference library Tidepool can serve with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
@@ -32,10 +32,10 @@ impl EngineKind {
         }
     }
 
-    /// Whether this build has the engine (llama.cpp is a cargo feature of tidepool-core).
+    /// Whether this build has the engine (each is a cargo feature of tidepool-engine).
     pub fn built(self) -> bool {
         match self {
-            EngineKind::MistralRs => true,
+            EngineKind::MistralRs => cfg!(feature = "mistralrs"),
             EngineKind::LlamaCpp => cfg!(feature = "llamacpp"),
         }
     }

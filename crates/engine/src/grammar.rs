@@ -63,7 +63,7 @@ pub fn matcher(factory: &ParserFactory, grammar: TopLevelGrammar) -> Result<Matc
 fn invalid(e: &str) -> EngineError {
     EngineError::Invalid(format!(
         "the output constraint cannot be used: {}",
-        crate::bounds::clip(e)
+        tidepool_bounds::clip(e)
     ))
 }
 

@@ -1,36 +1,20 @@
 //! The llama.cpp engine on the tiny fixture model (random weights, real tokenizer and template).
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use futures::StreamExt;
 
 use super::*;
-use crate::engine::{DevicePreference, GenerationStream};
-use crate::fixture::{write_fixture, FixtureOptions, FixtureShape};
-use crate::quant_plan::QuantScheme;
 use crate::request::{ChatMessage, FinishReason, Role, Usage};
+use crate::{DevicePreference, GenerationStream};
 
 fn tiny() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("tp-llamacpp-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("tiny-q8_0.gguf");
-        let opts = FixtureOptions {
-            shape: FixtureShape::named("tiny").unwrap(),
-            quant: QuantScheme::Q8_0,
-            seed: 1,
-        };
-        write_fixture(&opts, &path, &|_, _| {}).unwrap();
-        path
-    })
-    .clone()
+    crate::test_fixture::tiny_path().to_path_buf()
 }
 
 async fn engine(slots: usize) -> LlamaCppEngine {
-    let model = crate::model_source::local_file(&tiny()).unwrap();
+    let model = tidepool_models::model_source::local_file(&tiny()).unwrap();
     let cfg = EngineConfig {
         device: DevicePreference::Cpu,
         max_sequences: slots,
@@ -215,29 +199,15 @@ async fn bad_requests_are_refused_not_panicked_on() {
     ));
 }
 
-#[test]
-fn the_reservation_is_mapped_weights_and_f16_kv_for_every_slot() {
-    let gguf = GgufInfo::read(&[tiny()]).unwrap();
-    let r = reservation(&gguf, 3, 1000, 7);
-    assert_eq!(r.weights, gguf.tensor_bytes);
-    // K and V, f16, per layer and KV head.
-    let per_token =
-        2 * 2 * gguf.shape.layers as u64 * gguf.shape.kv_heads as u64 * gguf.shape.head_dim as u64;
-    assert_eq!(r.kv_cache, per_token * 1000 * 3);
-    assert_eq!(r.overhead, 7);
-}
-
 #[tokio::test]
 async fn the_speed_probe_measures_both_engines() {
-    let model = crate::model_source::local_file(&tiny()).unwrap();
+    let model = tidepool_models::model_source::local_file(&tiny()).unwrap();
     let cfg = EngineConfig {
         device: DevicePreference::Cpu,
         max_sequences: 1,
         prefix_cache_entries: 0,
     };
-    let m = crate::engine::probe::measure(&model, &cfg, 512)
-        .await
-        .unwrap();
+    let m = crate::probe::measure(&model, &cfg, 512).await.unwrap();
     println!("decode speed on the tiny fixture: {m:?}");
     assert!(m.llamacpp > 0.0 && m.mistralrs > 0.0, "{m:?}");
 }

@@ -1,0 +1,173 @@
+//! A scripted [`Engine`] for the tests of the crates above this one (scheduler, control loop,
+//! gateway), which build and test without an inference library. It answers every request with
+//! `tokens` copies of `"tok "` (one event each), stops at `max_tokens`, can be told to hold each
+//! token until released, and can be killed. The real engines are tested on real models in this
+//! crate and end to end.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use futures::StreamExt;
+use tidepool_models::catalog::DeviceClass;
+use tidepool_models::gguf_info::{GgufInfo, ModelShape};
+
+use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Prompt, ToolSpec, Usage};
+use crate::{DeviceInfo, Engine, EngineError, EngineInfo, GenerationStream, Health};
+
+/// The fake engine. Share it as `Arc<FakeEngine>`.
+pub struct FakeEngine {
+    info: EngineInfo,
+    /// Tokens per answer when the request names no `max_tokens`.
+    pub tokens: u32,
+    dead: AtomicBool,
+    /// Generations started.
+    pub started: AtomicUsize,
+    /// When set, each token waits for [`FakeEngine::release`].
+    gate: Option<Arc<tokio::sync::Semaphore>>,
+}
+
+impl FakeEngine {
+    /// An engine with `slots` sequences that answers `tokens` tokens.
+    pub fn new(slots: usize, tokens: u32) -> FakeEngine {
+        FakeEngine {
+            info: EngineInfo {
+                model: "fake".into(),
+                device: DeviceInfo {
+                    name: "cpu".into(),
+                    class: DeviceClass::Cpu,
+                },
+                max_sequence_length: 4096,
+                max_sequences: slots,
+                gguf: fake_gguf(),
+                backend: "fake",
+            },
+            tokens,
+            dead: AtomicBool::new(false),
+            started: AtomicUsize::new(0),
+            gate: None,
+        }
+    }
+
+    /// The same, holding every token until [`FakeEngine::release`] lets it go.
+    pub fn gated(slots: usize, tokens: u32) -> FakeEngine {
+        FakeEngine {
+            gate: Some(Arc::new(tokio::sync::Semaphore::new(0))),
+            ..FakeEngine::new(slots, tokens)
+        }
+    }
+
+    /// Lets `n` held tokens go.
+    pub fn release(&self, n: usize) {
+        if let Some(g) = &self.gate {
+            g.add_permits(n);
+        }
+    }
+
+    /// The engine dies: `health` says so and requests are refused.
+    pub fn kill(&self) {
+        self.dead.store(true, Ordering::SeqCst);
+    }
+}
+
+/// A GGUF description of the fake model's shapes (a tiny Qwen2).
+pub fn fake_gguf() -> GgufInfo {
+    GgufInfo {
+        files: Vec::new(),
+        name: Some("fake".into()),
+        shape: ModelShape {
+            arch: "qwen2".into(),
+            context_length: 4096,
+            layers: 2,
+            kv_heads: 2,
+            head_dim: 16,
+            hidden: 64,
+            vocab: 1024,
+        },
+        tensor_bytes: 1 << 20,
+        token_embd_bytes: 1 << 16,
+        tied_embeddings: true,
+        tensor_types: BTreeMap::new(),
+        n_tensors: 1,
+        has_chat_template: true,
+        eos_token_id: Some(1004),
+        special_tokens: vec!["<|im_start|>".into(), "<|im_end|>".into()],
+    }
+}
+
+impl Engine for FakeEngine {
+    fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    fn health(&self) -> Health {
+        if self.dead.load(Ordering::SeqCst) {
+            Health::Dead("the fake engine was killed".into())
+        } else {
+            Health::Ok
+        }
+    }
+
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        self.kill();
+        Box::pin(async {})
+    }
+
+    fn generate(
+        &self,
+        request: GenerationRequest,
+    ) -> BoxFuture<'_, Result<GenerationStream, EngineError>> {
+        Box::pin(async move {
+            if let Health::Dead(why) = self.health() {
+                return Err(EngineError::Unavailable(why));
+            }
+            self.started.fetch_add(1, Ordering::SeqCst);
+            let n = request.sampling.max_tokens.unwrap_or(self.tokens);
+            let prompt_tokens = prompt_len(&request.prompt);
+            let gate = self.gate.clone();
+            let started = Instant::now();
+            let tokens = futures::stream::iter(0..n).then(move |_| {
+                let gate = gate.clone();
+                async move {
+                    if let Some(g) = gate {
+                        if let Ok(p) = g.acquire().await {
+                            p.forget();
+                        }
+                    }
+                    GenerationEvent::Text("tok ".into())
+                }
+            });
+            let done = futures::stream::once(async move {
+                GenerationEvent::Done {
+                    finish_reason: FinishReason::Length,
+                    usage: Usage {
+                        prompt_tokens,
+                        completion_tokens: n,
+                        time_to_first_token: Duration::ZERO,
+                        total_time: started.elapsed(),
+                    },
+                }
+            });
+            Ok(Box::pin(tokens.chain(done)) as GenerationStream)
+        })
+    }
+
+    fn count_tokens<'a>(
+        &'a self,
+        prompt: &'a Prompt,
+        _tools: &'a [ToolSpec],
+    ) -> BoxFuture<'a, Result<u32, EngineError>> {
+        Box::pin(async move { Ok(prompt_len(prompt)) })
+    }
+}
+
+/// One token per 4 bytes of prompt text, at least one.
+fn prompt_len(p: &Prompt) -> u32 {
+    let bytes = match p {
+        Prompt::Text(t) => t.len(),
+        Prompt::Chat(m) => m.iter().map(|m| m.content.len() + 8).sum(),
+    };
+    (bytes / 4).max(1) as u32
+}
