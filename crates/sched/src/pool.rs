@@ -23,7 +23,8 @@ use futures::FutureExt;
 use serde::Serialize;
 use tokio::sync::oneshot;
 
-use crate::engine::{Engine, EngineError};
+use tidepool_engine::{Engine, EngineError, EngineSpec};
+
 use crate::ledger::{DoesNotFit, Ledger, Reservation};
 use crate::queue::{Class, PriorityQueue, QueueFull, Ticket};
 
@@ -38,6 +39,27 @@ pub trait WorkerFactory: Send + Sync {
     fn slots(&self) -> usize;
     /// Loads one engine instance.
     fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>>;
+}
+
+/// The workers of one model on one engine: what every pool in the application is made of (tests
+/// make fakes of their own).
+pub struct Workers {
+    pub spec: EngineSpec,
+    pub reservation: Reservation,
+}
+
+impl WorkerFactory for Workers {
+    fn reservation(&self) -> Reservation {
+        self.reservation
+    }
+
+    fn slots(&self) -> usize {
+        self.spec.slots()
+    }
+
+    fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+        self.spec.load()
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -133,6 +155,14 @@ pub struct Lease {
     pool: Option<Arc<Pool>>,
     worker: u64,
     engine: Arc<dyn Engine>,
+}
+
+impl std::fmt::Debug for Lease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lease")
+            .field("worker", &self.worker)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Lease {
@@ -679,14 +709,7 @@ impl Pool {
     }
 }
 
-/// The text of a panic's payload.
-pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "(no message)".into())
-}
+pub use tidepool_engine::panic_message;
 
 /// The first line of an error (a backtrace or a long cause chain stays in the log).
 fn first_line(text: &str) -> &str {
@@ -724,5 +747,110 @@ impl Drop for Waiting<'_> {
         if let Some(t) = self.ticket.take() {
             self.pool.lock().queue.remove(t);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use parking_lot::Mutex;
+    use tidepool_engine::fake::FakeEngine;
+
+    use super::*;
+
+    /// Fake workers the test can reach (to kill them).
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<Arc<FakeEngine>>>);
+
+    impl WorkerFactory for Arc<Kept> {
+        fn reservation(&self) -> Reservation {
+            Reservation {
+                weights: 1,
+                kv_cache: 0,
+                overhead: 0,
+            }
+        }
+        fn slots(&self) -> usize {
+            2
+        }
+        fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+            let kept = self.clone();
+            Box::pin(async move {
+                let e = Arc::new(FakeEngine::new(2, 4));
+                kept.0.lock().push(e.clone());
+                Ok(e as Arc<dyn Engine>)
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dead_engine_is_never_leased_and_is_replaced() {
+        let kept = Arc::new(Kept::default());
+        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        let first = pool.add_worker("test").unwrap();
+        pool.wait_ready(first).await.unwrap();
+        kept.0.lock()[0].kill();
+        // The next acquire finds it dead, takes it out, and waits for the replacement.
+        let lease = pool
+            .acquire(Class::Standard, Duration::from_secs(10))
+            .await
+            .expect("the replacement serves");
+        assert_ne!(lease.worker(), first);
+        assert_eq!(pool.deaths(), 1);
+        assert!(pool
+            .events()
+            .iter()
+            .any(|e| e.message.contains("engine died")));
+        assert_eq!(pool.degraded(), None);
+        assert_eq!(
+            pool.memory().1,
+            1,
+            "the dead worker's reservation was released"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_pool_is_degraded_while_no_replacement_fits() {
+        let kept = Arc::new(Kept::default());
+        // A budget of one worker: the replacement fits only once the dead one is released.
+        let pool = Pool::new(Arc::new(kept.clone()), 1, 8);
+        let first = pool.add_worker("test").unwrap();
+        pool.wait_ready(first).await.unwrap();
+        kept.0.lock()[0].kill();
+        pool.check_health();
+        let why = pool
+            .degraded()
+            .expect("degraded until the replacement is ready");
+        assert!(why.contains("died"), "{why}");
+        let second = pool.workers()[0].id;
+        pool.wait_ready(second).await.unwrap();
+        assert_eq!(pool.degraded(), None);
+    }
+
+    #[tokio::test]
+    async fn a_panicking_loader_gives_its_reservation_back() {
+        struct Panics;
+        impl WorkerFactory for Panics {
+            fn reservation(&self) -> Reservation {
+                Reservation {
+                    weights: 5,
+                    kv_cache: 0,
+                    overhead: 0,
+                }
+            }
+            fn slots(&self) -> usize {
+                1
+            }
+            fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+                Box::pin(async { panic!("a loader bug") })
+            }
+        }
+        let pool = Pool::new(Arc::new(Panics), 10, 8);
+        let id = pool.add_worker("test").unwrap();
+        let why = pool.wait_ready(id).await.unwrap_err();
+        assert!(why.contains("panicked"), "{why}");
+        assert_eq!(pool.memory().1, 0);
     }
 }

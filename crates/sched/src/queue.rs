@@ -53,7 +53,7 @@ impl FromStr for Class {
             "batch" => Ok(Class::Batch),
             other => Err(format!(
                 "unknown priority `{}` (expected interactive, standard or batch)",
-                crate::bounds::clip(other)
+                tidepool_bounds::clip(other)
             )),
         }
     }

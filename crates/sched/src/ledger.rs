@@ -8,7 +8,9 @@
 
 use std::collections::BTreeMap;
 
-use crate::gguf_info::GgufInfo;
+use tidepool_engine::choice::EngineKind;
+use tidepool_models::gguf_info::GgufInfo;
+
 use crate::memory::human_bytes;
 
 /// Bytes one worker holds while it runs.
@@ -36,15 +38,26 @@ pub struct WorkerShape {
     pub kv_elem_bytes: u64,
     /// Bytes per activation element, for the dense embedding table (4 on CPU, 2 on GPU).
     pub activation_bytes: u64,
-    /// Runtime buffers beyond weights and KV, measured per model (see the README).
+    /// Runtime buffers beyond weights and KV, measured per model (docs/elasticity.md, "Workers,
+    /// slots and the memory budget").
     pub overhead: u64,
 }
 
-/// The reservation of one worker of `model` with `shape`.
-pub fn reservation(model: &GgufInfo, shape: &WorkerShape) -> Reservation {
+/// The reservation of one worker of `model` with `shape` on `engine`. mistral.rs holds the token
+/// embedding table dense (f32 on the CPU) beside the weights as stored; llama.cpp keeps it
+/// quantized and mmaps the weights (counted whole per worker, although workers of one model
+/// share the file's pages) with an f16 KV cache.
+pub fn reservation(model: &GgufInfo, shape: &WorkerShape, engine: EngineKind) -> Reservation {
+    let (weights, kv_elem_bytes) = match engine {
+        EngineKind::MistralRs => (
+            model.resident_weight_bytes(shape.activation_bytes),
+            shape.kv_elem_bytes,
+        ),
+        EngineKind::LlamaCpp => (model.tensor_bytes, 2),
+    };
     Reservation {
-        weights: model.resident_weight_bytes(shape.activation_bytes),
-        kv_cache: model.shape.kv_bytes_per_token(shape.kv_elem_bytes)
+        weights,
+        kv_cache: model.shape.kv_bytes_per_token(kv_elem_bytes)
             * shape.context_tokens
             * shape.slots,
         overhead: shape.overhead,
@@ -134,7 +147,7 @@ impl Ledger {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf_info::ModelShape;
+    use tidepool_models::gguf_info::ModelShape;
 
     fn qwen05b_q4_0() -> GgufInfo {
         GgufInfo {
@@ -169,12 +182,16 @@ mod tests {
             activation_bytes: 4,
             overhead: 100 << 20,
         };
-        let r = reservation(&qwen05b_q4_0(), &shape);
+        let r = reservation(&qwen05b_q4_0(), &shape, EngineKind::MistralRs);
         // Dense f32 embedding: 151936 × 896 × 4.
         assert_eq!(r.weights, 278_200_000 + 151_936 * 896 * 4);
         // KV: 2 × 24 layers × 2 heads × 64 dims × 2 bytes = 12 KiB per token.
         assert_eq!(r.kv_cache, 12_288 * 4096 * 4);
         assert_eq!(r.total(), r.weights + r.kv_cache + (100 << 20));
+        // llama.cpp: the weights as stored, the same f16 KV.
+        let l = reservation(&qwen05b_q4_0(), &shape, EngineKind::LlamaCpp);
+        assert_eq!(l.weights, 278_200_000);
+        assert_eq!(l.kv_cache, r.kv_cache);
     }
 
     #[test]

@@ -1,0 +1,16 @@
+//! The scheduler: what decides which request runs where, with no inference library in it.
+//!
+//! - [`queue`]: the one waiting line, bounded, with priority classes and deadlines.
+//! - [`pool`]: workers (engine instances) and the slots requests lease from them; workers load,
+//!   serve, drain, die and are replaced here.
+//! - [`scheduler`]: the front of both: the live pool (swapped when the model changes), the
+//!   request counts and latencies the control loop reads, and load shedding.
+//! - [`ledger`]: memory reservations per worker against a budget; [`memory`] reads the process.
+//! - [`metrics`]: the request metrics, recorded once and exposed through the one registry.
+
+pub mod ledger;
+pub mod memory;
+pub mod metrics;
+pub mod pool;
+pub mod queue;
+pub mod scheduler;
