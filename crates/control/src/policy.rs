@@ -42,7 +42,7 @@ pub struct PolicyConfig {
 /// about the core count and not past it (`scripts/bench-shapes.sh` on 2 cores: 1 worker 34.2 tok/s,
 /// 2 workers 45.6, 3 workers 45.6), and each worker costs a full copy of the weights.
 pub fn default_max_workers() -> usize {
-    crate::cpu_limit::available_cores().clamp(1, 4)
+    tidepool_engine::available_cores().clamp(1, 4)
 }
 
 impl Default for PolicyConfig {
@@ -134,8 +134,8 @@ pub fn parse_hhmm(s: &str) -> Option<u32> {
 
 impl PolicyConfig {
     /// Semantic checks; the error names the key.
-    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
-        use crate::bounds::{count, float, float_above, int, seconds, MAX_SECONDS};
+    pub fn validate(&self) -> Result<(), tidepool_bounds::Invalid> {
+        use tidepool_bounds::{count, float, float_above, int, seconds, MAX_SECONDS};
         let key = |k: &str| format!("policy.{k}");
         int(
             &key("max_workers"),
@@ -181,7 +181,10 @@ impl PolicyConfig {
                 if parse_hhmm(t).is_none() {
                     return Err((
                         key(&format!("schedule[{i}].{k}")),
-                        format!("`{}` is not a time of day as HH:MM", crate::bounds::clip(t)),
+                        format!(
+                            "`{}` is not a time of day as HH:MM",
+                            tidepool_bounds::clip(t)
+                        ),
                     ));
                 }
             }

@@ -115,7 +115,7 @@ pub struct PowerConfig {
 
 impl Default for PowerConfig {
     fn default() -> Self {
-        PowerConfig::for_cores(crate::cpu_limit::available_cores())
+        PowerConfig::for_cores(tidepool_engine::available_cores())
     }
 }
 
@@ -144,8 +144,8 @@ impl PowerConfig {
     }
 
     /// Checks values; on error, (key, message).
-    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
-        use crate::bounds::{float, int, seconds};
+    pub fn validate(&self) -> Result<(), tidepool_bounds::Invalid> {
+        use tidepool_bounds::{float, int, seconds};
         let t = &self.thermal;
         let key = |k: &str| format!("power.{k}");
         float(

@@ -1,21 +1,29 @@
-//! The control loop: every tick, read the load signals and the machine (battery, heat), turn the
-//! machine into limits through the power [`Governor`], ask the [`Policy`], and move the [`Pool`]
-//! toward its answer (add workers that fit the budget, drain the surplus). The limits that are not
-//! worker counts are applied here too: slots admitted per worker, the CPU cores inference runs
-//! on, and refusing the batch class while the machine is critically hot.
+//! The control loop: every tick, read the load signals (from the [`Scheduler`]) and the machine
+//! (battery, heat), turn the machine into limits through the power [`Governor`], ask the
+//! [`Policy`], and move the live [`Pool`] toward its answer (add workers that fit the budget,
+//! drain the surplus). The limits that are not worker counts are applied here too: slots
+//! admitted per worker, the CPU cores inference runs on, and refusing the batch class while the
+//! machine is critically hot.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
+use tidepool_sched::metrics::Snapshot;
+use tidepool_sched::pool::Pool;
+use tidepool_sched::queue::Class;
+use tidepool_sched::scheduler::Scheduler;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
+
 use crate::cpu_limit::CpuLimiter;
-use crate::metrics::windowed_quantile;
 use crate::policy::{Decision, MachineLimits, Override, Policy, PolicyConfig, PoolView, Signals};
-use crate::pool::Pool;
-use crate::power::{Governor, PowerConfig, PowerState};
-use crate::queue::Class;
-use crate::service::Service;
+use crate::power::{Governor, PowerConfig, PowerMode, PowerState, ThermalLevel};
 use crate::signals::{Machine, MachineReading};
 
 /// Seconds over which the arrival rate is averaged.
@@ -30,9 +38,10 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The running control loop's state, for /admin/status.
 pub struct Autoscaler {
-    /// The pool it steers; replaced when the served model changes.
-    pool: RwLock<Arc<Pool>>,
-    service: Arc<Service>,
+    /// Whose pool it steers, and whose counts it reads.
+    scheduler: Arc<Scheduler>,
+    /// Set by [`Autoscaler::stop`]: the loop ends at its next tick.
+    stopped: AtomicBool,
     policy: Mutex<Policy>,
     state: Mutex<LoopState>,
     power: Mutex<PowerLoop>,
@@ -83,14 +92,14 @@ struct LoopState {
     decision: Option<Decision>,
     signals: Signals,
     /// (time, latency buckets, TTFT buckets), oldest first, covering the latency window.
-    histories: std::collections::VecDeque<(Instant, [u64; 13], [u64; 13])>,
+    histories: std::collections::VecDeque<(Instant, Snapshot, Snapshot)>,
 }
 
 impl Autoscaler {
-    /// A control loop over `pool`, reading `machine` (real sources: [`Machine::real`]).
+    /// A control loop over `scheduler`'s pool, reading `machine` (real sources:
+    /// [`Machine::real`]).
     pub fn new(
-        pool: Arc<Pool>,
-        service: Arc<Service>,
+        scheduler: Arc<Scheduler>,
         config: PolicyConfig,
         power: PowerConfig,
         machine: Machine,
@@ -108,20 +117,20 @@ impl Autoscaler {
             }),
             state: Mutex::new(LoopState {
                 last_tick: Instant::now(),
-                last_arrivals: service.arrivals(),
+                last_arrivals: scheduler.arrivals(),
                 rate: 0.0,
                 decision: None,
                 signals: Signals::default(),
                 histories: Default::default(),
             }),
-            pool: RwLock::new(pool),
-            service,
+            scheduler,
+            stopped: AtomicBool::new(false),
             keep_alive: Mutex::new(None),
             epoch: Instant::now(),
         })
     }
 
-    /// Runs ticks every `every` until the service shuts down.
+    /// Runs ticks every `every` until [`Autoscaler::stop`].
     pub fn spawn(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         let this = self.clone();
         tokio::spawn(async move {
@@ -130,36 +139,42 @@ impl Autoscaler {
             let mut last_probe = Instant::now();
             loop {
                 interval.tick().await;
-                if this.service.is_shutting_down() {
+                if this.stopped.load(Ordering::SeqCst) {
                     return;
                 }
                 this.tick();
                 if last_probe.elapsed() >= PROBE_EVERY {
                     last_probe = Instant::now();
-                    let pool = this.pool();
-                    tokio::spawn(async move { pool.probe_idle(PROBE_TIMEOUT).await });
+                    if let Some(pool) = this.pool() {
+                        tokio::spawn(async move { pool.probe_idle(PROBE_TIMEOUT).await });
+                    }
                 }
             }
         })
     }
 
-    /// One control step.
-    pub fn tick(&self) -> Decision {
+    /// Ends the loop (shutdown): workers stay as they are while running requests drain.
+    pub fn stop(&self) {
+        self.stopped.store(true, Ordering::SeqCst);
+    }
+
+    /// One control step; `None` while no pool is served.
+    pub fn tick(&self) -> Option<Decision> {
         // One pool for the whole tick, even if the served model is switched meanwhile.
-        let pool = self.pool();
+        let pool = self.pool()?;
         // Dead engines are replaced before anything is decided.
         pool.check_health();
         let signals = {
             let mut st = self.state.lock();
             let now = Instant::now();
             let dt = now.duration_since(st.last_tick).as_secs_f64().max(1e-3);
-            let arrivals = self.service.arrivals();
+            let arrivals = self.scheduler.arrivals();
             let instant = arrivals.saturating_sub(st.last_arrivals) as f64 / dt;
             let alpha = 1.0 - (-dt / RATE_WINDOW_S).exp();
             st.rate += alpha * (instant - st.rate);
             st.last_tick = now;
             st.last_arrivals = arrivals;
-            let m = &self.service.metrics;
+            let m = &self.scheduler.metrics;
             let (lat_now, ttft_now) = (m.latency.snapshot(), m.ttft.snapshot());
             st.histories.push_back((now, lat_now, ttft_now));
             while st.histories.len() > 1
@@ -168,16 +183,17 @@ impl Autoscaler {
                 st.histories.pop_front();
             }
             let (_, lat_then, ttft_then) = st.histories[0];
-            let p95 = |then: &[u64; 13], now: &[u64; 13]| {
-                windowed_quantile(then, now, 0.95, LATENCY_MIN_COUNT).map(|s| s * 1000.0)
+            let p95 = |then: &Snapshot, now: &Snapshot| {
+                now.quantile_since(then, 0.95, LATENCY_MIN_COUNT)
+                    .map(|s| s * 1000.0)
             };
             st.signals = Signals {
                 arrival_rate: st.rate,
                 queue_depth: Class::ALL.iter().map(|&c| pool.queue_depth(c)).sum(),
-                in_flight: self.service.in_flight(),
+                in_flight: self.scheduler.in_flight(),
                 p95_latency_ms: p95(&lat_then, &lat_now),
                 p95_ttft_ms: p95(&ttft_then, &ttft_now),
-                idle_s: self.service.idle_for().map(|d| d.as_secs_f64()),
+                idle_s: self.scheduler.idle_for().map(|d| d.as_secs_f64()),
                 minute_of_day: local_minute_of_day(),
             };
             st.signals.clone()
@@ -212,7 +228,7 @@ impl Autoscaler {
             tracing::info!(workers = decision.workers, "{}", decision.reason);
         }
         st.decision = Some(decision.clone());
-        decision
+        Some(decision)
     }
 
     /// Reads the machine, updates the power state, applies the limits that are not worker counts
@@ -232,12 +248,12 @@ impl Autoscaler {
             Err(_) => {}
         }
         let shed = state.shed.then(|| state.reason.clone());
-        if shed != self.service.shedding() {
+        if shed != self.scheduler.shedding() {
             match &shed {
                 Some(why) => tracing::warn!("shedding batch requests: {why}"),
                 None => tracing::info!("no longer shedding batch requests"),
             }
-            self.service.set_shedding(shed);
+            self.scheduler.set_shedding(shed);
         }
         if p.state.as_ref().map(|s| &s.reason) != Some(&state.reason) {
             tracing::info!(mode = %state.effective, "power: {}", state.reason);
@@ -271,7 +287,7 @@ impl Autoscaler {
     }
 
     /// Replaces the power config (already validated) and applies it at once.
-    pub fn set_power_config(&self, config: PowerConfig) -> Decision {
+    pub fn set_power_config(&self, config: PowerConfig) -> Option<Decision> {
         self.power.lock().config = config;
         self.tick()
     }
@@ -283,9 +299,9 @@ impl Autoscaler {
     }
 
     /// Holds the pool at `workers` for `ttl` (still within the memory budget), applied at once.
-    pub fn set_override(&self, workers: usize, ttl: Duration) -> Decision {
-        let until =
-            self.epoch.elapsed().as_secs_f64() + ttl.as_secs_f64().min(crate::bounds::MAX_SECONDS);
+    pub fn set_override(&self, workers: usize, ttl: Duration) -> Option<Decision> {
+        let until = self.epoch.elapsed().as_secs_f64()
+            + ttl.as_secs_f64().min(tidepool_bounds::MAX_SECONDS);
         self.policy.lock().manual = Some(Override { workers, until });
         self.tick()
     }
@@ -304,14 +320,9 @@ impl Autoscaler {
         *self.keep_alive.lock()
     }
 
-    pub fn pool(&self) -> Arc<Pool> {
-        self.pool.read().clone()
-    }
-
-    /// Steers `pool` from now on (the served model changed); returns the previous one, which the
-    /// caller drains.
-    pub fn replace_pool(&self, pool: Arc<Pool>) -> Arc<Pool> {
-        std::mem::replace(&mut *self.pool.write(), pool)
+    /// The pool it steers: the scheduler's live pool.
+    pub fn pool(&self) -> Option<Arc<Pool>> {
+        self.scheduler.pool()
     }
 
     /// Replaces the policy (already validated); the next tick uses it.
@@ -324,18 +335,98 @@ impl Autoscaler {
     }
 }
 
-/// Minutes since local midnight (schedules are written in local time).
+/// Minutes since local midnight (schedules are written in local time, the system's zone).
 fn local_minute_of_day() -> u32 {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::SystemTime::UNIX_EPOCH)
-        .map(|d| d.as_secs() as libc::time_t)
-        .unwrap_or(0);
-    // SAFETY: localtime_r writes only into the `tm` it is given.
-    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
-    let ok = unsafe { !libc::localtime_r(&now, &mut tm).is_null() };
-    if ok {
-        (tm.tm_hour * 60 + tm.tm_min) as u32
-    } else {
-        ((now / 60) % (24 * 60)) as u32
+    let now = jiff::Zoned::now();
+    (now.hour() as u32) * 60 + now.minute() as u32
+}
+
+/// Registers the power state's and the machine's metrics (mode, thermal level, battery, cores in
+/// use, hottest sensor, free GPU memory), read from the control loop once it runs.
+pub fn register(loop_: Arc<std::sync::OnceLock<Arc<Autoscaler>>>, registry: &mut Registry) {
+    registry.register_collector(Box::new(PowerCollector(loop_)));
+}
+
+struct PowerCollector(Arc<std::sync::OnceLock<Arc<Autoscaler>>>);
+
+impl std::fmt::Debug for PowerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PowerCollector")
+    }
+}
+
+impl Collector for PowerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let Some(scaler) = self.0.get() else {
+            return Ok(());
+        };
+        let (reading, power) = scaler.machine();
+        let mut gauge = |name: &str, help: &str, v: f64| -> Result<(), std::fmt::Error> {
+            ConstGauge::new(v).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)
+        };
+        if let Some(power) = &power {
+            let level = match power.thermal {
+                ThermalLevel::Normal => 0.0,
+                ThermalLevel::Warm => 1.0,
+                ThermalLevel::Critical => 2.0,
+            };
+            gauge(
+                "tidepool_thermal_level",
+                "0 normal, 1 warm (not growing), 2 critical (shedding).",
+                level,
+            )?;
+            gauge(
+                "tidepool_on_battery",
+                "1 when running on battery.",
+                f64::from(u8::from(power.on_battery)),
+            )?;
+            gauge(
+                "tidepool_cpu_cores_in_use",
+                "CPU cores inference may run on under the power mode.",
+                scaler.cpu_cores() as f64,
+            )?;
+        }
+        if let Some(r) = &reading {
+            if let Some(c) = r.max_celsius() {
+                gauge(
+                    "tidepool_max_celsius",
+                    "The hottest CPU sensor or GPU.",
+                    c.into(),
+                )?;
+            }
+            if let Some(p) = r.battery.percent() {
+                gauge("tidepool_battery_percent", "Battery charge.", p.into())?;
+            }
+        }
+        if let Some(power) = &power {
+            let mut modes = encoder.encode_descriptor(
+                "tidepool_power_mode",
+                "The power mode in force (1 for the effective mode).",
+                None,
+                MetricType::Gauge,
+            )?;
+            for m in PowerMode::ALL.into_iter().filter(|&m| m != PowerMode::Auto) {
+                ConstGauge::new(i64::from(power.effective == m))
+                    .encode(modes.encode_family(&[("mode", m.to_string())])?)?;
+            }
+        }
+        if let Some(r) = reading.filter(|r| !r.gpus.gpus().is_empty()) {
+            let mut free = encoder.encode_descriptor(
+                "tidepool_gpu_free_bytes",
+                "Free GPU memory.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for g in r.gpus.gpus() {
+                ConstGauge::new(g.free_bytes as i64)
+                    .encode(free.encode_family(&[("gpu", g.index.to_string())])?)?;
+            }
+        }
+        Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! Apple GPUs through Metal: the unified-memory budget Metal recommends for this process
 //! (`recommendedMaxWorkingSetSize`) and what is allocated against it. macOS only; this module is
-//! not compiled on the Linux build machines (see the README).
+//! not compiled on the Linux build machines (docs/elasticity.md).
 
 use super::{GpuReading, GpuReadings, GpuSource};
 

@@ -86,11 +86,7 @@ fn allowed_cpus() -> Vec<usize> {
 
 /// CPU cores this process may use now (at least 1): what the defaults that follow the machine
 /// (workers, power-mode caps) are sized by.
-pub fn available_cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
+pub use tidepool_engine::available_cores;
 
 #[cfg(target_os = "linux")]
 fn set_process_affinity(cpus: &[usize]) -> Result<(), CpuLimitError> {

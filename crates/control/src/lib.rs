@@ -1,0 +1,14 @@
+//! The control loop: from what the machine and the requests say to how many workers run.
+//!
+//! - [`signals`]: the machine (CPU load, memory, temperatures, battery, GPUs), each source a
+//!   trait with a real implementation and a fake one for tests.
+//! - [`power`]: power modes and the governor that turns battery and heat into limits.
+//! - [`policy`]: the pure scaling policy (signals in, a worker count and its reason out).
+//! - [`cpu_limit`]: the cores inference threads may run on.
+//! - [`autoscale`]: the loop that reads the signals, asks the policy, and moves the pool.
+
+pub mod autoscale;
+pub mod cpu_limit;
+pub mod policy;
+pub mod power;
+pub mod signals;
