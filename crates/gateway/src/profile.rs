@@ -16,8 +16,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::queue::Class;
-use crate::request::{ChatMessage, GenerationRequest, OutputConstraint, Prompt, Role, ToolChoice};
+use tidepool_engine::request::{
+    ChatMessage, GenerationRequest, OutputConstraint, Prompt, Role, ToolChoice,
+};
+use tidepool_sched::queue::Class;
 
 /// One `[profiles.NAME]` table.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -105,7 +107,7 @@ pub fn validate(profiles: &Profiles) -> Result<(), (String, String)> {
             return Err((key("labels"), "labels must not be empty strings".into()));
         }
         if let Some(m) = p.max_tokens {
-            crate::bounds::int(&key("max_tokens"), m.into(), 1, 1 << 20)?;
+            tidepool_bounds::int(&key("max_tokens"), m.into(), 1, 1 << 20)?;
         }
         if p.labels.len() > 256 || p.labels.iter().any(|l| l.len() > 256) {
             return Err((
@@ -184,7 +186,7 @@ pub enum Plan {
 /// Looks `name` up.
 pub fn find<'a>(profiles: &'a Profiles, name: &str) -> Result<&'a ProfileConfig, ProfileError> {
     profiles.get(name).ok_or_else(|| ProfileError::Unknown {
-        name: crate::bounds::clip(name),
+        name: tidepool_bounds::clip(name),
         known: profiles.keys().cloned().collect::<Vec<_>>().join(", "),
     })
 }

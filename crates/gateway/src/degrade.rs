@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::queue::Class;
-use crate::request::{ChatMessage, GenerationRequest, Prompt, Role};
+use tidepool_engine::request::{ChatMessage, GenerationRequest, Prompt, Role};
+use tidepool_sched::queue::Class;
 
 /// The `[degraded]` table of the configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -34,7 +34,7 @@ impl Default for DegradedConfig {
 }
 
 impl DegradedConfig {
-    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
+    pub fn validate(&self) -> Result<(), tidepool_bounds::Invalid> {
         if self.backlog_threshold == Some(0) {
             return Err((
                 "degraded.backlog_threshold".into(),
@@ -42,10 +42,10 @@ impl DegradedConfig {
             ));
         }
         if let Some(t) = self.backlog_threshold {
-            crate::bounds::count("degraded.backlog_threshold", t, 1)?;
+            tidepool_bounds::count("degraded.backlog_threshold", t, 1)?;
         }
-        crate::bounds::int("degraded.max_tokens", self.max_tokens.into(), 1, 1 << 20)?;
-        crate::bounds::int("degraded.hint", self.hint.len() as u64, 0, 4096)
+        tidepool_bounds::int("degraded.max_tokens", self.max_tokens.into(), 1, 1 << 20)?;
+        tidepool_bounds::int("degraded.hint", self.hint.len() as u64, 0, 4096)
             .map_err(|(k, _)| (k, "must be at most 4096 bytes".into()))
     }
 

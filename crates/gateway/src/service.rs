@@ -1,5 +1,5 @@
-//! The front door of the engine room: what the HTTP layer calls. It knows which model is served,
-//! whether it is loaded yet, and hands each request to an engine.
+//! The front door of the engine room: what the HTTP layer calls. It knows which model is served
+//! and whether it is loaded yet, and starts each generation on a slot the [`Scheduler`] leases.
 //!
 //! Every generation it starts runs in its own task, which owns the worker slot and feeds the
 //! client through a bounded queue ([`OUTPUT_QUEUE`] events): the slot is released when the
@@ -7,22 +7,20 @@
 //! the generation at once; one that stops reading (the queue stays full for the write timeout)
 //! has its generation cancelled and its slot freed.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-use parking_lot::RwLock;
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use std::time::Instant;
-
+use parking_lot::RwLock;
 use serde::Serialize;
 use thiserror::Error;
-
-use crate::engine::{Engine, EngineError, GenerationStream};
-use crate::metrics::{Metrics, Outcome};
-use crate::pool::{AcquireError, Pool};
-use crate::queue::Class;
-use crate::request::{GenerationEvent, GenerationRequest, Prompt, ToolSpec};
+use tidepool_engine::request::{GenerationEvent, GenerationRequest, Prompt, ToolSpec};
+use tidepool_engine::{Engine, EngineError, GenerationStream};
+use tidepool_sched::metrics::{Metrics, Outcome};
+use tidepool_sched::pool::{AcquireError, Lease, Pool};
+use tidepool_sched::queue::Class;
+use tidepool_sched::scheduler::{AdmitError, InFlightGuard, Scheduler};
 
 /// What a shed request is told to wait before retrying: a machine cools over tens of seconds.
 const SHED_RETRY_AFTER_S: u64 = 30;
@@ -31,7 +29,7 @@ const SHED_RETRY_AFTER_S: u64 = 30;
 pub const OUTPUT_QUEUE: usize = 64;
 
 /// How long a generation waits for a client that stopped reading, by default.
-pub const DEFAULT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+pub const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why a request could not be started.
 #[derive(Debug, Error, Clone)]
@@ -55,17 +53,26 @@ pub enum SubmitError {
     Engine(#[from] EngineError),
 }
 
-impl From<AcquireError> for SubmitError {
-    fn from(e: AcquireError) -> Self {
+impl From<AdmitError> for SubmitError {
+    fn from(e: AdmitError) -> Self {
         match e {
-            AcquireError::QueueFull(f) => SubmitError::Busy {
+            AdmitError::NoPool => {
+                SubmitError::NotReady("no worker is running yet; one is starting".into())
+            }
+            AdmitError::Shed(why) => SubmitError::Shed {
+                message: format!("Batch requests are refused while the machine cools: {why}."),
+                retry_after_s: SHED_RETRY_AFTER_S,
+            },
+            AdmitError::Acquire(AcquireError::QueueFull(f)) => SubmitError::Busy {
                 message: format!("The server is busy: {f}."),
                 retry_after_s: f.retry_after_s,
             },
-            AcquireError::DeadlineExceeded(_) => SubmitError::DeadlineExceeded(format!(
-                "The request waited in the queue past its deadline: {e}."
-            )),
-            AcquireError::Stopped => SubmitError::ShuttingDown,
+            AdmitError::Acquire(e @ AcquireError::DeadlineExceeded(_)) => {
+                SubmitError::DeadlineExceeded(format!(
+                    "The request waited in the queue past its deadline: {e}."
+                ))
+            }
+            AdmitError::Acquire(AcquireError::Stopped) => SubmitError::ShuttingDown,
         }
     }
 }
@@ -77,10 +84,8 @@ pub enum ModelState {
         since: Instant,
         detail: String,
     },
-    /// One engine, every request straight to it (tests, benchmarks).
-    Ready(Arc<dyn Engine>),
-    /// The elastic pool: requests lease a slot on a worker, waiting in its queue if need be.
-    Pooled(Arc<Pool>),
+    /// Served by the scheduler's pool.
+    Ready,
     Failed(String),
 }
 
@@ -102,48 +107,19 @@ pub enum ModelStatus {
     },
 }
 
-/// The service: one served model (for now, one engine).
+/// The service: the served model and the scheduler that runs it.
 pub struct Service {
     /// The name clients send as `"model"`, and other names accepted for the same model (catalog
     /// variant id, file stem).
     served: RwLock<(String, Vec<String>)>,
     state: RwLock<ModelState>,
-    shutting_down: std::sync::atomic::AtomicBool,
-    in_flight: Arc<InFlight>,
-    /// Requests submitted since start, and when the last one came (load signals).
-    arrivals: std::sync::atomic::AtomicU64,
-    last_arrival: parking_lot::Mutex<Option<Instant>>,
-    /// How long a pooled request may wait for a slot.
-    queue_deadline: RwLock<std::time::Duration>,
-    /// Why batch-class requests are refused now (critical heat), if they are.
-    shedding: RwLock<Option<String>>,
+    shutting_down: AtomicBool,
+    /// The live pool, admission and the request counts.
+    scheduler: Arc<Scheduler>,
     /// How long a generation waits for a client that stopped reading.
-    write_timeout: RwLock<std::time::Duration>,
-    pub metrics: Arc<Metrics>,
-}
-
-/// Generations submitted and not yet delivered, and a way to wait for them to end.
-#[derive(Default)]
-struct InFlight {
-    count: AtomicUsize,
-    changed: tokio::sync::Notify,
-}
-
-/// Counts a generation as running from submission until its client has it all (or left).
-struct InFlightGuard(Arc<InFlight>);
-
-impl InFlightGuard {
-    fn new(counter: &Arc<InFlight>) -> Self {
-        counter.count.fetch_add(1, Ordering::SeqCst);
-        InFlightGuard(counter.clone())
-    }
-}
-
-impl Drop for InFlightGuard {
-    fn drop(&mut self) {
-        self.0.count.fetch_sub(1, Ordering::SeqCst);
-        self.0.changed.notify_waiters();
-    }
+    write_timeout: RwLock<Duration>,
+    /// Woken when the model's state changes.
+    state_changed: tokio::sync::Notify,
 }
 
 impl Service {
@@ -155,14 +131,34 @@ impl Service {
                 detail: "starting".into(),
             }),
             shutting_down: Default::default(),
-            in_flight: Default::default(),
-            arrivals: Default::default(),
-            last_arrival: Default::default(),
-            queue_deadline: RwLock::new(std::time::Duration::from_secs(30)),
-            shedding: RwLock::new(None),
+            scheduler: Scheduler::new(),
             write_timeout: RwLock::new(DEFAULT_WRITE_TIMEOUT),
-            metrics: Default::default(),
+            state_changed: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Waits until the model is served (`Ok`) or has failed to load (`Err` with why).
+    pub async fn wait_ready(&self) -> Result<(), String> {
+        loop {
+            // Registered before the check, so a change between the two is not missed.
+            let changed = self.state_changed.notified();
+            match &*self.state.read() {
+                ModelState::Ready => return Ok(()),
+                ModelState::Failed(e) => return Err(e.clone()),
+                ModelState::Loading { .. } => {}
+            }
+            changed.await;
+        }
+    }
+
+    /// The scheduler (the control loop steers its pool and reads its counts).
+    pub fn scheduler(&self) -> &Arc<Scheduler> {
+        &self.scheduler
+    }
+
+    /// The request metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.scheduler.metrics
     }
 
     pub fn model_name(&self) -> String {
@@ -180,14 +176,23 @@ impl Service {
         name == served.0 || served.1.iter().any(|a| a == name)
     }
 
-    pub fn set_state(&self, state: ModelState) {
-        *self.state.write() = state;
+    /// Serves from `pool` from now on; returns the previous pool, which the caller drains.
+    pub fn serve_pool(&self, pool: Arc<Pool>) -> Option<Arc<Pool>> {
+        let old = self.scheduler.set_pool(pool);
+        *self.state.write() = ModelState::Ready;
+        self.state_changed.notify_waiters();
+        old
+    }
+
+    /// The model failed to load.
+    pub fn set_failed(&self, why: impl Into<String>) {
+        *self.state.write() = ModelState::Failed(why.into());
+        self.state_changed.notify_waiters();
     }
 
     /// Updates the detail of a model that is still loading (download progress, say).
     pub fn set_loading_detail(&self, detail: impl Into<String>) {
-        let mut s = self.state.write();
-        if let ModelState::Loading { detail: d, .. } = &mut *s {
+        if let ModelState::Loading { detail: d, .. } = &mut *self.state.write() {
             *d = detail.into();
         }
     }
@@ -198,8 +203,7 @@ impl Service {
                 detail: detail.clone(),
                 seconds: since.elapsed().as_secs_f64(),
             },
-            ModelState::Ready(_) => ModelStatus::Ready,
-            ModelState::Pooled(p) => match p.degraded() {
+            ModelState::Ready => match self.pool().and_then(|p| p.degraded()) {
                 Some(reason) => ModelStatus::Degraded { reason },
                 None => ModelStatus::Ready,
             },
@@ -207,43 +211,32 @@ impl Service {
         }
     }
 
-    /// The pool, when the model is served by one.
+    /// The live pool, once the model is served.
     pub fn pool(&self) -> Option<Arc<Pool>> {
-        match &*self.state.read() {
-            ModelState::Pooled(p) => Some(p.clone()),
-            _ => None,
-        }
+        self.scheduler.pool()
     }
 
     /// How long a generation waits for a client that stopped reading before it is cancelled.
-    pub fn set_write_timeout(&self, d: std::time::Duration) {
+    pub fn set_write_timeout(&self, d: Duration) {
         *self.write_timeout.write() = d;
     }
 
-    /// How long a pooled request may wait for a slot.
-    pub fn queue_deadline(&self) -> std::time::Duration {
-        *self.queue_deadline.read()
+    /// How long a request may wait for a slot.
+    pub fn queue_deadline(&self) -> Duration {
+        self.scheduler.queue_deadline()
     }
 
-    pub fn set_queue_deadline(&self, d: std::time::Duration) {
-        *self.queue_deadline.write() = d;
+    pub fn set_queue_deadline(&self, d: Duration) {
+        self.scheduler.set_queue_deadline(d);
     }
 
-    /// Requests submitted so far (a counter; the autoscaler derives the rate).
-    pub fn arrivals(&self) -> u64 {
-        self.arrivals.load(Ordering::Relaxed)
-    }
-
-    /// Time since the last request arrived, if any did.
-    pub fn idle_for(&self) -> Option<std::time::Duration> {
-        self.last_arrival.lock().map(|t| t.elapsed())
-    }
-
-    /// Where requests go: one engine, or the pool.
-    fn backend(&self) -> Result<Backend, SubmitError> {
+    /// Why requests cannot run now, if the model is not ready.
+    fn ready(&self) -> Result<(), SubmitError> {
+        if self.is_shutting_down() {
+            return Err(SubmitError::ShuttingDown);
+        }
         match &*self.state.read() {
-            ModelState::Ready(e) => Ok(Backend::Engine(e.clone())),
-            ModelState::Pooled(p) => Ok(Backend::Pool(p.clone())),
+            ModelState::Ready => Ok(()),
             ModelState::Loading { detail, .. } => Err(SubmitError::NotReady(format!(
                 "the model `{}` is still loading ({detail})",
                 self.model_name()
@@ -255,24 +248,21 @@ impl Service {
         }
     }
 
-    /// The ready engine, if any (a pooled model lends any Ready worker's).
+    /// Some Ready worker's engine (for work that needs no slot, like counting tokens).
     pub fn engine(&self) -> Result<Arc<dyn Engine>, SubmitError> {
-        match self.backend()? {
-            Backend::Engine(e) => Ok(e),
-            Backend::Pool(p) => p.any_engine().ok_or_else(|| {
-                SubmitError::NotReady("no worker is running yet; one is starting".into())
-            }),
-        }
+        self.ready()?;
+        self.pool().and_then(|p| p.any_engine()).ok_or_else(|| {
+            SubmitError::NotReady("no worker is running yet; one is starting".into())
+        })
     }
 
     /// Stops accepting new requests; running ones continue.
     pub fn begin_shutdown(&self) {
-        self.shutting_down
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shutting_down.store(true, Ordering::SeqCst);
     }
 
     pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(std::sync::atomic::Ordering::SeqCst)
+        self.shutting_down.load(Ordering::SeqCst)
     }
 
     /// Starts a generation.
@@ -283,14 +273,26 @@ impl Service {
         self.submit_as(request, Class::Standard).await
     }
 
-    /// Starts a generation in priority `class` (pooled models queue by class).
+    /// Starts a generation in priority `class`.
     pub async fn submit_as(
         &self,
         request: GenerationRequest,
         class: Class,
     ) -> Result<GenerationStream, SubmitError> {
         let started = Instant::now();
-        let result = self.start(request, class).await;
+        let result = async {
+            let (lease, guard) = self.admit(class).await?;
+            let deadline = self.queue_deadline();
+            let stream = started_within(deadline, lease.engine().generate(request)).await?;
+            // The stream owns the slot: dropping it (the generation ended, or was cancelled)
+            // frees it.
+            let stream: GenerationStream = Box::pin(stream.map(move |event| {
+                let _running = &lease;
+                event
+            }));
+            Ok((stream, guard))
+        }
+        .await;
         if let Err(e) = &result {
             self.record_refusal(e);
         }
@@ -298,15 +300,25 @@ impl Service {
         Ok(self.deliver(stream, guard, started))
     }
 
+    /// Admission, the same for every generation: the model must be ready, the request is
+    /// counted, and a slot is leased within the deadline.
+    async fn admit(&self, class: Class) -> Result<(Lease, InFlightGuard), SubmitError> {
+        self.ready()?;
+        let guard = self.scheduler.admit();
+        let lease = self.scheduler.lease(class).await?;
+        Ok((lease, guard))
+    }
+
     fn record_refusal(&self, e: &SubmitError) {
+        let m = self.metrics();
         match e {
-            SubmitError::Busy { .. } => self.metrics.record(Outcome::QueueFull),
-            SubmitError::DeadlineExceeded(_) => self.metrics.record(Outcome::Deadline),
+            SubmitError::Busy { .. } => m.record(Outcome::QueueFull),
+            SubmitError::DeadlineExceeded(_) => m.record(Outcome::Deadline),
             SubmitError::NotReady(_) | SubmitError::ShuttingDown | SubmitError::Shed { .. } => {
-                self.metrics.record(Outcome::Unavailable)
+                m.record(Outcome::Unavailable)
             }
-            SubmitError::Engine(EngineError::Invalid(_)) => self.metrics.record(Outcome::Invalid),
-            SubmitError::Engine(_) => self.metrics.record(Outcome::Error),
+            SubmitError::Engine(EngineError::Invalid(_)) => m.record(Outcome::Invalid),
+            SubmitError::Engine(_) => m.record(Outcome::Error),
         }
     }
 
@@ -315,36 +327,16 @@ impl Service {
     /// through the engine's prefix cache, which a different worker would not have. The slot is
     /// held until the [`Pinned`] and every stream started on it are dropped.
     pub async fn pin(&self, class: Class) -> Result<Arc<Pinned>, SubmitError> {
-        let result = async {
-            if self.is_shutting_down() {
-                return Err(SubmitError::ShuttingDown);
-            }
-            let backend = self.backend()?;
-            self.arrivals.fetch_add(1, Ordering::Relaxed);
-            *self.last_arrival.lock() = Some(Instant::now());
-            let guard = InFlightGuard::new(&self.in_flight);
-            Ok(match backend {
-                Backend::Engine(engine) => Pinned {
-                    engine,
-                    _guard: guard,
-                    _lease: None,
-                },
-                Backend::Pool(pool) => {
-                    let deadline = *self.queue_deadline.read();
-                    let lease = pool.acquire(class, deadline).await?;
-                    Pinned {
-                        engine: lease.engine().clone(),
-                        _guard: guard,
-                        _lease: Some(lease),
-                    }
-                }
-            })
-        }
-        .await;
+        let result = self.admit(class).await;
         if let Err(e) = &result {
             self.record_refusal(e);
         }
-        Ok(Arc::new(result?))
+        let (lease, guard) = result?;
+        Ok(Arc::new(Pinned {
+            engine: lease.engine().clone(),
+            _guard: guard,
+            _lease: lease,
+        }))
     }
 
     /// Starts a generation on a pinned worker.
@@ -354,11 +346,7 @@ impl Service {
         request: GenerationRequest,
     ) -> Result<GenerationStream, SubmitError> {
         let started = Instant::now();
-        let result = pinned
-            .engine
-            .generate(request)
-            .await
-            .map_err(SubmitError::from);
+        let result = started_within(self.queue_deadline(), pinned.engine.generate(request)).await;
         if let Err(e) = &result {
             self.record_refusal(e);
         }
@@ -367,7 +355,7 @@ impl Service {
             let _held = &hold;
             event
         }));
-        let guard = InFlightGuard::new(&self.in_flight);
+        let guard = self.scheduler.count_in_flight();
         Ok(self.deliver(stream, guard, started))
     }
 
@@ -380,8 +368,9 @@ impl Service {
         guard: InFlightGuard,
         started: Instant,
     ) -> GenerationStream {
+        let metrics = self.metrics().clone();
         let mut tracker = Tracker {
-            metrics: self.metrics.clone(),
+            metrics: metrics.clone(),
             started,
             first: None,
             ended: false,
@@ -390,85 +379,21 @@ impl Service {
             tracker.see(&event);
             event
         });
-        let write_timeout = *self.write_timeout.read();
-        let events = pump(Box::pin(tracked), write_timeout, self.metrics.clone());
+        let events = pump(Box::pin(tracked), *self.write_timeout.read(), metrics);
         Box::pin(events.map(move |event| {
             let _counted = &guard;
             event
         }))
     }
 
-    async fn start(
-        &self,
-        request: GenerationRequest,
-        class: Class,
-    ) -> Result<(GenerationStream, InFlightGuard), SubmitError> {
-        if self.is_shutting_down() {
-            return Err(SubmitError::ShuttingDown);
-        }
-        if class == Class::Batch {
-            if let Some(why) = self.shedding.read().clone() {
-                return Err(SubmitError::Shed {
-                    message: format!("Batch requests are refused while the machine cools: {why}."),
-                    retry_after_s: SHED_RETRY_AFTER_S,
-                });
-            }
-        }
-        let backend = self.backend()?;
-        self.arrivals.fetch_add(1, Ordering::Relaxed);
-        *self.last_arrival.lock() = Some(Instant::now());
-        let guard = InFlightGuard::new(&self.in_flight);
-        let deadline = self.queue_deadline();
-        let (stream, lease) = match backend {
-            Backend::Engine(engine) => (
-                started_within(deadline, engine.generate(request)).await?,
-                None,
-            ),
-            Backend::Pool(pool) => {
-                let lease = pool.acquire(class, deadline).await?;
-                (
-                    started_within(deadline, lease.engine().generate(request)).await?,
-                    Some(lease),
-                )
-            }
-        };
-        // The stream owns the slot: dropping it (the generation ended, or was cancelled) frees it.
-        let stream: GenerationStream = Box::pin(stream.map(move |event| {
-            let _running = &lease;
-            event
-        }));
-        Ok((stream, guard))
-    }
-
-    /// Refuses batch-class requests with `why` (`None`: accept them again). Other classes still
-    /// queue as usual.
-    pub fn set_shedding(&self, why: Option<String>) {
-        *self.shedding.write() = why;
-    }
-
-    pub fn shedding(&self) -> Option<String> {
-        self.shedding.read().clone()
-    }
-
-    /// Generations submitted and not yet finished (or dropped).
+    /// Requests in flight (admitted, not yet delivered).
     pub fn in_flight(&self) -> usize {
-        self.in_flight.count.load(Ordering::SeqCst)
+        self.scheduler.in_flight()
     }
 
-    /// Waits until no generation is in flight, or `timeout` passes; returns how many still are.
-    pub async fn wait_idle(&self, timeout: std::time::Duration) -> usize {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            // Registered before the check, so a change between the two is not missed.
-            let changed = self.in_flight.changed.notified();
-            let n = self.in_flight();
-            if n == 0 {
-                return 0;
-            }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
-                return self.in_flight();
-            }
-        }
+    /// Waits until no request is in flight, or `timeout` passes; returns how many still are.
+    pub async fn wait_idle(&self, timeout: Duration) -> usize {
+        self.scheduler.wait_idle(timeout).await
     }
 
     /// Tokens `prompt` occupies once rendered (needs a running engine).
@@ -485,7 +410,7 @@ impl Service {
 /// Waits for an engine to start a generation (render the prompt, tokenize it, admit it) for at
 /// most `deadline`.
 async fn started_within(
-    deadline: std::time::Duration,
+    deadline: Duration,
     start: impl std::future::Future<Output = Result<GenerationStream, EngineError>>,
 ) -> Result<GenerationStream, SubmitError> {
     match tokio::time::timeout(deadline, start).await {
@@ -503,7 +428,7 @@ async fn started_within(
 /// `write_timeout` (the client stopped reading: cancelled too).
 fn pump(
     mut stream: GenerationStream,
-    write_timeout: std::time::Duration,
+    write_timeout: Duration,
     metrics: Arc<Metrics>,
 ) -> GenerationStream {
     let (tx, rx) = tokio::sync::mpsc::channel(OUTPUT_QUEUE);
@@ -578,10 +503,5 @@ impl Drop for Tracker {
 pub struct Pinned {
     engine: Arc<dyn Engine>,
     _guard: InFlightGuard,
-    _lease: Option<crate::pool::Lease>,
-}
-
-enum Backend {
-    Engine(Arc<dyn Engine>),
-    Pool(Arc<Pool>),
+    _lease: Lease,
 }

@@ -4,18 +4,21 @@
 //! the prompt (messages), sampling, output constraint and tools. Only requests whose output depends
 //! on nothing else are stored: greedy (`temperature` 0) or seeded ones; sampled requests are served
 //! from the cache only when configured (`sampled = true`). Entries are bounded in total bytes
-//! (least recently used go first) and expire after a TTL. A stored answer keeps its text chunks as
-//! generated, so a streaming request replays the same chunks.
+//! (least recently used go first, the `lru` crate's list: every operation O(1)) and expire after
+//! a TTL (checked when an entry is looked up; an expired one that nobody asks for again leaves by
+//! the byte bound). A stored answer keeps its text chunks as generated, so a streaming request
+//! replays the same chunks.
 //!
 //! Pure data structure: time is passed in, nothing here does I/O.
 
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use lru::LruCache;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::request::{FinishReason, GenerationRequest, ToolCall, Usage};
+use tidepool_engine::request::{FinishReason, GenerationRequest, ToolCall, Usage};
 
 /// The `[cache]` table of the configuration file.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -45,9 +48,9 @@ impl Default for CacheConfig {
 
 impl CacheConfig {
     /// Semantic checks; the error names the key.
-    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
-        crate::bounds::float("cache.max_mib", self.max_mib, 0.0, 1024.0 * 1024.0)?;
-        crate::bounds::seconds("cache.ttl_s", self.ttl_s, true)
+    pub fn validate(&self) -> Result<(), tidepool_bounds::Invalid> {
+        tidepool_bounds::float("cache.max_mib", self.max_mib, 0.0, 1024.0 * 1024.0)?;
+        tidepool_bounds::seconds("cache.ttl_s", self.ttl_s, true)
     }
 }
 
@@ -99,8 +102,6 @@ struct Entry {
     answer: CachedAnswer,
     bytes: usize,
     stored: Instant,
-    /// Recency stamp: larger is more recent.
-    used: u64,
 }
 
 /// Counters for /metrics.
@@ -131,8 +132,7 @@ impl CacheStats {
 pub struct AnswerCache {
     max_bytes: usize,
     ttl: Duration,
-    entries: HashMap<CacheKey, Entry>,
-    clock: u64,
+    entries: LruCache<CacheKey, Entry>,
     stats: CacheStats,
 }
 
@@ -141,8 +141,7 @@ impl AnswerCache {
         AnswerCache {
             max_bytes,
             ttl,
-            entries: HashMap::new(),
-            clock: 0,
+            entries: LruCache::unbounded(),
             stats: CacheStats::default(),
         }
     }
@@ -150,18 +149,16 @@ impl AnswerCache {
     pub fn from_config(cfg: &CacheConfig) -> AnswerCache {
         AnswerCache::new(
             (cfg.max_mib * 1024.0 * 1024.0) as usize,
-            crate::bounds::duration(cfg.ttl_s),
+            tidepool_bounds::duration(cfg.ttl_s),
         )
     }
 
     /// The answer stored under `key` and still fresh at `now`; counts a hit or a miss.
     pub fn get(&mut self, key: &CacheKey, now: Instant) -> Option<CachedAnswer> {
-        self.clock += 1;
-        let fresh = match self.entries.get_mut(key) {
-            Some(e) if now.saturating_duration_since(e.stored) < self.ttl => {
-                e.used = self.clock;
-                Some(e.answer.clone())
-            }
+        let ttl = self.ttl;
+        let fresh = match self.entries.get(key) {
+            // `get` also makes it the most recently used.
+            Some(e) if now.saturating_duration_since(e.stored) < ttl => Some(e.answer.clone()),
             Some(_) => None,
             None => {
                 self.stats.misses += 1;
@@ -174,8 +171,9 @@ impl AnswerCache {
                 Some(a)
             }
             None => {
-                let e = self.entries.remove(key).expect("present");
-                self.stats.bytes -= e.bytes;
+                if let Some(e) = self.entries.pop(key) {
+                    self.stats.bytes -= e.bytes;
+                }
                 self.stats.expired += 1;
                 self.stats.misses += 1;
                 None
@@ -190,41 +188,26 @@ impl AnswerCache {
         if bytes > self.max_bytes {
             return false;
         }
-        self.clock += 1;
-        if let Some(old) = self.entries.remove(&key) {
+        if let Some(old) = self.entries.pop(&key) {
             self.stats.bytes -= old.bytes;
         }
-        // Expired entries go first, then the least recently used.
-        let ttl = self.ttl;
-        let before = self.entries.len();
-        let mut freed = 0;
-        self.entries.retain(|_, e| {
-            let keep = now.saturating_duration_since(e.stored) < ttl;
-            if !keep {
-                freed += e.bytes;
-            }
-            keep
-        });
-        self.stats.expired += (before - self.entries.len()) as u64;
-        self.stats.bytes -= freed;
         while self.stats.bytes + bytes > self.max_bytes {
-            let oldest = self
-                .entries
-                .iter()
-                .min_by_key(|(_, e)| e.used)
-                .map(|(k, _)| *k)
-                .expect("bytes are accounted to entries");
-            let e = self.entries.remove(&oldest).expect("present");
+            let Some((_, e)) = self.entries.pop_lru() else {
+                break;
+            };
             self.stats.bytes -= e.bytes;
-            self.stats.evictions += 1;
+            if now.saturating_duration_since(e.stored) < self.ttl {
+                self.stats.evictions += 1;
+            } else {
+                self.stats.expired += 1;
+            }
         }
-        self.entries.insert(
+        self.entries.put(
             key,
             Entry {
                 answer,
                 bytes,
                 stored: now,
-                used: self.clock,
             },
         );
         self.stats.bytes += bytes;
@@ -243,7 +226,7 @@ impl AnswerCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::request::{ChatMessage, Role};
+    use tidepool_engine::request::{ChatMessage, Role};
 
     fn answer(text: &str) -> CachedAnswer {
         CachedAnswer {
@@ -271,7 +254,8 @@ mod tests {
         r2.sampling.max_tokens = Some(5);
         assert_ne!(k, CacheKey::of("m", "", &r2));
         let mut r3 = r.clone();
-        r3.prompt = crate::request::Prompt::Chat(vec![ChatMessage::new(Role::User, "hi!")]);
+        r3.prompt =
+            tidepool_engine::request::Prompt::Chat(vec![ChatMessage::new(Role::User, "hi!")]);
         assert_ne!(k, CacheKey::of("m", "", &r3));
         // Field boundaries are unambiguous.
         assert_ne!(CacheKey::of("ab", "c", &r), CacheKey::of("a", "bc", &r));

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::request::{ChatMessage, Role};
+use tidepool_engine::request::{ChatMessage, Role};
 
 /// What happens to a request too long for the context budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -47,11 +47,11 @@ impl Default for ContextConfig {
 }
 
 impl ContextConfig {
-    pub fn validate(&self) -> Result<(), crate::bounds::Invalid> {
+    pub fn validate(&self) -> Result<(), tidepool_bounds::Invalid> {
         if let Some(b) = self.budget_tokens {
-            crate::bounds::int("context.budget_tokens", b.into(), 1, 1 << 24)?;
+            tidepool_bounds::int("context.budget_tokens", b.into(), 1, 1 << 24)?;
         }
-        crate::bounds::count("context.keep_head", self.keep_head, 0)
+        tidepool_bounds::count("context.keep_head", self.keep_head, 0)
     }
 }
 

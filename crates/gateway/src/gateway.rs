@@ -10,8 +10,15 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
 use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Registry;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -22,12 +29,12 @@ use crate::context_fit::{
     token_upper_bound, ContextConfig, Layout, Overflow, TailSearch, Truncation,
 };
 use crate::degrade::DegradedConfig;
-use crate::engine::EngineError;
-use crate::engine::GenerationStream;
 use crate::profile::{self, Plan, ProfileError, Profiles};
-use crate::queue::Class;
-use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Prompt, Usage};
 use crate::service::{Service, SubmitError};
+use tidepool_engine::request::{FinishReason, GenerationEvent, GenerationRequest, Prompt, Usage};
+use tidepool_engine::EngineError;
+use tidepool_engine::GenerationStream;
+use tidepool_sched::queue::Class;
 
 /// The most tokens an answer may have when the request names no limit and the context has room:
 /// bounded so that a client that forgets `max_tokens` cannot hold a slot for the whole context.
@@ -55,7 +62,7 @@ impl Default for GatewayConfig {
             context: ContextConfig::default(),
             degraded: DegradedConfig::default(),
             profiles: Profiles::default(),
-            max_messages: crate::request::DEFAULT_MAX_MESSAGES,
+            max_messages: tidepool_engine::request::DEFAULT_MAX_MESSAGES,
         }
     }
 }
@@ -140,7 +147,7 @@ impl Submission {
 /// The gateway. Share it as `Arc<Gateway>`.
 pub struct Gateway {
     service: Arc<Service>,
-    config: RwLock<GatewayConfig>,
+    config: GatewayConfig,
     /// Built-in and configured profiles.
     profiles: Profiles,
     cache: Arc<Mutex<AnswerCache>>,
@@ -153,7 +160,7 @@ impl Gateway {
             service,
             cache: Arc::new(Mutex::new(AnswerCache::from_config(&config.cache))),
             profiles: profile::resolve(&config.profiles),
-            config: RwLock::new(config),
+            config,
             degraded_total: AtomicU64::new(0),
         })
     }
@@ -163,7 +170,7 @@ impl Gateway {
     }
 
     pub fn config(&self) -> GatewayConfig {
-        self.config.read().clone()
+        self.config.clone()
     }
 
     pub fn cache_stats(&self) -> CacheStats {
@@ -177,7 +184,7 @@ impl Gateway {
 
     /// Starts (or replays) one answer.
     pub async fn submit(&self, sub: Submission) -> Result<Answer, GatewayError> {
-        let cfg = self.config();
+        let cfg = &self.config;
         sub.request
             .check_bounds(cfg.max_messages)
             .map_err(|(param, message)| GatewayError::Invalid { param, message })?;
@@ -324,22 +331,9 @@ impl Gateway {
         })
     }
 
-    /// Requests waiting for a slot: the pool's queue, or for a single engine the generations
-    /// beyond its slots.
+    /// Requests waiting for a slot.
     pub fn backlog(&self) -> usize {
-        match self.service.pool() {
-            Some(pool) => crate::queue::Class::ALL
-                .iter()
-                .map(|&c| pool.queue_depth(c))
-                .sum(),
-            None => {
-                let slots = self
-                    .service
-                    .engine()
-                    .map_or(usize::MAX, |e| e.info().max_sequences);
-                self.service.in_flight().saturating_sub(slots)
-            }
-        }
+        self.service.scheduler().backlog()
     }
 
     /// Applies the long-input policy: the request as is when it fits the context budget, else
@@ -480,44 +474,78 @@ impl Gateway {
         }
     }
 
-    /// The gateway's metrics in Prometheus text format.
-    pub fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
-        let s = self.cache_stats();
-        let _ = writeln!(
-            out,
-            "# HELP tidepool_answer_cache_lookups_total Answer cache lookups by result.\n# TYPE tidepool_answer_cache_lookups_total counter"
-        );
-        let _ = writeln!(
-            out,
-            "tidepool_answer_cache_lookups_total{{result=\"hit\"}} {}\ntidepool_answer_cache_lookups_total{{result=\"miss\"}} {}",
-            s.hits, s.misses
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tidepool_answer_cache_hit_ratio Hits over lookups since start.\n# TYPE tidepool_answer_cache_hit_ratio gauge\ntidepool_answer_cache_hit_ratio {}",
-            s.hit_rate()
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tidepool_answer_cache_entries Answers stored.\n# TYPE tidepool_answer_cache_entries gauge\ntidepool_answer_cache_entries {}",
-            s.entries
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tidepool_answer_cache_bytes Bytes the stored answers account for.\n# TYPE tidepool_answer_cache_bytes gauge\ntidepool_answer_cache_bytes {}",
-            s.bytes
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tidepool_degraded_total Requests given the short answer of degraded mode.\n# TYPE tidepool_degraded_total counter\ntidepool_degraded_total {}",
-            self.degraded_total.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "# HELP tidepool_answer_cache_evictions_total Answers evicted to stay within the byte bound.\n# TYPE tidepool_answer_cache_evictions_total counter\ntidepool_answer_cache_evictions_total {}",
-            s.evictions
-        );
+    /// Registers the gateway's metrics (answer cache, degraded answers) in the registry.
+    pub fn register(self: &Arc<Self>, registry: &mut Registry) {
+        registry.register_collector(Box::new(GatewayCollector(self.clone())));
+    }
+}
+
+/// The gateway's counters, read at each scrape.
+struct GatewayCollector(Arc<Gateway>);
+
+impl std::fmt::Debug for GatewayCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("GatewayCollector")
+    }
+}
+
+impl Collector for GatewayCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = self.0.cache_stats();
+        let mut lookups = encoder.encode_descriptor(
+            "tidepool_answer_cache_lookups",
+            "Answer cache lookups by result.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (result, n) in [("hit", s.hits), ("miss", s.misses)] {
+            ConstCounter::new(n).encode(lookups.encode_family(&[("result", result)])?)?;
+        }
+        tidepool_sched::metrics::encode_gauge(
+            &mut encoder,
+            "tidepool_answer_cache_hit_ratio",
+            "Hits over lookups since start.",
+            s.hit_rate(),
+        )?;
+        for (name, help, v) in [
+            (
+                "tidepool_answer_cache_entries",
+                "Answers stored.",
+                s.entries as i64,
+            ),
+            (
+                "tidepool_answer_cache_bytes",
+                "Bytes the stored answers account for.",
+                s.bytes as i64,
+            ),
+        ] {
+            ConstGauge::new(v).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Gauge,
+            )?)?;
+        }
+        for (name, help, v) in [
+            (
+                "tidepool_answer_cache_evictions",
+                "Answers evicted to stay within the byte bound.",
+                s.evictions,
+            ),
+            (
+                "tidepool_degraded",
+                "Requests given the short answer of degraded mode.",
+                self.0.degraded_total.load(Ordering::Relaxed),
+            ),
+        ] {
+            ConstCounter::new(v).encode(encoder.encode_descriptor(
+                name,
+                help,
+                None,
+                MetricType::Counter,
+            )?)?;
+        }
+        Ok(())
     }
 }
 
