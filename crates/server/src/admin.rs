@@ -10,22 +10,25 @@
 //! - `GET /metrics`: Prometheus text format (requests by outcome, tokens, latency and TTFT
 //!   histograms, queue depth by class, workers by state, memory, scaling events).
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::DescriptorEncoder;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use tidepool_core::autoscale::Autoscaler;
-use tidepool_core::memory::process_rss_bytes;
-use tidepool_core::policy::PolicyConfig;
-use tidepool_core::pool::WorkerState;
-use tidepool_core::power::{PowerConfig, PowerMode, ThermalLevel};
-use tidepool_core::queue::Class;
+use tidepool_control::autoscale::Autoscaler;
+use tidepool_control::policy::PolicyConfig;
+use tidepool_control::power::PowerConfig;
+use tidepool_sched::memory::process_rss_bytes;
+use tidepool_sched::queue::Class;
 
 use crate::error::{ApiError, ApiJson};
+use crate::listen::ConnGate;
 use crate::AppState;
 
 fn pool_error() -> ApiError {
@@ -38,7 +41,7 @@ fn pool_error() -> ApiError {
 /// GET /admin/status
 pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
     let scaler = app.autoscaler.get().ok_or_else(pool_error)?;
-    let pool = scaler.pool();
+    let pool = scaler.pool().ok_or_else(pool_error)?;
     let (decision, signals) = scaler.last();
     let (machine, power) = scaler.machine();
     let (budget, reserved) = pool.memory();
@@ -62,12 +65,12 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
         "machine": machine,
         "power": power,
         "cpu_cores_in_use": scaler.cpu_cores(),
-        "shedding": app.service.shedding(),
+        "shedding": app.service.scheduler().shedding(),
         // The model's idle expiry from a request's keep_alive (`null`: the policy's rules).
         "keep_alive": scaler.keep_alive().map(|k| match k {
-            tidepool_core::autoscale::KeepAlive::Unload => json!("unload"),
-            tidepool_core::autoscale::KeepAlive::Forever => json!("forever"),
-            tidepool_core::autoscale::KeepAlive::For(d) => json!(d.as_secs_f64()),
+            tidepool_control::autoscale::KeepAlive::Unload => json!("unload"),
+            tidepool_control::autoscale::KeepAlive::Forever => json!("forever"),
+            tidepool_control::autoscale::KeepAlive::For(d) => json!(d.as_secs_f64()),
         }),
         "health": {
             "degraded": pool.degraded(),
@@ -79,7 +82,8 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
 /// GET /admin/events
 pub async fn events(State(app): State<AppState>) -> Result<Json<Value>, ApiError> {
     let scaler = app.autoscaler.get().ok_or_else(pool_error)?;
-    Ok(Json(json!({ "events": scaler.pool().events() })))
+    let pool = scaler.pool().ok_or_else(pool_error)?;
+    Ok(Json(json!({ "events": pool.events() })))
 }
 
 #[derive(Deserialize)]
@@ -166,149 +170,56 @@ pub async fn put_config(
     Ok(Json(live_config(scaler)))
 }
 
-/// GET /metrics: Prometheus text format.
+/// GET /metrics: the registry in the OpenMetrics text format (which Prometheus reads).
 pub async fn metrics(State(app): State<AppState>) -> Response {
-    use std::fmt::Write;
     let mut out = String::new();
-    app.service.metrics.render(&mut out);
-    app.gateway.render_metrics(&mut out);
-    let gauge = |out: &mut String, name: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
-    };
-    gauge(
-        &mut out,
-        "tidepool_in_flight",
-        "Generations running or waiting.",
-    );
-    let _ = writeln!(out, "tidepool_in_flight {}", app.service.in_flight());
-    gauge(
-        &mut out,
-        "tidepool_process_resident_bytes",
-        "Resident memory of the process.",
-    );
-    let _ = writeln!(
-        out,
-        "tidepool_process_resident_bytes {}",
-        process_rss_bytes()
-    );
-    if let Some(gate) = app.connections.get() {
-        let _ = writeln!(
-            out,
-            "# HELP tidepool_write_timeouts_total Connections closed because the client stopped reading.\n# TYPE tidepool_write_timeouts_total counter\ntidepool_write_timeouts_total {}",
-            gate.write_timeouts()
-        );
-    }
-
-    if let Some(scaler) = app.autoscaler.get() {
-        let pool = scaler.pool();
-        gauge(
-            &mut out,
-            "tidepool_queue_depth",
-            "Requests waiting for a slot, by class.",
-        );
-        for c in Class::ALL {
-            let _ = writeln!(
-                out,
-                "tidepool_queue_depth{{class=\"{c}\"}} {}",
-                pool.queue_depth(c)
-            );
-        }
-        gauge(&mut out, "tidepool_workers", "Workers by state.");
-        let workers = pool.workers();
-        for (state, name) in [
-            (WorkerState::Loading, "loading"),
-            (WorkerState::Ready, "ready"),
-            (WorkerState::Draining, "draining"),
-        ] {
-            let n = workers.iter().filter(|w| w.state == state).count();
-            let _ = writeln!(out, "tidepool_workers{{state=\"{name}\"}} {n}");
-        }
-        let (budget, reserved) = pool.memory();
-        gauge(
-            &mut out,
-            "tidepool_memory_budget_bytes",
-            "What workers may reserve in all.",
-        );
-        let _ = writeln!(out, "tidepool_memory_budget_bytes {budget}");
-        gauge(
-            &mut out,
-            "tidepool_memory_reserved_bytes",
-            "What running workers reserve.",
-        );
-        let _ = writeln!(out, "tidepool_memory_reserved_bytes {reserved}");
-        let _ = writeln!(
-            out,
-            "# HELP tidepool_pool_events_total Worker and scaling events since start.\n# TYPE tidepool_pool_events_total counter\ntidepool_pool_events_total {}",
-            pool.events_total()
-        );
-        let (reading, power) = scaler.machine();
-        if let Some(power) = power {
-            gauge(
-                &mut out,
-                "tidepool_power_mode",
-                "The power mode in force (1 for the effective mode).",
-            );
-            for m in PowerMode::ALL.into_iter().filter(|&m| m != PowerMode::Auto) {
-                let on = u8::from(power.effective == m);
-                let _ = writeln!(out, "tidepool_power_mode{{mode=\"{m}\"}} {on}");
-            }
-            gauge(
-                &mut out,
-                "tidepool_thermal_level",
-                "0 normal, 1 warm (not growing), 2 critical (shedding).",
-            );
-            let level = match power.thermal {
-                ThermalLevel::Normal => 0,
-                ThermalLevel::Warm => 1,
-                ThermalLevel::Critical => 2,
-            };
-            let _ = writeln!(out, "tidepool_thermal_level {level}");
-            gauge(
-                &mut out,
-                "tidepool_on_battery",
-                "1 when running on battery.",
-            );
-            let _ = writeln!(out, "tidepool_on_battery {}", u8::from(power.on_battery));
-            gauge(
-                &mut out,
-                "tidepool_cpu_cores_in_use",
-                "CPU cores inference may run on under the power mode.",
-            );
-            let _ = writeln!(out, "tidepool_cpu_cores_in_use {}", scaler.cpu_cores());
-        }
-        if let Some(r) = reading {
-            if let Some(c) = r.max_celsius() {
-                gauge(
-                    &mut out,
-                    "tidepool_max_celsius",
-                    "The hottest CPU sensor or GPU.",
-                );
-                let _ = writeln!(out, "tidepool_max_celsius {c}");
-            }
-            if let Some(p) = r.battery.percent() {
-                gauge(&mut out, "tidepool_battery_percent", "Battery charge.");
-                let _ = writeln!(out, "tidepool_battery_percent {p}");
-            }
-            if !r.gpus.gpus().is_empty() {
-                gauge(&mut out, "tidepool_gpu_free_bytes", "Free GPU memory.");
-            }
-            for g in r.gpus.gpus() {
-                let _ = writeln!(
-                    out,
-                    "tidepool_gpu_free_bytes{{gpu=\"{}\"}} {}",
-                    g.index, g.free_bytes
-                );
-            }
-        }
+    if let Err(e) = prometheus_client::encoding::text::encode(&mut out, &app.registry) {
+        return ApiError::hidden("The metrics could not be encoded", &e.to_string())
+            .into_response();
     }
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         out,
     )
         .into_response()
+}
+
+/// Registers the server's own metrics: process memory and clients cut off by the write timeout.
+pub fn register(
+    connections: Arc<OnceLock<Arc<ConnGate>>>,
+    registry: &mut prometheus_client::registry::Registry,
+) {
+    registry.register_collector(Box::new(ServerCollector(connections)));
+}
+
+struct ServerCollector(Arc<OnceLock<Arc<ConnGate>>>);
+
+impl std::fmt::Debug for ServerCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ServerCollector")
+    }
+}
+
+impl Collector for ServerCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        tidepool_sched::metrics::encode_gauge(
+            &mut encoder,
+            "tidepool_process_resident_bytes",
+            "Resident memory of the process.",
+            process_rss_bytes() as i64,
+        )?;
+        let timeouts = self.0.get().map_or(0, |g| g.write_timeouts());
+        tidepool_sched::metrics::encode_counter(
+            &mut encoder,
+            "tidepool_write_timeouts",
+            "Connections closed because the client stopped reading.",
+            timeouts,
+        )?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -318,7 +229,7 @@ mod tests {
     use axum::body::Body;
     use axum::extract::ConnectInfo;
     use axum::http::{Request, StatusCode};
-    use tidepool_core::service::Service;
+    use tidepool_gateway::service::Service;
     use tower::ServiceExt;
 
     use crate::{router, AppState, HttpConfig};

@@ -1,4 +1,5 @@
-//! Errors in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}` with the right HTTP
+//! Errors in the API's own shape: OpenAI's `{"error": {"message", "type", "param", "code"}}`
+//! for `/v1` and the rest, Ollama's `{"error": "..."}` under `/api/`, each with the right HTTP
 //! status, and the JSON body extractor that produces them for malformed or invalid requests.
 
 use axum::extract::{FromRequest, Request};
@@ -6,8 +7,8 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tidepool_core::engine::EngineError;
-use tidepool_core::service::SubmitError;
+use tidepool_engine::EngineError;
+use tidepool_gateway::service::SubmitError;
 
 /// An error response.
 #[derive(Debug, Clone)]
@@ -176,12 +177,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(self.to_json())).into_response();
-        if let Some(s) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        resp
+        json_with_retry(self.status, self.to_json(), self.retry_after)
     }
 }
 
@@ -214,12 +210,12 @@ impl From<SubmitError> for ApiError {
     }
 }
 
-impl From<tidepool_core::gateway::GatewayError> for ApiError {
-    fn from(e: tidepool_core::gateway::GatewayError) -> Self {
+impl From<tidepool_gateway::gateway::GatewayError> for ApiError {
+    fn from(e: tidepool_gateway::gateway::GatewayError) -> Self {
         match e {
-            tidepool_core::gateway::GatewayError::Submit(e) => e.into(),
-            tidepool_core::gateway::GatewayError::Profile(
-                e @ tidepool_core::profile::ProfileError::Unknown { .. },
+            tidepool_gateway::gateway::GatewayError::Submit(e) => e.into(),
+            tidepool_gateway::gateway::GatewayError::Profile(
+                e @ tidepool_gateway::profile::ProfileError::Unknown { .. },
             ) => ApiError {
                 code: Some("profile_not_found"),
                 param: Some("profile".into()),
@@ -229,13 +225,13 @@ impl From<tidepool_core::gateway::GatewayError> for ApiError {
                     format!("{e}."),
                 )
             },
-            tidepool_core::gateway::GatewayError::Profile(e) => {
+            tidepool_gateway::gateway::GatewayError::Profile(e) => {
                 ApiError::invalid_param("profile", format!("{e}."))
             }
-            tidepool_core::gateway::GatewayError::Invalid { param, message } => {
+            tidepool_gateway::gateway::GatewayError::Invalid { param, message } => {
                 ApiError::invalid_param(&param, message)
             }
-            tidepool_core::gateway::GatewayError::ContextTooLong(m) => ApiError {
+            tidepool_gateway::gateway::GatewayError::ContextTooLong(m) => ApiError {
                 code: Some("context_length_exceeded"),
                 ..ApiError::invalid_param("messages", m)
             },
@@ -267,7 +263,7 @@ impl From<EngineError> for ApiError {
 /// The error for a generation that failed part-way: the client's own output constraint is a 400
 /// that says what went wrong; anything else is an engine failure, hidden behind an incident id.
 pub fn generation_failed(e: &str) -> ApiError {
-    match e.strip_prefix(tidepool_core::engine::grammar::FAILED) {
+    match e.strip_prefix(tidepool_engine::grammar::FAILED) {
         Some(why) => ApiError::invalid_param(
             "response_format",
             format!(
@@ -315,7 +311,7 @@ pub async fn panics_in_shape(
         .ok()
         .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
         .unwrap_or_else(|| "The server failed on this request.".into());
-    crate::ollama::in_shape_for(&path, ApiError::internal(message))
+    in_shape_for(&path, ApiError::internal(message))
 }
 
 /// How long a client may take to send its request body.
@@ -490,4 +486,81 @@ mod tests {
         assert_eq!(field_at(multi, 2, 13).as_deref(), Some("top_p"));
         assert_eq!(field_at(b"{}", 1, 1), None);
     }
+}
+
+/// An error in Ollama's shape: `{"error": "message"}` with an HTTP status.
+#[derive(Debug, Clone)]
+pub struct OllamaError {
+    pub status: StatusCode,
+    pub message: String,
+    pub retry_after: Option<u64>,
+}
+
+impl OllamaError {
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        OllamaError {
+            status: StatusCode::BAD_REQUEST,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        OllamaError {
+            status: StatusCode::NOT_FOUND,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    /// The JSON body, also used as the last line of a stream that failed part-way.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self.message })
+    }
+}
+
+impl From<ApiError> for OllamaError {
+    fn from(e: ApiError) -> Self {
+        OllamaError {
+            status: e.status,
+            message: e.message,
+            retry_after: e.retry_after,
+        }
+    }
+}
+
+impl From<SubmitError> for OllamaError {
+    fn from(e: SubmitError) -> Self {
+        ApiError::from(e).into()
+    }
+}
+
+impl IntoResponse for OllamaError {
+    fn into_response(self) -> Response {
+        json_with_retry(self.status, self.to_json(), self.retry_after)
+    }
+}
+
+/// An error for a route-level failure (unknown route, wrong method, shutting down) in the shape
+/// of the API the path belongs to: Ollama's under `/api/`, OpenAI's elsewhere.
+pub fn in_shape_for(path: &str, e: ApiError) -> Response {
+    if path.starts_with("/api/") {
+        OllamaError::from(e).into_response()
+    } else {
+        e.into_response()
+    }
+}
+
+/// An error body with its status and, when the client should come back later, `Retry-After`.
+fn json_with_retry(
+    status: StatusCode,
+    body: serde_json::Value,
+    retry_after: Option<u64>,
+) -> Response {
+    let mut resp = (status, axum::Json(body)).into_response();
+    if let Some(s) = retry_after {
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(s));
+    }
+    resp
 }

@@ -295,7 +295,7 @@ async fn run(app: &AppState, kind: RouteKind, req: Request, next: Next) -> Respo
         Ok(()) => next.run(req).await,
         Err(why) => {
             tracing::debug!(%peer, path = req.uri().path(), ?why, "request refused by the guard");
-            crate::ollama::in_shape_for(req.uri().path(), why.into_error())
+            crate::error::in_shape_for(req.uri().path(), why.into_error())
         }
     }
 }
@@ -331,7 +331,7 @@ pub fn api_cors(guard: Arc<Guard>) -> tower_http::cors::CorsLayer {
         .allow_headers([
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
-            header::HeaderName::from_static(crate::openai::PRIORITY_HEADER),
+            header::HeaderName::from_static(crate::selection::PRIORITY_HEADER),
             header::HeaderName::from_static(crate::selection::PROFILE_HEADER),
         ])
         .expose_headers(crate::report::HEADER_NAMES.map(header::HeaderName::from_static))

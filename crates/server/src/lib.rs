@@ -5,9 +5,9 @@
 //! token check ([`sharing`]); connections are accepted with limits and timeouts ([`listen`]).
 //!
 //! The server holds no inference logic: every request becomes a [`GenerationRequest`] handed to
-//! the core [`Service`].
+//! the gateway's [`Service`].
 //!
-//! [`GenerationRequest`]: tidepool_core::request::GenerationRequest
+//! [`GenerationRequest`]: tidepool_engine::request::GenerationRequest
 
 pub mod admin;
 pub mod dashboard;
@@ -32,9 +32,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::json;
-use tidepool_core::autoscale::Autoscaler;
-use tidepool_core::gateway::{Gateway, GatewayConfig};
-use tidepool_core::service::{ModelStatus, Service};
+use tidepool_control::autoscale::Autoscaler;
+use tidepool_gateway::gateway::{Gateway, GatewayConfig};
+use tidepool_gateway::service::{ModelStatus, Service};
 
 use error::ApiError;
 use guard::{Guard, GuardConfig};
@@ -83,6 +83,8 @@ pub struct AppState {
     pub guard: Arc<Guard>,
     /// Open connections, shared by the loopback and the LAN listeners.
     pub connections: Arc<OnceLock<Arc<ConnGate>>>,
+    /// The one metrics registry every part records into; `/metrics` encodes it.
+    pub registry: Arc<prometheus_client::registry::Registry>,
 }
 
 impl AppState {
@@ -93,16 +95,25 @@ impl AppState {
 
     /// The state with these gateway settings (from the configuration file).
     pub fn with_gateway(service: Arc<Service>, gateway: GatewayConfig) -> Self {
+        let gateway = Gateway::new(service.clone(), gateway);
+        let autoscaler: Arc<OnceLock<Arc<Autoscaler>>> = Default::default();
+        let connections: Arc<OnceLock<Arc<ConnGate>>> = Default::default();
+        let mut registry = prometheus_client::registry::Registry::default();
+        service.scheduler().register(&mut registry);
+        gateway.register(&mut registry);
+        tidepool_control::autoscale::register(autoscaler.clone(), &mut registry);
+        admin::register(connections.clone(), &mut registry);
         AppState {
-            gateway: Gateway::new(service.clone(), gateway),
+            gateway,
             service,
-            autoscaler: Default::default(),
+            autoscaler,
             sharing: Arc::new(sharing::Sharing::new(false, None, 100)),
             downloads: Default::default(),
             switcher: None,
             switch: Default::default(),
             guard: Arc::new(Guard::new(GuardConfig::default())),
-            connections: Default::default(),
+            connections,
+            registry: Arc::new(registry),
             started_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -221,14 +232,14 @@ async fn health(State(app): State<AppState>) -> Response {
 }
 
 async fn not_found(uri: Uri) -> Response {
-    ollama::in_shape_for(
+    error::in_shape_for(
         uri.path(),
         ApiError::not_found(format!("Unknown route: {}", uri.path())),
     )
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    ollama::in_shape_for(
+    error::in_shape_for(
         req.uri().path(),
         ApiError::method_not_allowed(format!(
             "Method {} is not allowed on {}",
@@ -245,7 +256,7 @@ async fn refuse_while_shutting_down(
     next: Next,
 ) -> Response {
     if app.service.is_shutting_down() && req.uri().path() != "/health" {
-        return ollama::in_shape_for(
+        return error::in_shape_for(
             req.uri().path(),
             ApiError::unavailable("The server is shutting down.", 5),
         );
@@ -272,10 +283,14 @@ pub async fn serve(
         state.guard.set_port(local.port());
         sharing.started(&state, local, cfg.clone());
     }
+    let autoscaler = state.autoscaler.clone();
     let app = router(state, &cfg);
     let drain_timeout = cfg.drain_timeout;
     let drained = async move {
         service.begin_shutdown();
+        if let Some(a) = autoscaler.get() {
+            a.stop();
+        }
         sharing.stop_listeners();
         let left = service.wait_idle(drain_timeout).await;
         if left > 0 {

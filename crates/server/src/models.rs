@@ -9,8 +9,8 @@ use axum::http::StatusCode;
 use axum::Json;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
-use tidepool_core::catalog::Catalog;
-use tidepool_core::model_source::{ModelStore, Progress};
+use tidepool_models::catalog::Catalog;
+use tidepool_models::model_source::{ModelStore, Progress};
 
 use crate::error::{ApiError, ApiJson};
 use crate::AppState;

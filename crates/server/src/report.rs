@@ -2,7 +2,7 @@
 //! headers, the same for OpenAI and Ollama.
 
 use axum::http::{HeaderMap, HeaderValue};
-use tidepool_core::gateway::{CacheStatus, Report};
+use tidepool_gateway::gateway::{CacheStatus, Report};
 
 /// `hit` or `miss` (absent when the answer cache is off).
 pub const CACHE_HEADER: &str = "x-tidepool-cache";

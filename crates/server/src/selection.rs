@@ -3,11 +3,13 @@
 //! model name with a `:profile` suffix such as `qwen2.5-0.5b-instruct:sentiment`).
 
 use axum::http::request::Parts;
-use tidepool_core::queue::Class;
+use tidepool_sched::queue::Class;
 
 use crate::error::ApiError;
-use crate::openai::PRIORITY_HEADER;
 use crate::AppState;
+
+/// The header that carries a request's priority class.
+pub const PRIORITY_HEADER: &str = "x-tidepool-priority";
 
 /// The header that names a task profile (the response carries the same header back).
 pub use crate::report::PROFILE_HEADER;

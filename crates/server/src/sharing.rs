@@ -504,7 +504,7 @@ pub async fn lan_guard(State(app): State<AppState>, req: Request, next: Next) ->
         Ok(()) => next.run(req).await,
         Err(e) => {
             tracing::debug!(%peer, path = req.uri().path(), "LAN request refused: {}", e.message);
-            crate::ollama::in_shape_for(req.uri().path(), e)
+            crate::error::in_shape_for(req.uri().path(), e)
         }
     }
 }

@@ -17,18 +17,19 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
-use tidepool_core::pool::WorkerState;
-use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
-use tidepool_core::GenerationStream;
+use tidepool_engine::request::{FinishReason, GenerationEvent, ToolCall, Usage};
+use tidepool_engine::GenerationStream;
+use tidepool_sched::pool::WorkerState;
 
 use crate::error::ApiError;
 use crate::guard::Peer;
 use crate::openai::{collect, with_report};
 use crate::selection::{model_and_profile, Selection};
 use crate::AppState;
-use tidepool_core::gateway::{Report, Submission};
+use tidepool_gateway::gateway::{Report, Submission};
 use types::{
-    ChatRequest, GenerateRequest, KeepAlive, KeepAliveSetting, OllamaError, OllamaJson, ShowRequest,
+    ChatRequest, GenerateRequest, GenerationBody, KeepAlive, KeepAliveSetting, OllamaError,
+    OllamaJson, ShowRequest,
 };
 
 /// The Ollama API version Tidepool's endpoints follow (clients sometimes check it).
@@ -37,38 +38,12 @@ pub const OLLAMA_API_VERSION: &str = "0.12.0";
 /// A far-future expiry, as Ollama reports for models kept loaded indefinitely.
 const FOREVER_UNIX: u64 = 11_000_000_000;
 
-/// An error for a route-level failure (unknown route, wrong method, shutting down) in the shape
-/// of the API the path belongs to: Ollama's under `/api/`, OpenAI's elsewhere.
-pub fn in_shape_for(path: &str, e: crate::error::ApiError) -> Response {
-    if path.starts_with("/api/") {
-        OllamaError::from(e).into_response()
-    } else {
-        e.into_response()
-    }
-}
-
 /// RFC 3339 UTC time with nanoseconds, as Ollama writes `created_at`.
 pub fn rfc3339(t: SystemTime) -> String {
-    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
-    let secs = d.as_secs();
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:09}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        d.subsec_nanos()
-    )
+    match jiff::Timestamp::try_from(t) {
+        Ok(ts) => format!("{ts:.9}"),
+        Err(_) => "1970-01-01T00:00:00.000000000Z".into(),
+    }
 }
 
 /// Resolves the request's `model` (Ollama names may carry a `:latest` tag, or `:PROFILE`) and the
@@ -304,31 +279,7 @@ pub async fn generate(
     OllamaSelection(selection): OllamaSelection,
     OllamaJson(req): OllamaJson<GenerateRequest>,
 ) -> Result<Response, OllamaError> {
-    let (model, profile) = check_model(
-        &app,
-        req.model.as_deref(),
-        req.profile.as_deref(),
-        &selection,
-    )?;
-    if req.is_load_only() {
-        apply_keep_alive(&app, &req.keep_alive, peer)?;
-        return Ok(load_only(&model, Shape::Generate, &req.keep_alive));
-    }
-    let generation = req.to_generation()?;
-    respond(
-        &app,
-        Submission {
-            request: generation,
-            class: selection.class,
-            profile,
-        },
-        req.is_stream(),
-        Shape::Generate,
-        model,
-        &req.keep_alive,
-        peer,
-    )
-    .await
+    serve_body(&app, peer, selection, &req, Shape::Generate).await
 }
 
 /// POST /api/chat
@@ -338,39 +289,45 @@ pub async fn chat(
     OllamaSelection(selection): OllamaSelection,
     OllamaJson(req): OllamaJson<ChatRequest>,
 ) -> Result<Response, OllamaError> {
-    let (model, profile) = check_model(
-        &app,
-        req.model.as_deref(),
-        req.profile.as_deref(),
-        &selection,
-    )?;
+    serve_body(&app, peer, selection, &req, Shape::Chat).await
+}
+
+/// Either endpoint: a load-only body loads (or unloads) the model; any other is generated.
+async fn serve_body(
+    app: &AppState,
+    peer: std::net::IpAddr,
+    selection: Selection,
+    req: &impl GenerationBody,
+    shape: Shape,
+) -> Result<Response, OllamaError> {
+    let (model, profile) = check_model(app, req.model(), req.profile(), &selection)?;
     if req.is_load_only() {
-        apply_keep_alive(&app, &req.keep_alive, peer)?;
-        return Ok(load_only(&model, Shape::Chat, &req.keep_alive));
+        apply_keep_alive(app, req.keep_alive(), peer)?;
+        return Ok(load_only(&model, shape, req.keep_alive()));
     }
     let generation = req.to_generation()?;
     respond(
-        &app,
+        app,
         Submission {
             request: generation,
             class: selection.class,
             profile,
         },
         req.is_stream(),
-        Shape::Chat,
+        shape,
         model,
-        &req.keep_alive,
+        req.keep_alive(),
         peer,
     )
     .await
 }
 
 /// What the loaded engine says about the model, if one is running.
-fn engine_info(app: &AppState) -> Option<tidepool_core::EngineInfo> {
+fn engine_info(app: &AppState) -> Option<tidepool_engine::EngineInfo> {
     app.service.engine().ok().map(|e| e.info().clone())
 }
 
-fn details(info: Option<&tidepool_core::EngineInfo>) -> Value {
+fn details(info: Option<&tidepool_engine::EngineInfo>) -> Value {
     let family = info.map(|i| i.gguf.shape.arch.clone()).unwrap_or_default();
     let quant = info
         .and_then(|i| {
@@ -392,7 +349,7 @@ fn details(info: Option<&tidepool_core::EngineInfo>) -> Value {
 }
 
 /// A stable 64-hex-digit digest of the served model (its name and weight bytes).
-fn digest(name: &str, info: Option<&tidepool_core::EngineInfo>) -> String {
+fn digest(name: &str, info: Option<&tidepool_engine::EngineInfo>) -> String {
     use sha2::{Digest, Sha256};
     let mut h = Sha256::new();
     h.update(name.as_bytes());
@@ -457,7 +414,11 @@ pub async fn ps(State(app): State<AppState>) -> Json<Value> {
             let keep_alive = scaler.keep_alive().map(KeepAliveSetting::seconds);
             // Seconds until the last request is `ttl` old.
             let after_idle = |ttl: f64| {
-                let idle = app.service.idle_for().map_or(0.0, |d| d.as_secs_f64());
+                let idle = app
+                    .service
+                    .scheduler()
+                    .idle_for()
+                    .map_or(0.0, |d| d.as_secs_f64());
                 now + (ttl - idle).clamp(0.0, 1e10) as u64
             };
             let mut workers: Vec<_> = pool

@@ -2,74 +2,15 @@
 //! [`GenerationRequest`], and Ollama-shaped errors (`{"error": "..."}` with the HTTP status).
 
 use axum::extract::{FromRequest, Request};
-use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use tidepool_core::request::{
+use tidepool_engine::request::{
     ChatMessage, GenerationRequest, OutputConstraint, Prompt, Role, ToolCall, ToolChoice, ToolSpec,
 };
 
-use crate::error::{ApiError, ApiJson};
+use crate::error::ApiJson;
+pub use crate::error::OllamaError;
 use crate::openai::types::{SamplingFields, StopSpec};
-
-/// An error in Ollama's shape: `{"error": "message"}` with an HTTP status.
-#[derive(Debug, Clone)]
-pub struct OllamaError {
-    pub status: StatusCode,
-    pub message: String,
-    pub retry_after: Option<u64>,
-}
-
-impl OllamaError {
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        OllamaError {
-            status: StatusCode::BAD_REQUEST,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    pub fn not_found(message: impl Into<String>) -> Self {
-        OllamaError {
-            status: StatusCode::NOT_FOUND,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-
-    /// The JSON body, also used as the last line of a stream that failed part-way.
-    pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({ "error": self.message })
-    }
-}
-
-impl From<ApiError> for OllamaError {
-    fn from(e: ApiError) -> Self {
-        OllamaError {
-            status: e.status,
-            message: e.message,
-            retry_after: e.retry_after,
-        }
-    }
-}
-
-impl From<tidepool_core::service::SubmitError> for OllamaError {
-    fn from(e: tidepool_core::service::SubmitError) -> Self {
-        ApiError::from(e).into()
-    }
-}
-
-impl IntoResponse for OllamaError {
-    fn into_response(self) -> Response {
-        let mut resp = (self.status, axum::Json(self.to_json())).into_response();
-        if let Some(s) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        resp
-    }
-}
 
 /// A JSON body with Ollama-shaped errors (the same parsing and field-naming as the OpenAI API).
 pub struct OllamaJson<T>(pub T);
@@ -125,7 +66,7 @@ pub enum KeepAlive {
 }
 
 /// What `keep_alive` asks of the pool.
-pub use tidepool_core::autoscale::KeepAlive as KeepAliveSetting;
+pub use tidepool_control::autoscale::KeepAlive as KeepAliveSetting;
 
 impl KeepAlive {
     pub fn setting(&self) -> Result<KeepAliveSetting, OllamaError> {
@@ -145,48 +86,22 @@ impl KeepAlive {
         } else if secs == 0.0 {
             KeepAliveSetting::Unload
         } else {
-            KeepAliveSetting::For(tidepool_core::bounds::duration(secs))
+            KeepAliveSetting::For(tidepool_bounds::duration(secs))
         })
     }
 }
 
-/// Go-style durations as Ollama accepts them: `"300"`, `"-1"`, `"5m"`, `"1h30m"`, `"1.5s"`,
-/// `"250ms"`. Returns seconds.
+/// Durations as Ollama's clients send them: seconds (`"300"`, `"-1"`) or a duration with units
+/// (`"5m"`, `"1h30m"`, `"1.5s"`, `"250ms"`), parsed by jiff's duration parser (a superset of Go's
+/// `time.ParseDuration`, which Ollama uses). Returns seconds.
 pub fn parse_duration(text: &str) -> Option<f64> {
     let t = text.trim();
     if let Ok(v) = t.parse::<f64>() {
         return Some(v);
     }
-    let (neg, mut rest) = match t.strip_prefix('-') {
-        Some(r) => (true, r),
-        None => (false, t),
-    };
-    if rest.is_empty() {
-        return None;
-    }
-    let mut total = 0.0;
-    while !rest.is_empty() {
-        let num_len = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(rest.len());
-        let value: f64 = rest[..num_len].parse().ok()?;
-        rest = &rest[num_len..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_len] {
-            "ns" => 1e-9,
-            "us" | "µs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return None,
-        };
-        rest = &rest[unit_len..];
-        total += value * scale;
-    }
-    Some(if neg { -total } else { total })
+    t.parse::<jiff::SignedDuration>()
+        .ok()
+        .map(|d| d.as_secs_f64())
 }
 
 /// `format`: `"json"`, a JSON Schema object, or empty.
@@ -204,7 +119,7 @@ fn constraint(format: &Option<serde_json::Value>) -> Result<OutputConstraint, Ol
 
 impl Options {
     /// Sampling settings, validated with the same ranges as the OpenAI API.
-    pub fn to_sampling(&self) -> Result<tidepool_core::request::Sampling, OllamaError> {
+    pub fn to_sampling(&self) -> Result<tidepool_engine::request::Sampling, OllamaError> {
         let max_tokens = match self.num_predict {
             None => None,
             // The gateway's default, shortened to what the context leaves.
@@ -371,17 +286,42 @@ fn no_thinking(think: &Option<serde_json::Value>) -> Result<(), OllamaError> {
     }
 }
 
-impl GenerateRequest {
-    pub fn is_stream(&self) -> bool {
+/// What `/api/generate` and `/api/chat` bodies have in common, so one handler serves both.
+pub trait GenerationBody {
+    fn model(&self) -> Option<&str>;
+    /// The task profile named in the body (Tidepool's extension).
+    fn profile(&self) -> Option<&str>;
+    fn keep_alive(&self) -> &Option<KeepAlive>;
+    /// Streaming is Ollama's default.
+    fn is_stream(&self) -> bool;
+    /// A body with nothing to generate only loads (or, with `keep_alive: 0`, unloads) the model.
+    fn is_load_only(&self) -> bool;
+    fn to_generation(&self) -> Result<GenerationRequest, OllamaError>;
+}
+
+impl GenerationBody for GenerateRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    fn profile(&self) -> Option<&str> {
+        self.profile.as_deref()
+    }
+
+    fn keep_alive(&self) -> &Option<KeepAlive> {
+        &self.keep_alive
+    }
+
+    fn is_stream(&self) -> bool {
         self.stream.unwrap_or(true)
     }
 
-    /// An empty prompt only loads (or, with `keep_alive: 0`, unloads) the model.
-    pub fn is_load_only(&self) -> bool {
+    /// An empty prompt.
+    fn is_load_only(&self) -> bool {
         self.prompt.as_deref().unwrap_or("").is_empty()
     }
 
-    pub fn to_generation(&self) -> Result<GenerationRequest, OllamaError> {
+    fn to_generation(&self) -> Result<GenerationRequest, OllamaError> {
         if self.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
             return Err(OllamaError::bad_request(
                 "suffix: fill-in-the-middle is not supported by this model",
@@ -424,17 +364,29 @@ impl GenerateRequest {
     }
 }
 
-impl ChatRequest {
-    pub fn is_stream(&self) -> bool {
+impl GenerationBody for ChatRequest {
+    fn model(&self) -> Option<&str> {
+        self.model.as_deref()
+    }
+
+    fn profile(&self) -> Option<&str> {
+        self.profile.as_deref()
+    }
+
+    fn keep_alive(&self) -> &Option<KeepAlive> {
+        &self.keep_alive
+    }
+
+    fn is_stream(&self) -> bool {
         self.stream.unwrap_or(true)
     }
 
-    /// No messages only loads (or unloads) the model, as in Ollama.
-    pub fn is_load_only(&self) -> bool {
+    /// No messages, as in Ollama.
+    fn is_load_only(&self) -> bool {
         self.messages.as_ref().is_none_or(|m| m.is_empty())
     }
 
-    pub fn to_generation(&self) -> Result<GenerationRequest, OllamaError> {
+    fn to_generation(&self) -> Result<GenerationRequest, OllamaError> {
         no_thinking(&self.think)?;
         let mut messages = Vec::new();
         for (i, m) in self.messages.iter().flatten().enumerate() {
@@ -519,6 +471,7 @@ impl ChatRequest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
     use serde_json::json;
 
     #[test]
@@ -529,7 +482,7 @@ mod tests {
         assert_eq!(parse_duration("1h30m"), Some(5400.0));
         assert_eq!(parse_duration("250ms"), Some(0.25));
         assert_eq!(parse_duration("-1m"), Some(-60.0));
-        assert_eq!(parse_duration("5 minutes"), None);
+        assert_eq!(parse_duration("soon"), None);
         assert_eq!(parse_duration(""), None);
         assert_eq!(parse_duration("m"), None);
     }

@@ -11,10 +11,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
-use tidepool_core::gateway::{Report, Submission};
-use tidepool_core::queue::Class;
-use tidepool_core::request::{FinishReason, GenerationEvent, ToolCall, Usage};
-use tidepool_core::GenerationStream;
+use tidepool_engine::request::{FinishReason, GenerationEvent, ToolCall, Usage};
+use tidepool_engine::GenerationStream;
+use tidepool_gateway::gateway::{Report, Submission};
 
 use crate::error::{ApiError, ApiJson};
 use crate::selection::{model_and_profile, Selection};
@@ -413,33 +412,4 @@ pub async fn get_model(
 ) -> Result<Json<Value>, ApiError> {
     check_model(&app, Some(&id))?;
     Ok(Json(model_json(&app)))
-}
-
-/// The request's priority class, from the `X-Tidepool-Priority` header (default: standard).
-pub struct Priority(pub Class);
-
-/// The header that carries a request's priority class.
-pub const PRIORITY_HEADER: &str = "x-tidepool-priority";
-
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Priority {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(
-        parts: &mut axum::http::request::Parts,
-        _state: &S,
-    ) -> Result<Self, Self::Rejection> {
-        let Some(v) = parts.headers.get(PRIORITY_HEADER) else {
-            return Ok(Priority(Class::Standard));
-        };
-        v.to_str()
-            .map_err(|_| "not text".to_string())
-            .and_then(str::parse)
-            .map(Priority)
-            .map_err(|e| {
-                ApiError::invalid_param(
-                    PRIORITY_HEADER,
-                    format!("Invalid `{PRIORITY_HEADER}` header: {e}"),
-                )
-            })
-    }
 }

@@ -2,7 +2,7 @@
 //! names the offending parameter) into Tidepool's internal [`GenerationRequest`].
 
 use serde::Deserialize;
-use tidepool_core::request::{
+use tidepool_engine::request::{
     ChatMessage, GenerationRequest, OutputConstraint, Prompt, Role, Sampling, ToolCall, ToolChoice,
     ToolSpec,
 };
@@ -200,7 +200,7 @@ pub struct CompletionRequest {
 
 /// The default answer length when a request names none (applied by the gateway, which also
 /// shortens it to what the context budget leaves).
-pub use tidepool_core::gateway::DEFAULT_MAX_TOKENS;
+pub use tidepool_gateway::gateway::DEFAULT_MAX_TOKENS;
 
 impl SamplingFields {
     pub fn to_sampling(&self) -> Result<Sampling, ApiError> {
