@@ -11,9 +11,9 @@ use std::sync::Mutex;
 
 use tauri::{AppHandle, Manager, RunEvent, WebviewUrl, WebviewWindowBuilder, WindowEvent};
 use tauri_plugin_autostart::{MacosLauncher, ManagerExt};
-use tidepool_cli::serve::{self, Running};
-use tidepool_core::config::Config;
-use tidepool_core::power::PowerMode;
+use tidepool::config::Config;
+use tidepool::{launch, Launch, Running};
+use tidepool_control::power::PowerMode;
 
 /// The app's state.
 pub struct App {
@@ -92,13 +92,13 @@ async fn start_server(app: &AppHandle) {
         return;
     }
     let cfg = state.config.lock().unwrap().clone();
-    let started = match serve::start(cfg.clone()).await {
+    let started = match launch(cfg.clone(), Launch::default()).await {
         Ok(r) => Ok(r),
         Err(e) => {
             tracing::warn!("{e:#}; trying a free port");
             let mut any = cfg;
             any.server.port = 0;
-            serve::start(any).await
+            launch(any, Launch::default()).await
         }
     };
     match started {

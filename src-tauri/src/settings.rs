@@ -5,7 +5,7 @@
 
 use tauri::{AppHandle, Manager, Runtime};
 use tauri_plugin_store::StoreExt;
-use tidepool_core::config::Config;
+use tidepool::config::Config;
 
 const STORE: &str = "settings.json";
 const KEY: &str = "config";

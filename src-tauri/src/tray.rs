@@ -9,8 +9,8 @@ use tauri::menu::{CheckMenuItem, Menu, MenuItem, PredefinedMenuItem, Submenu};
 use tauri::tray::TrayIconBuilder;
 use tauri::{AppHandle, Manager, Wry};
 use tauri_plugin_autostart::ManagerExt;
-use tidepool_core::pool::WorkerState;
-use tidepool_core::power::{PowerMode, ThermalLevel};
+use tidepool_control::power::{PowerMode, ThermalLevel};
+use tidepool_sched::pool::WorkerState;
 
 use crate::App;
 
@@ -185,7 +185,7 @@ async fn snapshot(app: &AppHandle) -> (Look, String, PowerMode, bool, bool) {
     let Some(scaler) = r.state.autoscaler.get() else {
         return (Look::Scaling, "loading the model…".into(), mode, lan, true);
     };
-    let workers = scaler.pool().workers();
+    let workers = scaler.pool().map(|p| p.workers()).unwrap_or_default();
     let ready = workers
         .iter()
         .filter(|w| w.state == WorkerState::Ready)

@@ -38,7 +38,7 @@ struct BandwidthResult {
 pub fn run(b: BandwidthBench) -> anyhow::Result<()> {
     anyhow::ensure!(b.array_mib >= 1, "--array-mib must be at least 1");
     anyhow::ensure!(b.reps >= 1, "--reps must be at least 1");
-    let cores = tidepool_core::cpu_limit::available_cores();
+    let cores = tidepool_engine::available_cores();
     let mut threads = if b.threads.is_empty() {
         vec![1, cores]
     } else {

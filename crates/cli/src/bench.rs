@@ -10,19 +10,19 @@ use std::time::Instant;
 use clap::{Args, Subcommand};
 use futures::StreamExt;
 use serde::Serialize;
-use tidepool_core::cpu_limit::CpuLimiter;
-use tidepool_core::engine::mistral::MistralEngine;
-use tidepool_core::engine::{DevicePreference, EngineConfig};
-use tidepool_core::memory::{human_bytes, process_rss_bytes};
-use tidepool_core::model_source::{self, ModelSpec, ModelStore};
-use tidepool_core::power::{Governor, PowerConfig, PowerMode};
-use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
-use tidepool_core::signals::Machine;
-use tidepool_core::Engine;
+use tidepool_control::cpu_limit::CpuLimiter;
+use tidepool_control::power::{Governor, PowerConfig, PowerMode};
+use tidepool_control::signals::Machine;
+use tidepool_engine::mistral::MistralEngine;
+use tidepool_engine::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
+use tidepool_engine::Engine;
+use tidepool_engine::{DevicePreference, EngineConfig};
+use tidepool_models::model_source::{self, ModelSpec, ModelStore};
+use tidepool_sched::memory::{human_bytes, process_rss_bytes};
 
 use crate::stats::median;
 
-use tidepool_cli::progress::BarProgress;
+use tidepool::progress::BarProgress;
 
 #[derive(Args)]
 pub struct BenchArgs {

@@ -603,7 +603,7 @@ struct GgufFacts {
 }
 
 fn read_gguf(path: &Path) -> anyhow::Result<GgufFacts> {
-    let info = tidepool_core::gguf_info::GgufInfo::read(&[path.to_path_buf()])
+    let info = tidepool_models::gguf_info::GgufInfo::read(&[path.to_path_buf()])
         .with_context(|| format!("reading the GGUF header of {}", path.display()))?;
     let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let content = candle_core::quantized::gguf_file::Content::read(&mut f)

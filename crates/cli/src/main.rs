@@ -10,10 +10,9 @@ mod bench;
 mod compare;
 mod load;
 mod models;
+mod serve;
 mod stats;
 mod tools;
-
-use tidepool_cli::serve;
 
 use clap::{Parser, Subcommand};
 

@@ -1,11 +1,11 @@
 //! `tidepool models` and `tidepool pull`.
 
 use clap::Args;
-use tidepool_core::catalog::Catalog;
-use tidepool_core::engine::DevicePreference;
-use tidepool_core::model_source::ModelStore;
+use tidepool_engine::DevicePreference;
+use tidepool_models::catalog::Catalog;
+use tidepool_models::model_source::ModelStore;
 
-use tidepool_cli::progress::BarProgress;
+use tidepool::progress::BarProgress;
 
 pub fn list() -> anyhow::Result<()> {
     let catalog = Catalog::builtin();

@@ -4,13 +4,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tidepool_core::fixture::{write_fixture, FixtureOptions, FixtureShape};
-use tidepool_core::gguf_info::GgufInfo;
-use tidepool_core::memory::human_bytes;
-use tidepool_core::model_source::Progress;
-use tidepool_core::quant_plan::QuantScheme;
+use tidepool_models::fixture::{write_fixture, FixtureOptions, FixtureShape};
+use tidepool_models::gguf_info::GgufInfo;
+use tidepool_models::model_source::Progress;
+use tidepool_models::quant_plan::QuantScheme;
+use tidepool_sched::memory::human_bytes;
 
-use tidepool_cli::progress::BarProgress;
+use tidepool::progress::BarProgress;
 
 #[derive(Args)]
 pub struct FixtureArgs {
@@ -87,7 +87,7 @@ pub async fn requantize(a: RequantizeArgs) -> anyhow::Result<()> {
     let (input, output, to) = (a.input.clone(), a.output.clone(), a.to.clone());
     let report = tokio::task::spawn_blocking(move || {
         let progress = BarProgress::new();
-        let r = tidepool_core::requantize::requantize(&input, &output, &to, &|done, total| {
+        let r = tidepool_models::requantize::requantize(&input, &output, &to, &|done, total| {
             if done == 1 {
                 progress.start(&format!("requantizing to {to}"), Some(total as u64));
             }

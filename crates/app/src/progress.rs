@@ -3,7 +3,7 @@
 use std::sync::Mutex;
 
 use indicatif::{ProgressBar, ProgressStyle};
-use tidepool_core::model_source::Progress;
+use tidepool_models::model_source::Progress;
 
 /// A progress bar on stderr, one phase at a time. Hidden when stderr is not a terminal, where a
 /// line per phase is logged instead.

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::bounds::Invalid;
+use tidepool_bounds::Invalid;
 
 /// The default port: clashes with none of Ollama (11434), LM Studio (1234), llama.cpp (8080),
 /// vLLM (8000). 8433 spells TIDE on a phone keypad.
@@ -36,16 +36,16 @@ pub struct Config {
     pub server: ServerConfig,
     pub model: ModelConfig,
     pub pool: PoolConfig,
-    pub policy: crate::policy::PolicyConfig,
-    pub power: crate::power::PowerConfig,
+    pub policy: tidepool_control::policy::PolicyConfig,
+    pub power: tidepool_control::power::PowerConfig,
     /// The answer cache.
-    pub cache: crate::answer_cache::CacheConfig,
+    pub cache: tidepool_gateway::answer_cache::CacheConfig,
     /// Long inputs: the context budget and what happens past it.
-    pub context: crate::context_fit::ContextConfig,
+    pub context: tidepool_gateway::context_fit::ContextConfig,
     /// Short answers under backlog.
-    pub degraded: crate::degrade::DegradedConfig,
+    pub degraded: tidepool_gateway::degrade::DegradedConfig,
     /// Task profiles by name (`[profiles.NAME]`), added to the built-in ones.
-    pub profiles: crate::profile::Profiles,
+    pub profiles: tidepool_gateway::profile::Profiles,
 }
 
 /// The worker pool's memory budget, reservations and queue.
@@ -141,7 +141,7 @@ impl Default for ServerConfig {
             max_connections: 512,
             max_lan_connections: 256,
             max_connections_per_lan_address: 32,
-            max_messages: crate::request::DEFAULT_MAX_MESSAGES,
+            max_messages: tidepool_engine::request::DEFAULT_MAX_MESSAGES,
         }
     }
 }
@@ -166,9 +166,11 @@ pub struct ModelConfig {
     /// GPU, off on the CPU, where mistral.rs 0.8.1 never evicts cached prefixes (RSS grew from
     /// 131 MB to 1.43 GB in 120 s of load with 16; flat with 0).
     pub prefix_cache: Option<usize>,
+    /// CPU threads per llama.cpp worker; unset: every core the CPU limit allows.
+    pub threads: Option<usize>,
     /// The inference library: `auto` (the default: mistral.rs on a GPU, the faster one measured
-    /// on the CPU), `mistralrs` or `llamacpp`. See [`crate::engine::choice`].
-    pub engine: crate::engine::choice::EngineSetting,
+    /// on the CPU), `mistralrs` or `llamacpp`. See [`tidepool_engine::choice`].
+    pub engine: tidepool_engine::choice::EngineSetting,
 }
 
 impl Default for ModelConfig {
@@ -177,8 +179,9 @@ impl Default for ModelConfig {
             id: None,
             device: DeviceSetting::Auto,
             slots: None,
+            threads: None,
             prefix_cache: None,
-            engine: crate::engine::choice::EngineSetting::Auto,
+            engine: tidepool_engine::choice::EngineSetting::Auto,
         }
     }
 }
@@ -211,10 +214,10 @@ impl ModelConfig {
 impl Config {
     /// The settings of the request gateway: answer cache, context budget (default: the pool's
     /// `context_tokens`), degraded mode and task profiles.
-    pub fn gateway(&self) -> crate::gateway::GatewayConfig {
-        crate::gateway::GatewayConfig {
+    pub fn gateway(&self) -> tidepool_gateway::gateway::GatewayConfig {
+        tidepool_gateway::gateway::GatewayConfig {
             cache: self.cache.clone(),
-            context: crate::context_fit::ContextConfig {
+            context: tidepool_gateway::context_fit::ContextConfig {
                 budget_tokens: Some(
                     self.context
                         .budget_tokens
@@ -261,7 +264,7 @@ impl Config {
 
     /// Every range and rule of the file; the first error names its key.
     fn check(&self) -> Result<(), Invalid> {
-        use crate::bounds::{float_above, int};
+        use tidepool_bounds::{float_above, int};
         let s = &self.server;
         if s.host.trim().is_empty() {
             return Err(("server.host".into(), "must not be empty".into()));
@@ -339,17 +342,32 @@ impl Config {
         int("pool.overhead_mib", p.overhead_mib, 0, 1 << 20)?;
         int("pool.queue_capacity", p.queue_capacity as u64, 1, 1 << 20)?;
         float_above("pool.queue_deadline_s", p.queue_deadline_s, 0.0, 86_400.0)?;
-        if self.model.engine == crate::engine::choice::EngineSetting::LlamaCpp
-            && !crate::engine::choice::EngineKind::LlamaCpp.built()
-        {
-            return Err((
-                "model.engine".into(),
-                "llamacpp is not in this build (it was built without the `llamacpp` feature)"
-                    .into(),
-            ));
+        for (setting, kind) in [
+            (
+                tidepool_engine::choice::EngineSetting::LlamaCpp,
+                tidepool_engine::choice::EngineKind::LlamaCpp,
+            ),
+            (
+                tidepool_engine::choice::EngineSetting::MistralRs,
+                tidepool_engine::choice::EngineKind::MistralRs,
+            ),
+        ] {
+            if self.model.engine == setting && !kind.built() {
+                return Err((
+                    "model.engine".into(),
+                    format!(
+                        "{} is not in this build (it was built without the `{}` feature)",
+                        kind.name(),
+                        kind.name()
+                    ),
+                ));
+            }
         }
         if let Some(slots) = self.model.slots {
             int("model.slots", slots as u64, 1, 256)?;
+        }
+        if let Some(n) = self.model.threads {
+            int("model.threads", n as u64, 1, 1024)?;
         }
         if let Some(n) = self.model.prefix_cache {
             int("model.prefix_cache", n as u64, 0, 1024)?;
@@ -359,7 +377,7 @@ impl Config {
         self.cache.validate()?;
         self.context.validate()?;
         self.degraded.validate()?;
-        crate::profile::validate(&crate::profile::resolve(&self.profiles))?;
+        tidepool_gateway::profile::validate(&tidepool_gateway::profile::resolve(&self.profiles))?;
         Ok(())
     }
 
@@ -407,7 +425,7 @@ mod tests {
 
     #[test]
     fn the_engine_is_chosen_by_name_with_line_precise_errors() {
-        use crate::engine::choice::EngineSetting;
+        use tidepool_engine::choice::EngineSetting;
         let c = Config::parse("[model]\nengine = \"mistralrs\"\n", "t.toml").unwrap();
         assert_eq!(c.model.engine, EngineSetting::MistralRs);
         assert_eq!(Config::default().model.engine, EngineSetting::Auto);
