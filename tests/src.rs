@@ -1,26 +1,28 @@
 //! Helpers for Tidepool's cross-crate tests: fixture models made once per test binary, and the
-//! real server started in-process on an ephemeral port.
+//! real server started in-process on an ephemeral port by the application's own
+//! [`tidepool::launch`], as the binary and the tray app start it: the real pool, scheduler and
+//! control loop on a real engine (the test engine, see [`test_engine`]).
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
-use tidepool_core::answer_cache::CacheConfig;
-use tidepool_core::autoscale::Autoscaler;
-use tidepool_core::engine::choice::EngineKind;
-use tidepool_core::engine::mistral::{MistralEngine, MistralWorkers};
-use tidepool_core::engine::{DevicePreference, Engine, EngineConfig};
-use tidepool_core::fixture::{write_fixture, FixtureOptions, FixtureShape};
-use tidepool_core::gateway::GatewayConfig;
-use tidepool_core::ledger::Reservation;
-use tidepool_core::model_source::{local_file, LocalModel};
-use tidepool_core::policy::PolicyConfig;
-use tidepool_core::pool::{Pool, WorkerFactory};
-use tidepool_core::power::PowerConfig;
-use tidepool_core::quant_plan::QuantScheme;
-use tidepool_core::service::{ModelState, Service};
-use tidepool_core::signals::fake::FakeMachine;
-use tidepool_server::{AppState, HttpConfig};
+use tidepool::config::{Config, DeviceSetting};
+use tidepool::Launch;
+use tidepool_control::policy::{DownRules, PolicyConfig, UpRules};
+use tidepool_control::power::PowerConfig;
+use tidepool_control::signals::fake::FakeMachine;
+use tidepool_engine::choice::{EngineKind, EngineSetting};
+use tidepool_engine::{EngineConfig, EngineSpec};
+use tidepool_gateway::answer_cache::CacheConfig;
+use tidepool_gateway::gateway::GatewayConfig;
+use tidepool_gateway::service::Service;
+use tidepool_models::fixture::{write_fixture, FixtureOptions, FixtureShape};
+use tidepool_models::model_source::LocalModel;
+use tidepool_models::quant_plan::QuantScheme;
+use tidepool_sched::ledger::Reservation;
+use tidepool_sched::pool::{WorkerFactory, Workers};
 
 /// Where test fixtures live (reused across runs; they are deterministic).
 pub fn fixture_dir() -> PathBuf {
@@ -83,27 +85,14 @@ pub const TEST_CONTEXT_TOKENS: u32 = 4096;
 /// a tiny model hundreds of times slower (mistral.rs shares one thread pool across engines).
 pub const TEST_THREADS: usize = 1;
 
-/// One engine of the test engine kind.
-pub async fn load_engine(local: &LocalModel, config: &EngineConfig) -> Arc<dyn Engine> {
-    match test_engine() {
-        EngineKind::MistralRs => Arc::new(
-            MistralEngine::load(local, config)
-                .await
-                .expect("engine loads"),
-        ),
-        #[cfg(feature = "llamacpp")]
-        EngineKind::LlamaCpp => Arc::new(
-            tidepool_core::engine::llamacpp::LlamaCppEngine::load(
-                local,
-                config,
-                TEST_CONTEXT_TOKENS,
-                Some(TEST_THREADS),
-            )
-            .await
-            .expect("engine loads"),
-        ),
-        #[cfg(not(feature = "llamacpp"))]
-        EngineKind::LlamaCpp => unreachable!("test_engine() refuses llamacpp in this build"),
+/// The test engine's spec for `model` with `config`.
+pub fn engine_spec(model: LocalModel, config: EngineConfig) -> EngineSpec {
+    EngineSpec {
+        kind: test_engine(),
+        model,
+        config,
+        context_tokens: TEST_CONTEXT_TOKENS,
+        threads: Some(TEST_THREADS),
     }
 }
 
@@ -113,23 +102,10 @@ pub fn worker_factory(
     config: EngineConfig,
     reservation: Reservation,
 ) -> Arc<dyn WorkerFactory> {
-    match test_engine() {
-        EngineKind::MistralRs => Arc::new(MistralWorkers {
-            model,
-            config,
-            reservation,
-        }),
-        #[cfg(feature = "llamacpp")]
-        EngineKind::LlamaCpp => Arc::new(tidepool_core::engine::llamacpp::LlamaCppWorkers {
-            model,
-            config,
-            context_tokens: TEST_CONTEXT_TOKENS,
-            threads: Some(TEST_THREADS),
-            reservation,
-        }),
-        #[cfg(not(feature = "llamacpp"))]
-        EngineKind::LlamaCpp => unreachable!("test_engine() refuses llamacpp in this build"),
-    }
+    Arc::new(Workers {
+        spec: engine_spec(model, config),
+        reservation,
+    })
 }
 
 /// A server running in its own thread and runtime for the rest of the test binary.
@@ -172,23 +148,26 @@ impl TestServer {
     }
 }
 
-/// Options for [`start_server`].
+/// Options for [`start_server`]: what the tests vary, mapped onto the configuration file the
+/// server launches with.
 #[derive(Clone)]
 pub struct ServerOptions {
+    /// The model; `None` starts the server without one (it answers 503 "loading").
     pub model: Option<PathBuf>,
     pub slots: usize,
-    pub http: HttpConfig,
-    /// Serve through a worker pool of one worker, with this queue capacity and deadline,
-    /// instead of straight from one engine.
-    pub pool: Option<(usize, std::time::Duration)>,
-    /// With `pool`: run the control loop with this policy, ticking every 200 ms.
+    /// (queue capacity, queue deadline) of the pool.
+    pub pool: Option<(usize, Duration)>,
+    /// The policy; by default one worker, held (scale-up and -down windows of an hour), so the
+    /// pool changes size only through `/admin/scale`.
     pub policy: Option<PolicyConfig>,
-    /// With `pool`: the power config; the machine is always a [`FakeMachine`] (plugged in,
-    /// 50 °C) that the test can drive through [`TestServer::machine`].
+    /// The power config; the machine is always a [`FakeMachine`] (plugged in, 50 °C) that the
+    /// test can drive through [`TestServer::machine`].
     pub power: PowerConfig,
     /// The request gateway (answer cache, ...). The default turns the answer cache off, so that
     /// tests of the engine see the engine; cache tests turn it on.
     pub gateway: GatewayConfig,
+    /// Seconds shutdown waits for running requests.
+    pub drain_timeout_s: u64,
 }
 
 impl Default for ServerOptions {
@@ -196,7 +175,6 @@ impl Default for ServerOptions {
         ServerOptions {
             model: None,
             slots: 4,
-            http: HttpConfig::default(),
             pool: None,
             policy: None,
             power: PowerConfig::for_cores(4),
@@ -207,17 +185,66 @@ impl Default for ServerOptions {
                 },
                 ..GatewayConfig::default()
             },
+            drain_timeout_s: 60,
         }
     }
 }
 
-/// Starts a server on 127.0.0.1:0. With `model: None` the model never loads (for 503 tests).
+/// The policy of a test server that names none: one worker, held.
+pub fn held_policy() -> PolicyConfig {
+    PolicyConfig {
+        min_workers: 1,
+        max_workers: 2,
+        up: UpRules {
+            window_s: 3600.0,
+            ..UpRules::default()
+        },
+        down: DownRules {
+            stabilization_s: 3600.0,
+        },
+        ..PolicyConfig::default()
+    }
+}
+
+/// The configuration a test server launches with.
+pub fn test_config(opts: &ServerOptions) -> Config {
+    let mut cfg = Config::default();
+    cfg.server.port = 0;
+    cfg.server.drain_timeout_s = opts.drain_timeout_s;
+    cfg.model.id = opts.model.as_ref().map(|p| p.display().to_string());
+    cfg.model.device = DeviceSetting::Cpu;
+    cfg.model.slots = Some(opts.slots);
+    cfg.model.threads = Some(TEST_THREADS);
+    cfg.model.engine = match test_engine() {
+        EngineKind::MistralRs => EngineSetting::MistralRs,
+        EngineKind::LlamaCpp => EngineSetting::LlamaCpp,
+    };
+    cfg.pool.context_tokens = u64::from(TEST_CONTEXT_TOKENS);
+    if let Some((capacity, deadline)) = opts.pool {
+        cfg.pool.queue_capacity = capacity;
+        cfg.pool.queue_deadline_s = deadline.as_secs_f64();
+    }
+    cfg.policy = opts.policy.clone().unwrap_or_else(held_policy);
+    cfg.power = opts.power.clone();
+    let g = &opts.gateway;
+    cfg.cache = g.cache.clone();
+    cfg.context = g.context.clone();
+    cfg.degraded = g.degraded.clone();
+    cfg.profiles = g.profiles.clone();
+    cfg.server.max_messages = g.max_messages;
+    cfg
+}
+
+/// Starts a server on 127.0.0.1:0 with [`tidepool::launch`], in a thread and runtime of its own
+/// (the control loop ticks every 200 ms), and waits until its model is ready.
 pub fn start_server(opts: ServerOptions) -> TestServer {
-    let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (done_tx, done_rx) = std::sync::mpsc::channel();
     let machine = FakeMachine::new();
     let sources = machine.machine();
+    let cfg = test_config(&opts);
+    let with_model = opts.model.is_some();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -225,74 +252,29 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let name = opts
-                .model
-                .as_deref()
-                .map(model_name)
-                .unwrap_or_else(|| "never-loads".into());
-            let service = Service::new(name, Vec::new());
-            let state = AppState::with_gateway(service.clone(), opts.gateway.clone());
-            if let Some(path) = &opts.model {
-                let local = local_file(path).expect("fixture exists");
-                let config = EngineConfig {
-                    device: DevicePreference::Cpu,
-                    max_sequences: opts.slots,
-                    prefix_cache_entries: 16,
-                };
-                match opts.pool {
-                    None => {
-                        let engine = load_engine(&local, &config).await;
-                        service.set_state(ModelState::Ready(engine));
-                    }
-                    Some((queue, deadline)) => {
-                        let factory = worker_factory(
-                            local,
-                            config,
-                            Reservation {
-                                weights: 1,
-                                kv_cache: 0,
-                                overhead: 0,
-                            },
-                        );
-                        // The budget holds two workers; the control loop is not ticking, so
-                        // the pool changes size only through /admin/scale.
-                        let pool = Pool::new(factory, 2, queue);
-                        let first = pool.add_worker("test").expect("fits");
-                        pool.wait_ready(first).await.expect("the worker loads");
-                        service.set_queue_deadline(deadline);
-                        service.set_state(ModelState::Pooled(pool.clone()));
-                        let ticking = opts.policy.is_some();
-                        let policy = opts.policy.clone().unwrap_or(PolicyConfig {
-                            max_workers: 2,
-                            ..PolicyConfig::default()
-                        });
-                        let scaler = Autoscaler::new(
-                            pool,
-                            service.clone(),
-                            policy,
-                            opts.power.clone(),
-                            sources,
-                        );
-                        if ticking {
-                            scaler.spawn(std::time::Duration::from_millis(200));
-                        }
-                        let _ = state.autoscaler.set(scaler);
-                    }
-                }
+            let launch = Launch {
+                machine: sources,
+                control_tick: Duration::from_millis(200),
+                load_model: with_model,
+            };
+            let running = tidepool::launch(cfg, launch)
+                .await
+                .expect("the server starts");
+            let service = running.service().clone();
+            if with_model {
+                tokio::time::timeout(Duration::from_secs(120), service.wait_ready())
+                    .await
+                    .expect("the model loads within 2 minutes")
+                    .expect("the model loads");
             }
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            addr_tx
-                .send((listener.local_addr().unwrap(), service.clone()))
-                .unwrap();
-            tidepool_server::serve(listener, state, opts.http, async move {
-                let _ = stop_rx.await;
-            })
-            .await
-            .unwrap();
+            let addr: SocketAddr = running.url.trim_start_matches("http://").parse().unwrap();
+            ready_tx.send((addr, service)).unwrap();
+            let _ = stop_rx.await;
+            running.stop().await.unwrap();
             let _ = done_tx.send(());
         });
     });
-    let (addr, service) = addr_rx.recv().expect("server thread started");
+    let (addr, service) = ready_rx.recv().expect("server thread started");
     TestServer {
         addr,
         service,
@@ -300,10 +282,6 @@ pub fn start_server(opts: ServerOptions) -> TestServer {
         stop: Mutex::new(Some(stop_tx)),
         done: Mutex::new(Some(done_rx)),
     }
-}
-
-fn model_name(p: &Path) -> String {
-    p.file_stem().unwrap().to_string_lossy().into_owned()
 }
 
 /// The shared server on the tiny fixture, for tests that do not stop it.

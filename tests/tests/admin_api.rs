@@ -22,12 +22,17 @@ async fn status_scale_and_events() {
     assert_eq!(v["workers"][0]["slots_total"], 1);
     // Each worker says which library runs it.
     let backend = match tidepool_tests::test_engine() {
-        tidepool_core::engine::choice::EngineKind::MistralRs => "mistral.rs",
-        tidepool_core::engine::choice::EngineKind::LlamaCpp => "llama.cpp",
+        tidepool_engine::choice::EngineKind::MistralRs => "mistral.rs",
+        tidepool_engine::choice::EngineKind::LlamaCpp => "llama.cpp",
     };
     assert_eq!(v["workers"][0]["backend"], backend, "{v}");
     assert_eq!(v["queue"]["interactive"], 0);
-    assert_eq!(v["memory"]["budget_bytes"], 2);
+    // The real budget of this machine, which holds at least the worker that runs.
+    assert!(
+        v["memory"]["budget_bytes"].as_u64().unwrap()
+            >= v["memory"]["reserved_bytes"].as_u64().unwrap(),
+        "{v}"
+    );
     assert!(v["memory"]["process_rss_bytes"].as_u64().unwrap() > 0);
     assert_eq!(v["policy"]["max_workers"], 2);
 
@@ -153,8 +158,9 @@ async fn metrics_count_outcomes_tokens_and_pool_state() {
     assert!(r.headers()["content-type"]
         .to_str()
         .unwrap()
-        .starts_with("text/plain"));
+        .starts_with("application/openmetrics-text"));
     let text = r.text().await.unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
     assert!(
         text.contains("tidepool_requests_total{outcome=\"ok\"} 1\n"),
         "{text}"
@@ -177,7 +183,11 @@ async fn metrics_count_outcomes_tokens_and_pool_state() {
         text.contains("tidepool_queue_depth{class=\"batch\"} 0\n"),
         "{text}"
     );
-    assert!(text.contains("tidepool_memory_budget_bytes 2\n"), "{text}");
+    let budget = text
+        .lines()
+        .find_map(|l| l.strip_prefix("tidepool_memory_budget_bytes "))
+        .and_then(|v| v.parse::<u64>().ok());
+    assert!(budget.is_some_and(|b| b > 0), "{text}");
     s.stop(30);
 }
 
@@ -204,7 +214,7 @@ async fn wait_for_workers(s: &tidepool_tests::TestServer, n: usize, secs: u64) -
 
 #[tokio::test]
 async fn a_burst_brings_a_second_worker_idle_drains_it_scale_to_zero_and_cold_start() {
-    use tidepool_core::policy::{DownRules, PolicyConfig, UpRules};
+    use tidepool_control::policy::{DownRules, PolicyConfig, UpRules};
     let s = start_server(ServerOptions {
         model: Some(tiny_fixture()),
         slots: 1,

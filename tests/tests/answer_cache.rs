@@ -4,8 +4,8 @@
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tidepool_core::answer_cache::CacheConfig;
-use tidepool_core::gateway::GatewayConfig;
+use tidepool_gateway::answer_cache::CacheConfig;
+use tidepool_gateway::gateway::GatewayConfig;
 use tidepool_tests::{start_server, tiny_fixture, ServerOptions, TestServer};
 
 fn server(sampled: bool) -> TestServer {

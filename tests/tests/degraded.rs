@@ -4,8 +4,8 @@
 //! requests below the threshold are untouched.
 
 use serde_json::{json, Value};
-use tidepool_core::degrade::DegradedConfig;
-use tidepool_core::gateway::GatewayConfig;
+use tidepool_gateway::degrade::DegradedConfig;
+use tidepool_gateway::gateway::GatewayConfig;
 use tidepool_tests::{get_json, start_server, tiny_fixture, ServerOptions, TestServer};
 
 fn client() -> reqwest::Client {

@@ -3,9 +3,9 @@
 //! middle, reported by a header and in `usage` (OpenAI) or the final object (Ollama).
 
 use serde_json::{json, Value};
-use tidepool_core::answer_cache::CacheConfig;
-use tidepool_core::context_fit::{ContextConfig, Overflow};
-use tidepool_core::gateway::GatewayConfig;
+use tidepool_gateway::answer_cache::CacheConfig;
+use tidepool_gateway::context_fit::{ContextConfig, Overflow};
+use tidepool_gateway::gateway::GatewayConfig;
 use tidepool_tests::{start_server, tiny_fixture, ServerOptions, TestServer};
 
 const BUDGET: u32 = 256;

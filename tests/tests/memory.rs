@@ -6,15 +6,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tidepool_core::engine::choice::EngineKind;
-use tidepool_core::engine::{DevicePreference, EngineConfig};
-use tidepool_core::gguf_info::GgufInfo;
-use tidepool_core::ledger::{self, WorkerShape};
-use tidepool_core::memory::process_rss_bytes;
-use tidepool_core::model_source::local_file;
-use tidepool_core::pool::{Pool, WorkerState};
-use tidepool_core::queue::Class;
-use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
+use tidepool_engine::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
+use tidepool_engine::{DevicePreference, EngineConfig};
+use tidepool_models::gguf_info::GgufInfo;
+use tidepool_models::model_source::local_file;
+use tidepool_sched::ledger::{self, WorkerShape};
+use tidepool_sched::memory::process_rss_bytes;
+use tidepool_sched::pool::{Pool, WorkerState};
+use tidepool_sched::queue::Class;
 use tidepool_tests::{named_fixture, test_engine, worker_factory};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -41,22 +40,17 @@ async fn a_drained_worker_gives_its_memory_back_to_the_os() {
     let info = GgufInfo::read(&model.files).unwrap();
     // Each engine's own reservation: mistral.rs holds the embedding table dense on the CPU,
     // llama.cpp maps the quantized weights as they are.
-    let reservation = match test_engine() {
-        EngineKind::MistralRs => ledger::reservation(
-            &info,
-            &WorkerShape {
-                slots: 1,
-                context_tokens: 512,
-                kv_elem_bytes: 2,
-                activation_bytes: 4,
-                overhead: 0,
-            },
-        ),
-        #[cfg(feature = "llamacpp")]
-        EngineKind::LlamaCpp => tidepool_core::engine::llamacpp::reservation(&info, 1, 512, 0),
-        #[cfg(not(feature = "llamacpp"))]
-        EngineKind::LlamaCpp => unreachable!(),
-    };
+    let reservation = ledger::reservation(
+        &info,
+        &WorkerShape {
+            slots: 1,
+            context_tokens: 512,
+            kv_elem_bytes: 2,
+            activation_bytes: 4,
+            overhead: 0,
+        },
+        test_engine(),
+    );
     let factory = worker_factory(
         model,
         EngineConfig {

@@ -4,7 +4,7 @@
 
 use futures::StreamExt;
 use serde_json::{json, Value};
-use tidepool_core::policy::{DownRules, PolicyConfig, UpRules};
+use tidepool_control::policy::{DownRules, PolicyConfig, UpRules};
 use tidepool_tests::{
     get_json, post_json, shared_tiny_server, start_server, tiny_fixture, ServerOptions,
 };

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use tidepool_core::engine::{DevicePreference, EngineConfig};
-use tidepool_core::ledger::Reservation;
-use tidepool_core::model_source::local_file;
-use tidepool_core::pool::{AcquireError, Pool, WorkerState};
-use tidepool_core::queue::Class;
-use tidepool_core::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
+use tidepool_engine::request::{ChatMessage, GenerationEvent, GenerationRequest, Role};
+use tidepool_engine::{DevicePreference, EngineConfig};
+use tidepool_models::model_source::local_file;
+use tidepool_sched::ledger::Reservation;
+use tidepool_sched::pool::{AcquireError, Pool, WorkerState};
+use tidepool_sched::queue::Class;
 use tidepool_tests::{tiny_fixture, worker_factory};
 
 const RESERVATION: Reservation = Reservation {

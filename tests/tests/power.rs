@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tidepool_core::policy::PolicyConfig;
-use tidepool_core::power::{ModeCaps, PowerConfig};
+use tidepool_control::policy::PolicyConfig;
+use tidepool_control::power::{ModeCaps, PowerConfig};
 use tidepool_tests::{get_json, start_server, tiny_fixture, ServerOptions, TestServer};
 
 async fn status(s: &TestServer) -> Value {

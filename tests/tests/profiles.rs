@@ -4,8 +4,8 @@
 //! the reply; configured profiles work; misuse is a clear error.
 
 use serde_json::{json, Value};
-use tidepool_core::gateway::GatewayConfig;
-use tidepool_core::profile::ProfileConfig;
+use tidepool_gateway::gateway::GatewayConfig;
+use tidepool_gateway::profile::ProfileConfig;
 use tidepool_tests::{start_server, tiny_fixture, ServerOptions, TestServer};
 
 const LABELS: [&str; 3] = ["positive", "negative", "neutral"];
