@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's CPU table: `tidepool bench engine` on SmolLM2 (Q4_1 as shipped, requantized Q4_0
+# The CPU table of docs/performance.md: `tidepool bench engine` on SmolLM2 (Q4_1 as shipped, requantized Q4_0
 # and Q8_0) and on Qwen2.5-0.5B-shaped fixtures (q4_0, q8_0, q4_k_m), built with and without the
 # vector target features. Prints one markdown row per (build, model).
 #
