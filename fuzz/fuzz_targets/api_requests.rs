@@ -2,7 +2,7 @@
 //! internal request (with its range checks) must return a request or an error, never panic.
 #![no_main]
 
-use tidepool_server::ollama::types::{ChatRequest, GenerateRequest};
+use tidepool_server::ollama::types::{ChatRequest, GenerateRequest, GenerationBody};
 use tidepool_server::openai::types::{ChatCompletionRequest, CompletionRequest};
 
 libfuzzer_sys::fuzz_target!(|data: &[u8]| {
