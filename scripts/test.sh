@@ -12,12 +12,6 @@ target="${CARGO_TARGET_DIR:-target}"
 
 bash scripts/system-packages.sh
 
-echo "==> tests of the crates below the engines"
-# Scheduling, control and the gateway build without mistral.rs or llama.cpp (their tests use a fake
-# engine), so they report in minutes on a fresh machine, long before the engines compile.
-cargo test -p tidepool-bounds -p tidepool-gguf -p tidepool-models -p tidepool-sched \
-  -p tidepool-control -p tidepool-gateway
-
 echo "==> cargo test"
 
 # The whole workspace, the tray app included (it needs the webkit packages .ci/run installs):
