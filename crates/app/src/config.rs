@@ -448,6 +448,27 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_configuration_is_valid() {
+        // docs/configuration.md lists every key with its default: the file must parse, and with
+        // its commented-out keys switched on too.
+        let doc = include_str!("../../../docs/configuration.md");
+        let start = doc.find("```toml\n").expect("a TOML block") + 8;
+        let len = doc[start..].find("```").unwrap();
+        let block = &doc[start..start + len];
+        Config::parse(block, "docs/configuration.md").unwrap();
+        let uncommented: String = block
+            .lines()
+            .map(|l| match l.strip_prefix("# ") {
+                Some(rest) if rest.starts_with('[') || rest.contains(" = ") => rest,
+                _ => l,
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        let c = Config::parse(&uncommented, "docs/configuration.md").unwrap();
+        assert!(c.model.threads.is_some());
+    }
+
+    #[test]
     fn gateway_sections_are_validated() {
         let e = Config::parse("[cache]\nttl_s = 0\n", "t.toml").unwrap_err();
         assert!(e.to_string().contains("cache.ttl_s"), "{e}");
