@@ -43,6 +43,8 @@ impl FakeEngine {
                 max_sequences: slots,
                 gguf: fake_gguf(),
                 backend: "fake",
+                threads: None,
+                shares_weights: false,
             },
             tokens,
             dead: AtomicBool::new(false),

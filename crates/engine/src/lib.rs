@@ -95,6 +95,11 @@ pub struct EngineInfo {
     pub gguf: GgufInfo,
     /// Which library runs the model.
     pub backend: &'static str,
+    /// CPU threads this instance computes on, where the engine takes a number (llama.cpp).
+    pub threads: Option<usize>,
+    /// Whether instances of one model share its weights (llama.cpp) or each load their own
+    /// (mistral.rs: see docs/elasticity.md, "Weights once per model").
+    pub shares_weights: bool,
 }
 
 /// A JSON schema for llguidance with one fixed layout (`, ` and `: `, no other whitespace), unless

@@ -59,32 +59,49 @@ pub(super) fn spawn(
     std::thread::Builder::new()
         .name("llama.cpp".into())
         .spawn(move || {
-            let ctx = match shared.model.new_context(backend, params) {
-                Ok(ctx) => ctx,
-                Err(e) => {
-                    let _ =
-                        ready_tx.send(Err(format!("llama.cpp could not create a context: {e}")));
-                    return;
-                }
-            };
-            let _ = ready_tx.send(Ok(()));
-            let why = Batcher {
-                shared: &shared,
-                ctx,
-                batch: LlamaBatch::new(n_batch as usize, 1),
-                n_batch: n_batch as usize,
-                free: (0..slots as i32).rev().collect(),
-                active: Vec::new(),
-                waiting: VecDeque::new(),
-            }
-            .run(jobs_rx);
-            *shared.died.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
-            shared
+            let thread = shared.thread.clone();
+            let why = serve(&shared, backend, params, slots, n_batch, jobs_rx, ready_tx);
+            // The weights go first (unloaded here if no other worker holds them), then the
+            // engine learns that its thread has ended.
+            drop(shared);
+            *thread.died.lock().unwrap_or_else(|p| p.into_inner()) = Some(why);
+            thread
                 .alive
                 .store(false, std::sync::atomic::Ordering::Release);
-            shared.ended.notify_waiters();
+            thread.ended.notify_waiters();
         })?;
     Ok((jobs_tx, ready_rx))
+}
+
+/// Creates the context and serves on it until the engine ends; returns why it ended.
+fn serve(
+    shared: &Shared,
+    backend: &'static LlamaBackend,
+    params: LlamaContextParams,
+    slots: usize,
+    n_batch: u32,
+    jobs: Receiver<Msg>,
+    ready: Sender<Result<(), String>>,
+) -> String {
+    let ctx = match shared.resident.model.new_context(backend, params) {
+        Ok(ctx) => ctx,
+        Err(e) => {
+            let why = format!("llama.cpp could not create a context: {e}");
+            let _ = ready.send(Err(why.clone()));
+            return why;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    Batcher {
+        shared,
+        ctx,
+        batch: LlamaBatch::new(n_batch as usize, 1),
+        n_batch: n_batch as usize,
+        free: (0..slots as i32).rev().collect(),
+        active: Vec::new(),
+        waiting: VecDeque::new(),
+    }
+    .run(jobs)
 }
 
 struct Batcher<'a> {
@@ -304,7 +321,7 @@ impl Batcher<'_> {
                 continue;
             }
             if let Some(at) = s.logits_at {
-                match s.sample(&self.ctx, at, &self.shared.model) {
+                match s.sample(&self.ctx, at, &self.shared.resident.model) {
                     Ok(None) => {}
                     Ok(Some(reason)) => ended.push((i, reason)),
                     Err(e) => {
@@ -350,7 +367,7 @@ struct Seq {
 
 impl Seq {
     fn new(id: i32, job: Job, shared: &Shared) -> Seq {
-        let n_vocab = shared.model.n_vocab();
+        let n_vocab = shared.resident.model.n_vocab();
         Seq {
             id,
             fed: 0,

@@ -1,7 +1,9 @@
 //! [`Engine`] over llama.cpp (through the `llama-cpp-2` crate, built from source, CPU only).
 //!
-//! One [`LlamaCppEngine`] is one mmapped model and one `llama_context` whose KV cache holds
-//! `max_sequences` sequences of `context_tokens` each (f16). A dedicated OS thread owns the
+//! One [`LlamaCppEngine`] is one `llama_context` whose KV cache holds `max_sequences` sequences
+//! of `context_tokens` each (f16), on top of a mmapped model that every engine of the same file
+//! shares ([`resident`]): a second worker costs its KV cache, compute buffers and thread, not a
+//! second load. A dedicated OS thread owns the
 //! context and runs continuous batching ([`batcher`]): new requests arrive on a channel, are
 //! prefilled, and every active sequence decodes together in one batch per step, each with its own
 //! sampler chain and grammar. Dropping a stream cancels its sequence and frees its KV cells at
@@ -14,6 +16,7 @@
 
 mod batcher;
 pub mod chat;
+mod resident;
 pub mod tool_calls;
 
 use std::ffi::{c_char, c_void, CStr};
@@ -25,14 +28,12 @@ use std::time::Instant;
 use futures::future::BoxFuture;
 use llama_cpp_2::context::params::LlamaContextParams;
 use llama_cpp_2::llama_backend::LlamaBackend;
-use llama_cpp_2::model::params::LlamaModelParams;
-use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
-use llguidance::{Matcher, ParserFactory};
 use tokio::sync::mpsc;
 
 use self::batcher::{Job, Msg};
-use self::chat::{ChatTemplate, Segment};
+use self::resident::Resident;
+pub use self::resident::{is_resident, resident_models};
 use super::logit_bias::check_logit_bias;
 use super::{DeviceInfo, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream, Health};
 use crate::request::{
@@ -85,87 +86,23 @@ fn route_logs_to_tracing() {
 
 /// What the caller's side of the engine shares with its batching thread.
 struct Shared {
-    model: LlamaModel,
-    template: Option<ChatTemplate>,
+    /// The weights, shared with every other worker of the same file.
+    resident: Arc<Resident>,
     /// Tokens of context per sequence.
     context_tokens: u32,
-    /// llguidance's view of the vocabulary, built on the first constrained request.
-    grammar: OnceLock<Result<Arc<ParserFactory>, String>>,
-    /// The model's special tokens as text (what client text must not forge).
-    specials: Vec<String>,
+    thread: Arc<ThreadState>,
+}
+
+/// Whether the batching thread runs. Held apart from [`Shared`] so the thread can drop its hold
+/// on the weights before it says it has ended: once [`LlamaCppEngine::shutdown`] returns,
+/// dropping the engine unloads weights no other worker holds.
+struct ThreadState {
     /// Cleared by the batching thread when it ends (a panic included).
     alive: AtomicBool,
     /// Why the batching thread ended, once it has.
     died: Mutex<Option<String>>,
     /// Woken when the batching thread ends.
     ended: tokio::sync::Notify,
-}
-
-impl Shared {
-    /// The prompt's tokens. A chat prompt is rendered by the chat template into template and
-    /// client segments: the template's text is tokenized with special tokens on, the client's
-    /// with them off, so control tokens typed into a message stay text. A raw text prompt is
-    /// the client's own template and is tokenized with special tokens on, as llama.cpp's server
-    /// does.
-    fn prompt_tokens(
-        &self,
-        prompt: &Prompt,
-        tools: &[ToolSpec],
-    ) -> Result<Vec<LlamaToken>, EngineError> {
-        let vocab = self.model.vocab();
-        match prompt {
-            Prompt::Text(t) => Ok(vocab.tokenize(t.as_bytes(), true, true)),
-            Prompt::Chat(messages) => {
-                if messages.is_empty() {
-                    return Err(EngineError::Invalid("`messages` must not be empty".into()));
-                }
-                let template = self.template.as_ref().ok_or_else(|| {
-                    EngineError::Invalid("this model has no chat template".into())
-                })?;
-                let mut messages = messages.clone();
-                let mut tools = tools.to_vec();
-                crate::special_tokens::neutralize_request(
-                    &mut messages,
-                    &mut tools,
-                    &self.specials,
-                    false,
-                );
-                let segments = template
-                    .render_segments(&messages, &tools, &self.specials)
-                    .map_err(|e| EngineError::Invalid(e.to_string()))?;
-                let mut tokens = Vec::new();
-                for (i, seg) in segments.iter().enumerate() {
-                    let (text, special) = match seg {
-                        Segment::Template(t) => (t, true),
-                        Segment::Client(t) => (t, false),
-                    };
-                    vocab.tokenize_into(text.as_bytes(), &mut tokens, i == 0, special);
-                }
-                Ok(tokens)
-            }
-        }
-    }
-
-    fn parser_factory(&self) -> Result<Arc<ParserFactory>, EngineError> {
-        self.grammar
-            .get_or_init(|| {
-                let env = batcher::tok_env(&self.model);
-                ParserFactory::new_simple(&env)
-                    .map(Arc::new)
-                    .map_err(|e| e.to_string())
-            })
-            .clone()
-            .map_err(|e| EngineError::Internal(format!("grammar support: {e}")))
-    }
-
-    /// The grammar matcher of a request, or `None` when its output is free; a grammar that
-    /// cannot run is refused here ([`crate::grammar::matcher`]).
-    fn matcher(&self, req: &GenerationRequest) -> Result<Option<Matcher>, EngineError> {
-        match crate::grammar::of(req)? {
-            None => Ok(None),
-            Some(g) => Ok(Some(crate::grammar::matcher(&*self.parser_factory()?, g)?)),
-        }
-    }
 }
 
 /// A llama.cpp model instance with its batching thread.
@@ -205,40 +142,24 @@ impl LlamaCppEngine {
         };
         let started = Instant::now();
         let gguf = GgufInfo::read(&model.files).map_err(|e| load_err(e.to_string()))?;
-        let backend = backend()?;
         // The first split names the others; llama.cpp finds them beside it.
         let path = model
             .files
             .first()
             .ok_or_else(|| load_err("no model file".into()))?;
-        let params = LlamaModelParams::default().with_use_mmap(true);
-        let llama = LlamaModel::load_from_file(backend, path, &params)
-            .map_err(|e| load_err(format!("llama.cpp could not load {}: {e}", path.display())))?;
-        let context_tokens = context_tokens.min(llama.n_ctx_train().max(1)).max(16);
-        let special = |t: LlamaToken| -> String {
-            if t.0 < 0 {
-                return String::new();
-            }
-            String::from_utf8_lossy(&llama.vocab().token_to_piece(t, true, None)).into_owned()
-        };
-        let template = llama
-            .meta_val_str("tokenizer.chat_template")
-            .ok()
-            .map(|source| ChatTemplate {
-                source,
-                bos_token: special(llama.vocab().bos()),
-                eos_token: special(llama.vocab().eos()),
-            });
+        let backend = backend()?;
+        let (resident, loaded) = resident::acquire(path, &gguf.special_tokens).map_err(load_err)?;
+        let n_ctx_train = resident.model.n_ctx_train().max(1);
+        let context_tokens = context_tokens.min(n_ctx_train).max(16);
         let slots = cfg.max_sequences.max(1);
         let shared = Arc::new(Shared {
-            model: llama,
-            template,
+            resident,
             context_tokens,
-            grammar: OnceLock::new(),
-            specials: gguf.special_tokens.clone(),
-            alive: AtomicBool::new(true),
-            died: Mutex::new(None),
-            ended: tokio::sync::Notify::new(),
+            thread: Arc::new(ThreadState {
+                alive: AtomicBool::new(true),
+                died: Mutex::new(None),
+                ended: tokio::sync::Notify::new(),
+            }),
         });
         let threads = threads
             .unwrap_or_else(crate::available_cores)
@@ -263,6 +184,7 @@ impl LlamaCppEngine {
             threads,
             slots,
             context_tokens,
+            weights = if loaded { "loaded" } else { "shared" },
             load_s = started.elapsed().as_secs_f64(),
             "engine ready"
         );
@@ -279,6 +201,8 @@ impl LlamaCppEngine {
                 max_sequences: slots,
                 gguf,
                 backend: BACKEND,
+                threads: Some(threads as usize),
+                shares_weights: true,
             },
         })
     }
@@ -292,7 +216,7 @@ impl LlamaCppEngine {
     ) -> Result<Vec<LlamaToken>, EngineError> {
         let shared = self.shared.clone();
         let (prompt, tools) = (prompt.clone(), tools.to_vec());
-        tokio::task::spawn_blocking(move || shared.prompt_tokens(&prompt, &tools))
+        tokio::task::spawn_blocking(move || shared.resident.prompt_tokens(&prompt, &tools))
             .await
             .map_err(|e| EngineError::Internal(format!("rendering the prompt failed: {e}")))?
     }
@@ -304,11 +228,12 @@ impl Engine for LlamaCppEngine {
     }
 
     fn health(&self) -> Health {
-        if self.shared.alive.load(Ordering::Acquire) {
+        if self.shared.thread.alive.load(Ordering::Acquire) {
             return Health::Ok;
         }
         let why = self
             .shared
+            .thread
             .died
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -360,7 +285,7 @@ impl Engine for LlamaCppEngine {
                     .map_err(|e| {
                         EngineError::Internal(format!("checking the grammar failed: {e}"))
                     })??;
-                self.shared.matcher(&request)?
+                self.shared.resident.matcher(&request)?
             } else {
                 None
             };
@@ -394,8 +319,8 @@ impl LlamaCppEngine {
     /// Resolves once the batching thread has ended.
     pub(crate) async fn ended(&self) {
         loop {
-            let woken = self.shared.ended.notified();
-            if !self.shared.alive.load(Ordering::Acquire) {
+            let woken = self.shared.thread.ended.notified();
+            if !self.shared.thread.alive.load(Ordering::Acquire) {
                 return;
             }
             woken.await;

@@ -308,6 +308,7 @@ async fn control_tokens_typed_by_a_user_stay_text() {
     let im_start = "<|im_start|>";
     let special = e
         .shared
+        .resident
         .model
         .vocab()
         .tokenize(im_start.as_bytes(), false, true);
@@ -330,4 +331,69 @@ async fn control_tokens_typed_by_a_user_stay_text() {
         "a typed <|im_start|> became a control token"
     );
     assert!(forged.len() > plain.len());
+}
+
+#[tokio::test]
+async fn workers_of_one_file_share_its_weights_and_serve_side_by_side() {
+    let (a, b) = tokio::join!(engine(1), engine(2));
+    assert!(
+        Arc::ptr_eq(&a.shared.resident, &b.shared.resident),
+        "two engines of one file loaded it twice"
+    );
+    assert!(a.info().shares_weights);
+    // One thread each, as given, and their own slots.
+    assert_eq!((a.info().threads, b.info().threads), (Some(1), Some(1)));
+    assert_eq!((a.info().max_sequences, b.info().max_sequences), (1, 2));
+    // Each context decodes on its own: the same greedy request gives the same text on both,
+    // at the same time.
+    let (sa, sb) = tokio::join!(
+        a.generate(greedy(chat("shared weights"), 12)),
+        b.generate(greedy(chat("shared weights"), 12))
+    );
+    let ((ta, _, ua), (tb, _, ub)) = tokio::join!(collect(sa.unwrap()), collect(sb.unwrap()));
+    assert_eq!(ta, tb);
+    assert_eq!(ua.completion_tokens, ub.completion_tokens);
+}
+
+#[tokio::test]
+async fn the_last_worker_of_a_model_unloads_it_and_the_next_loads_it_again() {
+    // A file of its own, so the other tests' engines (which share the tiny fixture) do not
+    // hold it.
+    let path = tiny().with_file_name("own-tiny-q8_0.gguf");
+    std::fs::copy(tiny(), &path).unwrap();
+    let model = tidepool_models::model_source::local_file(&path).unwrap();
+    let cfg = EngineConfig {
+        device: DevicePreference::Cpu,
+        max_sequences: 1,
+        prefix_cache_entries: 0,
+    };
+    let load = || LlamaCppEngine::load(&model, &cfg, 256, Some(1));
+    assert!(!is_resident(&path));
+    let first = load().await.unwrap();
+    let second = load().await.unwrap();
+    assert!(is_resident(&path));
+    first.shutdown().await;
+    drop(first);
+    assert!(
+        is_resident(&path),
+        "the second worker still holds the weights"
+    );
+    collect(
+        second
+            .generate(greedy(chat("still here"), 4))
+            .await
+            .unwrap(),
+    )
+    .await;
+    second.shutdown().await;
+    drop(second);
+    assert!(
+        !is_resident(&path),
+        "no worker left, yet the weights stay loaded"
+    );
+    // From zero: the next worker loads them again and serves.
+    let again = load().await.unwrap();
+    assert!(is_resident(&path));
+    let (_, reason, _) = collect(again.generate(greedy(chat("back"), 4)).await.unwrap()).await;
+    assert!(matches!(reason, FinishReason::Length | FinishReason::Stop));
 }

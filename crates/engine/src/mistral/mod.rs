@@ -183,6 +183,9 @@ impl MistralEngine {
                 max_sequences: cfg.max_sequences.max(1),
                 gguf,
                 backend: "mistral.rs",
+                threads: None,
+                // Each instance loads its own pipeline; docs/elasticity.md says why.
+                shares_weights: false,
             },
         })
     }
