@@ -19,6 +19,7 @@ const RESERVATION: Reservation = Reservation {
     weights: 400,
     kv_cache: 100,
     overhead: 0,
+    shared_weights: None,
 };
 
 fn pool(budget: u64, queue: usize) -> Arc<Pool> {

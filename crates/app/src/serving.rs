@@ -158,12 +158,13 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         0,
     );
     tracing::info!(
-        per_worker = %human_bytes(reservation.total()),
+        per_worker = %human_bytes(reservation.own()),
         weights = %human_bytes(reservation.weights),
+        weights_shared = reservation.shared_weights.is_some(),
         kv_cache = %human_bytes(reservation.kv_cache),
         budget = %human_bytes(budget),
         "memory plan: {} worker(s) fit",
-        budget / reservation.total().max(1)
+        ledger::Ledger::new(budget).workers_that_fit(reservation)
     );
     let pool = Pool::new(factory, budget, cfg.pool.queue_capacity);
     let rss_before = process_rss_bytes();

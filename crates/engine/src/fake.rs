@@ -45,6 +45,7 @@ impl FakeEngine {
                 backend: "fake",
                 threads: None,
                 shares_weights: false,
+                own_memory: None,
             },
             tokens,
             dead: AtomicBool::new(false),

@@ -100,6 +100,22 @@ pub struct EngineInfo {
     /// Whether instances of one model share its weights (llama.cpp) or each load their own
     /// (mistral.rs: see docs/elasticity.md, "Weights once per model").
     pub shares_weights: bool,
+    /// What this instance allocated beside the weights, where the engine says (llama.cpp).
+    pub own_memory: Option<OwnMemory>,
+}
+
+/// Bytes one engine instance allocated for itself, beside the (possibly shared) weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize)]
+pub struct OwnMemory {
+    pub kv_cache: u64,
+    /// Compute and output buffers.
+    pub buffers: u64,
+}
+
+impl OwnMemory {
+    pub fn total(&self) -> u64 {
+        self.kv_cache + self.buffers
+    }
 }
 
 /// A JSON schema for llguidance with one fixed layout (`, ` and `: `, no other whitespace), unless

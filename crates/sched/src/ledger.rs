@@ -3,6 +3,10 @@
 //! A worker's reservation is its resident weights (the GGUF's tensor bytes plus the token
 //! embedding mistral.rs dequantizes to a dense table), the KV cache for its slots (KV bytes per
 //! token from the model's shapes × the context budget per slot × slots) and a measured overhead.
+//! Workers whose engine shares one copy of the weights (llama.cpp) carry the same
+//! [`Reservation::shared_weights`] key, and the ledger counts those weights once while any of them
+//! holds it: the first worker of a model reserves weights and its own KV, the next ones only their
+//! KV and overhead, and the last one to stop gives the weights back.
 //! The budget is the smaller of a configured cap and a fraction of the memory available when it is
 //! computed. Pure bookkeeping: the readings come from the caller.
 
@@ -19,12 +23,30 @@ pub struct Reservation {
     pub weights: u64,
     pub kv_cache: u64,
     pub overhead: u64,
+    /// Workers with the same key share one copy of `weights` (see [`weights_key`]); `None`: this
+    /// worker holds its own.
+    pub shared_weights: Option<u64>,
 }
 
 impl Reservation {
+    /// Everything this worker needs when it is its model's only worker.
     pub fn total(&self) -> u64 {
         self.weights + self.kv_cache + self.overhead
     }
+
+    /// What it needs on top of weights another worker already holds.
+    pub fn own(&self) -> u64 {
+        self.kv_cache + self.overhead
+    }
+}
+
+/// The key under which workers of one model file share its weights.
+pub fn weights_key(path: &std::path::Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    path.hash(&mut h);
+    h.finish()
 }
 
 /// What sizes a worker's reservation.
@@ -45,8 +67,7 @@ pub struct WorkerShape {
 
 /// The reservation of one worker of `model` with `shape` on `engine`. mistral.rs holds the token
 /// embedding table dense (f32 on the CPU) beside the weights as stored; llama.cpp keeps it
-/// quantized and mmaps the weights (counted whole per worker, although workers of one model
-/// share the file's pages) with an f16 KV cache.
+/// quantized and mmaps the weights, which its workers of one model share, with an f16 KV cache.
 pub fn reservation(model: &GgufInfo, shape: &WorkerShape, engine: EngineKind) -> Reservation {
     let (weights, kv_elem_bytes) = match engine {
         EngineKind::MistralRs => (
@@ -61,6 +82,10 @@ pub fn reservation(model: &GgufInfo, shape: &WorkerShape, engine: EngineKind) ->
             * shape.context_tokens
             * shape.slots,
         overhead: shape.overhead,
+        shared_weights: match engine {
+            EngineKind::LlamaCpp => model.files.first().map(|f| weights_key(f)),
+            EngineKind::MistralRs => None,
+        },
     }
 }
 
@@ -104,20 +129,46 @@ impl Ledger {
         self.budget = budget;
     }
 
+    /// Bytes held: every worker's own, plus each shared model's weights once.
     pub fn reserved(&self) -> u64 {
-        self.held.values().map(Reservation::total).sum()
+        self.held.keys().map(|&id| self.attributed(id)).sum()
+    }
+
+    /// The weights held once for several workers, in all.
+    pub fn shared_weights(&self) -> u64 {
+        self.held
+            .iter()
+            .filter(|(_, r)| r.shared_weights.is_some())
+            .map(|(&id, _)| self.attributed(id) - self.held[&id].own())
+            .sum()
     }
 
     pub fn free(&self) -> u64 {
         self.budget.saturating_sub(self.reserved())
     }
 
+    /// Whether a worker already holds the weights `r` would share.
+    fn weights_held(&self, r: &Reservation) -> bool {
+        r.shared_weights
+            .is_some_and(|k| self.held.values().any(|h| h.shared_weights == Some(k)))
+    }
+
+    /// What reserving `r` now adds to the ledger.
+    pub fn need(&self, r: &Reservation) -> u64 {
+        if self.weights_held(r) {
+            r.own()
+        } else {
+            r.total()
+        }
+    }
+
     /// Reserves `r` for worker `id`, or says why it does not fit.
     pub fn try_reserve(&mut self, id: u64, r: Reservation) -> Result<(), DoesNotFit> {
         let free = self.free();
-        if r.total() > free {
+        let need = self.need(&r);
+        if need > free {
             return Err(DoesNotFit {
-                need: r.total(),
+                need,
                 free,
                 budget: self.budget,
             });
@@ -126,20 +177,68 @@ impl Ledger {
         Ok(())
     }
 
-    /// Gives back worker `id`'s reservation (when it has stopped).
+    /// Gives back worker `id`'s reservation (when it has stopped); shared weights go back with
+    /// the last worker that holds them.
     pub fn release(&mut self, id: u64) -> Option<Reservation> {
         self.held.remove(&id)
+    }
+
+    /// Replaces worker `id`'s own bytes with what its engine reports it allocated (the
+    /// reservation was an estimate made before it loaded).
+    pub fn true_up(&mut self, id: u64, kv_cache: u64, overhead: u64) {
+        if let Some(r) = self.held.get_mut(&id) {
+            r.kv_cache = kv_cache;
+            r.overhead = overhead;
+        }
     }
 
     pub fn get(&self, id: u64) -> Option<Reservation> {
         self.held.get(&id).copied()
     }
 
-    /// How many workers of reservation `r` the whole budget holds (for the policy's ceiling).
+    /// The bytes worker `id` accounts for: its own, plus shared weights when it is the oldest
+    /// worker holding them (so the workers' figures add up to [`Ledger::reserved`]).
+    pub fn attributed(&self, id: u64) -> u64 {
+        let Some(r) = self.held.get(&id) else {
+            return 0;
+        };
+        let Some(key) = r.shared_weights else {
+            return r.total();
+        };
+        let oldest = self
+            .held
+            .iter()
+            .find(|(_, h)| h.shared_weights == Some(key))
+            .map(|(&i, _)| i);
+        if oldest == Some(id) {
+            // Holders of one key are workers of one model; should their figures differ, the
+            // largest counts.
+            let weights = self
+                .held
+                .values()
+                .filter(|h| h.shared_weights == Some(key))
+                .map(|h| h.weights)
+                .max()
+                .unwrap_or(r.weights);
+            weights + r.own()
+        } else {
+            r.own()
+        }
+    }
+
+    /// How many workers of reservation `r` the whole budget holds (for the policy's ceiling):
+    /// with shared weights, one copy of them and each worker's own bytes.
     pub fn workers_that_fit(&self, r: Reservation) -> usize {
-        match r.total() {
+        let (fixed, each) = match r.shared_weights {
+            Some(_) => (r.weights, r.own()),
+            None => (0, r.total()),
+        };
+        if fixed > self.budget {
+            return 0;
+        }
+        match each {
             0 => usize::MAX,
-            t => (self.budget / t) as usize,
+            e => ((self.budget - fixed) / e) as usize,
         }
     }
 }
@@ -200,6 +299,7 @@ mod tests {
             weights: 600,
             kv_cache: 200,
             overhead: 100,
+            shared_weights: None,
         };
         let mut l = Ledger::new(2000);
         assert_eq!(l.workers_that_fit(r), 2);
@@ -219,6 +319,59 @@ mod tests {
         assert_eq!(l.free(), 1100);
         l.try_reserve(3, r).unwrap();
         assert_eq!(l.reserved(), 1800);
+    }
+
+    #[test]
+    fn shared_weights_count_once_and_go_back_with_their_last_worker() {
+        let r = Reservation {
+            weights: 600,
+            kv_cache: 200,
+            overhead: 100,
+            shared_weights: Some(7),
+        };
+        let mut l = Ledger::new(2000);
+        // One copy of the weights, then 300 per worker: (2000 - 600) / 300.
+        assert_eq!(l.workers_that_fit(r), 4);
+        assert_eq!(l.need(&r), 900);
+        l.try_reserve(1, r).unwrap();
+        assert_eq!(l.need(&r), 300);
+        l.try_reserve(2, r).unwrap();
+        l.try_reserve(3, r).unwrap();
+        assert_eq!(l.reserved(), 600 + 3 * 300);
+        assert_eq!(l.shared_weights(), 600);
+        // The oldest holder carries the weights in the per-worker figures, which add up.
+        assert_eq!((l.attributed(1), l.attributed(2)), (900, 300));
+        let e = l.try_reserve(
+            5,
+            Reservation {
+                shared_weights: Some(8),
+                ..r
+            },
+        );
+        assert_eq!(
+            e.unwrap_err().need,
+            900,
+            "another model's weights are its own"
+        );
+        l.try_reserve(4, r).unwrap();
+        assert!(l.try_reserve(5, r).is_err(), "the budget is full");
+        // The weights stay while any holder does; the first one's leaving moves them on.
+        l.release(1);
+        assert_eq!(l.reserved(), 600 + 3 * 300);
+        assert_eq!(l.attributed(2), 900);
+        l.release(2);
+        l.release(3);
+        l.release(4);
+        assert_eq!((l.reserved(), l.shared_weights()), (0, 0));
+        // Workers that hold their own weights count them each.
+        let own = Reservation {
+            shared_weights: None,
+            ..r
+        };
+        l.try_reserve(6, own).unwrap();
+        l.try_reserve(7, own).unwrap();
+        assert_eq!(l.reserved(), 1800);
+        assert_eq!(l.workers_that_fit(own), 2);
     }
 
     #[test]

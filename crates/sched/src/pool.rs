@@ -89,8 +89,12 @@ pub struct WorkerStatus {
     pub state: WorkerState,
     pub slots_busy: usize,
     pub slots_total: usize,
+    /// The bytes this worker accounts for: its own (KV cache, buffers), plus its model's shared
+    /// weights when it is the oldest worker holding them, so the figures add up to the total.
     pub reserved_bytes: u64,
     pub age_s: f64,
+    /// CPU threads it computes on, where its engine takes a number.
+    pub threads: Option<usize>,
     /// Where the worker runs (`cpu`, `cuda:0`, …), once loaded.
     pub device: Option<String>,
     /// The library that runs it (`mistral.rs`, `llama.cpp`), once loaded.
@@ -131,6 +135,9 @@ struct Inner {
     degraded: Option<String>,
     /// Workers taken out because their engine died, since start.
     deaths: u64,
+    /// What a loaded worker's engine reported it allocated beside the weights: used instead of
+    /// the factory's estimate for the next ones.
+    measured_own: Option<tidepool_engine::OwnMemory>,
 }
 
 impl Inner {
@@ -197,6 +204,7 @@ impl Pool {
                 slot_cap: None,
                 degraded: None,
                 deaths: 0,
+                measured_own: None,
             }),
             factory,
             epoch: Instant::now(),
@@ -466,11 +474,22 @@ impl Pool {
         self.changed.notify_waiters();
     }
 
+    /// What the next worker reserves: the factory's estimate, with its own bytes as measured
+    /// once a worker has loaded and its engine said.
+    fn next_reservation(&self, inner: &Inner) -> Reservation {
+        let mut r = self.factory.reservation();
+        if let Some(m) = inner.measured_own {
+            r.kv_cache = m.kv_cache;
+            r.overhead = m.buffers;
+        }
+        r
+    }
+
     /// Adds one worker: reserves its memory, then loads it in the background. Returns its id.
     pub fn add_worker(self: &Arc<Self>, reason: &str) -> Result<u64, DoesNotFit> {
-        let reservation = self.factory.reservation();
         let id = {
             let mut inner = self.lock();
+            let reservation = self.next_reservation(&inner);
             let id = inner.next_id;
             if let Err(e) = inner.ledger.try_reserve(id, reservation) {
                 let msg = format!("worker not started ({reason}): {e}");
@@ -512,10 +531,24 @@ impl Pool {
             };
             match result {
                 Ok(engine) if inner.workers[pos].state == WorkerState::Loading => {
+                    let mut msg = format!("ready in {:.2} s", started.elapsed().as_secs_f64());
+                    if let Some(m) = engine.info().own_memory {
+                        inner.ledger.true_up(id, m.kv_cache, m.buffers);
+                        inner.measured_own = Some(m);
+                        msg += &format!(
+                            " (its own memory: KV cache {}, buffers {}{})",
+                            crate::memory::human_bytes(m.kv_cache),
+                            crate::memory::human_bytes(m.buffers),
+                            if engine.info().shares_weights {
+                                "; weights shared"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
                     inner.workers[pos].engine = Some(engine);
                     inner.workers[pos].state = WorkerState::Ready;
                     inner.degraded = None;
-                    let msg = format!("ready in {:.2} s", started.elapsed().as_secs_f64());
                     pool.event(
                         &mut inner,
                         Some(id),
@@ -667,10 +700,11 @@ impl Pool {
                 state: w.state,
                 slots_busy: w.busy,
                 slots_total: inner.admits(w),
-                reserved_bytes: inner.ledger.get(w.id).map_or(0, |r| r.total()),
+                reserved_bytes: inner.ledger.attributed(w.id),
                 age_s: w.started.elapsed().as_secs_f64(),
                 device: w.engine.as_ref().map(|e| e.info().device.name.clone()),
                 backend: w.engine.as_ref().map(|e| e.info().backend),
+                threads: w.engine.as_ref().and_then(|e| e.info().threads),
             })
             .collect()
     }
@@ -694,10 +728,16 @@ impl Pool {
         (inner.ledger.budget(), inner.ledger.reserved())
     }
 
+    /// Bytes of weights reserved once for several workers.
+    pub fn shared_weights(&self) -> u64 {
+        self.lock().ledger.shared_weights()
+    }
+
     /// How many workers the whole budget holds.
     pub fn budget_workers(&self) -> usize {
-        let r = self.factory.reservation();
-        self.lock().ledger.workers_that_fit(r)
+        let inner = self.lock();
+        let r = self.next_reservation(&inner);
+        inner.ledger.workers_that_fit(r)
     }
 
     /// Refuses new work and fails every waiter (shutdown); running leases finish.
@@ -770,6 +810,7 @@ mod tests {
                 weights: 1,
                 kv_cache: 0,
                 overhead: 0,
+                shared_weights: None,
             }
         }
         fn slots(&self) -> usize {
@@ -838,6 +879,7 @@ mod tests {
                     weights: 5,
                     kv_cache: 0,
                     overhead: 0,
+                    shared_weights: None,
                 }
             }
             fn slots(&self) -> usize {

@@ -289,6 +289,7 @@ mod tests {
                 weights: 1,
                 kv_cache: 0,
                 overhead: 0,
+                shared_weights: None,
             }
         }
         fn slots(&self) -> usize {

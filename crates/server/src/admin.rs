@@ -59,6 +59,8 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
         "memory": {
             "budget_bytes": budget,
             "reserved_bytes": reserved,
+            // Of which weights that several workers share.
+            "shared_weights_bytes": pool.shared_weights(),
             "process_rss_bytes": process_rss_bytes(),
         },
         "policy": scaler.config(),

@@ -31,6 +31,7 @@ use super::tool_calls;
 use super::Shared;
 use crate::request::{FinishReason, GenerationEvent, Sampling, Usage};
 use crate::text_out::{Step, TextOut};
+use crate::OwnMemory;
 
 /// One request, as the engine thread receives it.
 pub(super) struct Job {
@@ -43,8 +44,9 @@ pub(super) struct Job {
     pub started: Instant,
 }
 
-/// Says once whether the engine thread created its context (the error says why not).
-pub(super) type Ready = Receiver<Result<(), String>>;
+/// Says once whether the engine thread created its context, with what the context allocated
+/// (the error says why not).
+pub(super) type Ready = Receiver<Result<OwnMemory, String>>;
 
 /// Starts the engine thread.
 pub(super) fn spawn(
@@ -81,9 +83,11 @@ fn serve(
     slots: usize,
     n_batch: u32,
     jobs: Receiver<Msg>,
-    ready: Sender<Result<(), String>>,
+    ready: Sender<Result<OwnMemory, String>>,
 ) -> String {
-    let ctx = match shared.resident.model.new_context(backend, params) {
+    let (ctx, memory) =
+        super::memory::measure(|| shared.resident.model.new_context(backend, params));
+    let ctx = match ctx {
         Ok(ctx) => ctx,
         Err(e) => {
             let why = format!("llama.cpp could not create a context: {e}");
@@ -91,7 +95,7 @@ fn serve(
             return why;
         }
     };
-    let _ = ready.send(Ok(()));
+    let _ = ready.send(Ok(memory));
     Batcher {
         shared,
         ctx,

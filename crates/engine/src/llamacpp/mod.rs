@@ -16,6 +16,7 @@
 
 mod batcher;
 pub mod chat;
+mod memory;
 mod resident;
 pub mod tool_calls;
 
@@ -74,6 +75,7 @@ fn route_logs_to_tracing() {
         if text.is_empty() {
             return;
         }
+        memory::note(text);
         if level == llama_cpp_sys_2::GGML_LOG_LEVEL_ERROR {
             tracing::warn!(target: "llama.cpp", "{text}");
         } else {
@@ -174,16 +176,25 @@ impl LlamaCppEngine {
             .with_n_threads_batch(threads);
         let (jobs, ready) = batcher::spawn(shared.clone(), backend, ctx_params, slots, n_batch)
             .map_err(|e| load_err(e.to_string()))?;
-        ready
+        let mut memory = ready
             .recv()
             .map_err(|_| load_err("the engine thread died while starting".into()))?
             .map_err(load_err)?;
+        // llama.cpp sizes its compute buffer for a whole batch of logits (n_batch × vocab f32),
+        // but this engine asks for at most one row per sequence per step: the rest is allocated
+        // and never touched, so it never becomes resident. The ledger counts what can be.
+        let unused_logits = (n_batch as u64).saturating_sub(slots as u64)
+            * shared.resident.model.n_vocab().max(0) as u64
+            * 4;
+        memory.buffers = memory.buffers.saturating_sub(unused_logits);
         tracing::info!(
             model = %model.name,
             backend = BACKEND,
             threads,
             slots,
             context_tokens,
+            kv_mib = memory.kv_cache as f64 / 1048576.0,
+            buffers_mib = memory.buffers as f64 / 1048576.0,
             weights = if loaded { "loaded" } else { "shared" },
             load_s = started.elapsed().as_secs_f64(),
             "engine ready"
@@ -203,6 +214,7 @@ impl LlamaCppEngine {
                 backend: BACKEND,
                 threads: Some(threads as usize),
                 shares_weights: true,
+                own_memory: Some(memory),
             },
         })
     }

@@ -186,6 +186,7 @@ impl MistralEngine {
                 threads: None,
                 // Each instance loads its own pipeline; docs/elasticity.md says why.
                 shares_weights: false,
+                own_memory: None,
             },
         })
     }
