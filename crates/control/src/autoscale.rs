@@ -22,7 +22,9 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::cpu_limit::CpuLimiter;
-use crate::policy::{Decision, MachineLimits, Override, Policy, PolicyConfig, PoolView, Signals};
+use crate::policy::{
+    Capacity, Decision, MachineLimits, Override, Policy, PolicyConfig, PoolView, Signals,
+};
 use crate::power::{Governor, PowerConfig, PowerMode, PowerState, ThermalLevel};
 use crate::signals::{Machine, MachineReading};
 
@@ -204,6 +206,11 @@ impl Autoscaler {
             budget_workers: pool.budget_workers(),
             limits,
             keep_alive_s: self.keep_alive().map(KeepAlive::seconds),
+            capacity: pool.worker_rate().map(|r| Capacity {
+                requests_per_s: r.requests_per_s,
+                slots: pool.slots_per_worker(),
+                at_sequences: r.at_sequences,
+            }),
         };
         let current = view.workers;
         let decision = self

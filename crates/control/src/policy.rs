@@ -4,8 +4,11 @@
 //! load trace replays in a unit test, fast and deterministic. The rules follow the Kubernetes
 //! horizontal autoscaler, adapted to one machine:
 //!
-//! - Every tick computes a raw recommendation: enough workers for the arrival rate at
-//!   `up.rate_per_worker` each, one more than now when the queue or the latency is over target.
+//! - Every tick computes a raw recommendation: enough workers for the arrival rate, one more
+//!   than now when the queue or the latency is over target. What one worker serves is what the
+//!   pool has measured ([`Capacity`]: completed requests per second with every slot busy, on
+//!   this machine, engine, model and request mix), kept `up.utilization` busy so queues stay
+//!   short; until it has measured enough, `up.rate_per_worker` stands in.
 //! - Scale **up** to the lowest recommendation of the last `up.window_s`: demand must have held
 //!   for the whole window, so one spike does not start a worker.
 //! - Scale **down** to the highest recommendation of the last `down.stabilization_s`: every rule
@@ -63,8 +66,12 @@ impl Default for PolicyConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct UpRules {
-    /// Arrival rate one worker is sized for (requests per second).
+    /// Arrival rate one worker is sized for (requests per second) until the pool has measured
+    /// what one serves.
     pub rate_per_worker: f64,
+    /// How busy a worker may run by its measured capacity (0.1–1): lower keeps more headroom
+    /// (shorter queues, more memory).
+    pub utilization: f64,
     /// Queued requests per worker above which one more worker is wanted.
     pub queue_per_worker: usize,
     /// p95 end-to-end latency target, milliseconds; unset disables the rule.
@@ -78,6 +85,7 @@ impl Default for UpRules {
     fn default() -> Self {
         UpRules {
             rate_per_worker: 8.0,
+            utilization: 0.85,
             queue_per_worker: 4,
             p95_latency_ms: None,
             p95_ttft_ms: Some(2000.0),
@@ -158,6 +166,7 @@ impl PolicyConfig {
             0.0,
             1e6,
         )?;
+        float(&key("up.utilization"), self.up.utilization, 0.1, 1.0)?;
         count(&key("up.queue_per_worker"), self.up.queue_per_worker, 0)?;
         for (k, v) in [
             ("up.p95_latency_ms", self.up.p95_latency_ms),
@@ -233,6 +242,19 @@ pub struct PoolView {
     /// request: `INFINITY` keeps it loaded, 0 unloads it once idle. `None`: the policy's own
     /// rules. It never changes the configured policy.
     pub keep_alive_s: Option<f64>,
+    /// What one worker serves, as measured; `None` until the pool has measured enough.
+    pub capacity: Option<Capacity>,
+}
+
+/// What one worker serves, as the pool measured it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Capacity {
+    /// Completed requests per second with every slot busy.
+    pub requests_per_s: f64,
+    /// Slots per worker.
+    pub slots: usize,
+    /// The concurrency it was measured at (below `slots` until the pool has run that many).
+    pub at_sequences: usize,
 }
 
 /// Limits from the machine's state (see [`crate::power`]); the default limits nothing.
@@ -333,16 +355,32 @@ impl Policy {
         // The raw recommendation of this tick and what drives it.
         // Below the activation rate demand counts as none: a decaying moving average never
         // reaches exactly zero, and would otherwise hold one worker forever.
+        let measured = pool.capacity.filter(|m| m.requests_per_s > 0.0);
+        let per_worker = match measured {
+            Some(m) => m.requests_per_s * c.up.utilization,
+            None => c.up.rate_per_worker,
+        };
         let by_rate = if s.arrival_rate < c.activation_rate {
             0
         } else {
-            (s.arrival_rate / c.up.rate_per_worker).ceil() as usize
+            ((s.arrival_rate / per_worker).ceil() as usize).min(MAX_WORKERS)
         };
         let mut raw = by_rate;
-        let mut why = format!(
-            "arrival {:.1} req/s at {:.1} per worker",
-            s.arrival_rate, c.up.rate_per_worker
-        );
+        let mut why = match measured {
+            Some(m) => format!(
+                "needs {:.2} req/s, one worker of {} slots serves {:.2} (measured at {} running; \
+                 sized to {:.0} % busy)",
+                s.arrival_rate,
+                m.slots,
+                m.requests_per_s,
+                m.at_sequences,
+                100.0 * c.up.utilization
+            ),
+            None => format!(
+                "arrival {:.1} req/s at {:.1} per worker (not yet measured)",
+                s.arrival_rate, c.up.rate_per_worker
+            ),
+        };
         let over = |v: Option<f64>, t: Option<f64>| matches!((v, t), (Some(v), Some(t)) if v > t);
         if current > 0
             && s.queue_depth > c.up.queue_per_worker.saturating_mul(current)
@@ -533,6 +571,7 @@ mod tests {
             budget_workers: 8,
             limits: MachineLimits::default(),
             keep_alive_s: None,
+            capacity: None,
         }
     }
 
@@ -659,6 +698,7 @@ mod tests {
                     workers: 1,
                     budget_workers: 2,
                     limits: MachineLimits::default(),
+                    capacity: None,
                     keep_alive_s: None,
                 },
             );
@@ -677,6 +717,7 @@ mod tests {
                     ..MachineLimits::default()
                 },
                 keep_alive_s: None,
+                capacity: None,
             },
         );
         assert_eq!(d.workers, 1);
@@ -909,5 +950,114 @@ mod tests {
         assert_eq!(d.workers, 1, "{d}");
         // Without keep_alive the same idle pool goes to zero (after its down window).
         assert_eq!(p.config, before, "the policy itself is never rewritten");
+    }
+
+    /// A pool whose workers serve `rps` requests per second each with 4 slots, as measured.
+    fn measured(workers: usize, rps: f64) -> PoolView {
+        PoolView {
+            capacity: Some(Capacity {
+                requests_per_s: rps,
+                slots: 4,
+                at_sequences: 4,
+            }),
+            ..pool(workers)
+        }
+    }
+
+    /// Replays `rate(t)` against a pool of measured capacity, applying decisions at once.
+    fn replay_measured(
+        p: &mut Policy,
+        secs: usize,
+        view: impl Fn(usize) -> PoolView,
+        rate: impl Fn(usize) -> f64,
+    ) -> (Vec<usize>, Decision) {
+        let mut workers = p.config.min_workers;
+        let mut out = Vec::new();
+        let mut last = None;
+        for t in 0..secs {
+            let s = Signals {
+                arrival_rate: rate(t),
+                idle_s: Some(0.0),
+                ..Signals::default()
+            };
+            let d = p.tick(t as f64, &s, view(workers));
+            workers = d.workers;
+            out.push(workers);
+            last = Some(d);
+        }
+        (out, last.unwrap())
+    }
+
+    #[test]
+    fn measured_capacity_sizes_the_pool_to_the_fewest_workers_that_serve_the_rate() {
+        // One worker of 4 slots serves 2.6 req/s; at 85 % that is 2.21: 2.1 req/s needs one,
+        // 4.0 needs two, 6.5 needs three (2.21 × 3 = 6.63), whatever rate_per_worker says.
+        for (rate, want) in [(2.1, 1), (4.0, 2), (6.5, 3)] {
+            let mut p = Policy::new(cfg());
+            let (w, d) = replay_measured(&mut p, 10, |w| measured(w, 2.6), |_| rate);
+            assert_eq!(*w.last().unwrap(), want, "{rate} req/s: {d}");
+            assert!(
+                d.reason.contains("one worker of 4 slots serves 2.60"),
+                "the reason names the measured capacity: {d}"
+            );
+        }
+        // The cheapest shape: no more workers than needed, even with budget for 8.
+        let mut p = Policy::new(cfg());
+        let (w, _) = replay_measured(&mut p, 10, |w| measured(w, 2.6), |_| 2.1);
+        assert!(w.iter().all(|&n| n <= 1), "{w:?}");
+    }
+
+    #[test]
+    fn unmeasured_pools_fall_back_to_rate_per_worker() {
+        // 20 req/s at the configured 8 per worker: three workers, and the reason says why.
+        let mut p = Policy::new(cfg());
+        let (w, d) = replay_measured(&mut p, 10, pool, |_| 20.0);
+        assert_eq!(*w.last().unwrap(), 3, "{d}");
+        assert!(d.reason.contains("not yet measured"), "{d}");
+        // Measured as faster than the constant: fewer workers for the same rate.
+        let mut p = Policy::new(cfg());
+        let (w, _) = replay_measured(&mut p, 10, |w| measured(w, 20.0), |_| 20.0);
+        assert_eq!(*w.last().unwrap(), 2);
+    }
+
+    #[test]
+    fn measured_sizing_stays_within_the_budget_and_the_power_caps() {
+        // 30 req/s at 2.6 per worker would need 14: the budget holds 3.
+        let mut p = Policy::new(cfg());
+        let budget = |w| PoolView {
+            budget_workers: 3,
+            ..measured(w, 2.6)
+        };
+        let (w, d) = replay_measured(&mut p, 10, budget, |_| 30.0);
+        assert!(w.iter().all(|&n| n <= 3), "{w:?}");
+        assert!(d.reason.contains("memory budget"), "{d}");
+        // On battery the machine allows one, and the decision says so.
+        let mut p = Policy::new(cfg());
+        let battery = |w| PoolView {
+            limits: MachineLimits {
+                max_workers: Some(1),
+                why: "power-saver mode".into(),
+                ..MachineLimits::default()
+            },
+            ..measured(w, 2.6)
+        };
+        let (w, d) = replay_measured(&mut p, 10, battery, |_| 30.0);
+        assert!(w.iter().all(|&n| n <= 1), "{w:?}");
+        assert!(d.reason.contains("power-saver"), "{d}");
+    }
+
+    #[test]
+    fn a_noisy_rate_around_one_workers_capacity_does_not_flap() {
+        // The rate swings either side of what one worker serves at 85 % (2.21 req/s) every
+        // few seconds: up needs 3 s of "two", down 60 s of "one"; count the transitions.
+        let mut p = Policy::new(cfg());
+        let (w, _) = replay_measured(
+            &mut p,
+            600,
+            |w| measured(w, 2.6),
+            |t| if (t / 2) % 2 == 0 { 2.4 } else { 1.9 },
+        );
+        let transitions = w.windows(2).filter(|p| p[0] != p[1]).count();
+        assert!(transitions <= 2, "{transitions} transitions: {w:?}");
     }
 }

@@ -286,8 +286,11 @@ impl Service {
             let stream = started_within(deadline, lease.engine().generate(request)).await?;
             // The stream owns the slot: dropping it (the generation ended, or was cancelled)
             // frees it.
+            let mut lease = lease;
             let stream: GenerationStream = Box::pin(stream.map(move |event| {
-                let _running = &lease;
+                if matches!(event, GenerationEvent::Done { .. }) {
+                    lease.completed();
+                }
                 event
             }));
             Ok((stream, guard))

@@ -5,9 +5,11 @@
 //!   serve, drain, die and are replaced here.
 //! - [`scheduler`]: the front of both: the live pool (swapped when the model changes), the
 //!   request counts and latencies the control loop reads, and load shedding.
+//! - [`capacity`]: what one worker serves, learned from the requests the pool runs.
 //! - [`ledger`]: memory reservations per worker against a budget; [`memory`] reads the process.
 //! - [`metrics`]: the request metrics, recorded once and exposed through the one registry.
 
+pub mod capacity;
 pub mod ledger;
 pub mod memory;
 pub mod metrics;

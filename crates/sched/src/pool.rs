@@ -25,6 +25,7 @@ use tokio::sync::oneshot;
 
 use tidepool_engine::{Engine, EngineError, EngineSpec};
 
+use crate::capacity::{ServiceCurve, WorkerRate};
 use crate::ledger::{DoesNotFit, Ledger, Reservation};
 use crate::queue::{Class, PriorityQueue, QueueFull, Ticket};
 
@@ -138,6 +139,8 @@ struct Inner {
     /// What a loaded worker's engine reported it allocated beside the weights: used instead of
     /// the factory's estimate for the next ones.
     measured_own: Option<tidepool_engine::OwnMemory>,
+    /// Service time by concurrency, from completed requests.
+    curve: ServiceCurve,
 }
 
 impl Inner {
@@ -162,6 +165,12 @@ pub struct Lease {
     pool: Option<Arc<Pool>>,
     worker: u64,
     engine: Arc<dyn Engine>,
+    acquired: Instant,
+    /// Sequences running on the worker when this one started (itself included).
+    running_at_start: usize,
+    /// When its generation completed ([`Lease::completed`]); only completed ones are samples
+    /// of the service curve.
+    completed: Option<Instant>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -180,12 +189,21 @@ impl Lease {
     pub fn worker(&self) -> u64 {
         self.worker
     }
+
+    /// Says the generation on this slot completed now: its service time is a sample of what
+    /// the worker serves ([`crate::capacity`]). Failed or cancelled ones never say it.
+    pub fn completed(&mut self) {
+        self.completed.get_or_insert_with(Instant::now);
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
-            pool.release(self.worker);
+            let sample = self
+                .completed
+                .map(|at| (self.running_at_start, (at - self.acquired).as_secs_f64()));
+            pool.release(self.worker, sample);
         }
     }
 }
@@ -205,6 +223,7 @@ impl Pool {
                 degraded: None,
                 deaths: 0,
                 measured_own: None,
+                curve: ServiceCurve::default(),
             }),
             factory,
             epoch: Instant::now(),
@@ -289,6 +308,9 @@ impl Pool {
             pool: Some(self.clone()),
             worker: w.id,
             engine: w.engine.clone()?,
+            acquired: Instant::now(),
+            running_at_start: w.busy,
+            completed: None,
         })
     }
 
@@ -315,9 +337,21 @@ impl Pool {
         }
     }
 
-    fn release(self: &Arc<Self>, worker: u64) {
+    /// Gives a slot back; `sample` is (sequences running when it started, seconds held) of a
+    /// completed generation.
+    fn release(self: &Arc<Self>, worker: u64, sample: Option<(usize, f64)>) {
         let dead = {
             let mut inner = self.lock();
+            if let Some((at_start, held_s)) = sample {
+                let now = inner
+                    .workers
+                    .iter()
+                    .find(|w| w.id == worker)
+                    .map_or(at_start, |w| w.busy);
+                // The concurrency it ran at: between the counts at its start and its end.
+                let running = (at_start + now).div_ceil(2);
+                inner.curve.observe(running, held_s);
+            }
             if let Some(stopped) = release_slot(&mut inner, worker) {
                 self.stop_worker(&mut inner, stopped);
             }
@@ -728,6 +762,17 @@ impl Pool {
         (inner.ledger.budget(), inner.ledger.reserved())
     }
 
+    /// What one worker serves with every slot busy, as measured so far (`None` until enough
+    /// generations have completed).
+    pub fn worker_rate(&self) -> Option<WorkerRate> {
+        self.lock().curve.worker_rate(self.factory.slots())
+    }
+
+    /// Slots per worker.
+    pub fn slots_per_worker(&self) -> usize {
+        self.factory.slots()
+    }
+
     /// Bytes of weights reserved once for several workers.
     pub fn shared_weights(&self) -> u64 {
         self.lock().ledger.shared_weights()
@@ -824,6 +869,31 @@ mod tests {
                 Ok(e as Arc<dyn Engine>)
             })
         }
+    }
+
+    #[tokio::test]
+    async fn completed_generations_teach_the_pool_what_a_worker_serves() {
+        let kept = Arc::new(Kept::default());
+        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        let id = pool.add_worker("test").unwrap();
+        pool.wait_ready(id).await.unwrap();
+        let lease = || pool.acquire(Class::Standard, Duration::from_secs(1));
+        // Leases that never complete (failed, cancelled) teach nothing.
+        for _ in 0..10 {
+            drop(lease().await.unwrap());
+        }
+        assert_eq!(pool.worker_rate(), None);
+        // Two at a time, each completed: measured at two running sequences.
+        for _ in 0..crate::capacity::MIN_SAMPLES {
+            let (mut a, mut b) = (lease().await.unwrap(), lease().await.unwrap());
+            a.completed();
+            b.completed();
+        }
+        let r = pool.worker_rate().expect("measured");
+        assert_eq!(r.at_sequences, 2);
+        assert!(r.requests_per_s > 0.0);
+        assert_eq!(pool.slots_per_worker(), 2);
+        pool.stop();
     }
 
     #[tokio::test]
