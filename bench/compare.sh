@@ -79,7 +79,7 @@ fi
 
 # (b) Tidepool (the dev build: dependencies are compiled at opt-level 3 even there)
 note "building tidepool"
-cargo build -q -p tidepool-cli
+cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
 bin="${CARGO_TARGET_DIR:-$root/target}/debug/tidepool"
 
 model_path() { # label -> path (made if it is a missing fixture)

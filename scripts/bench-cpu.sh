@@ -23,7 +23,7 @@ done
 target="${CARGO_TARGET_DIR:-target}"
 plain_target="${TIDEPOOL_PLAIN_TARGET:-$PWD/target-plain}"
 echo "==> building (x86-64-v3 from .cargo/config.toml, and plain x86-64 in $plain_target)" >&2
-cargo build -q -p tidepool-cli
+cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
 RUSTFLAGS="-C target-cpu=x86-64" CARGO_TARGET_DIR="$plain_target" cargo build -q -p tidepool-cli
 v3="$target/debug/tidepool"
 plain="$plain_target/debug/tidepool"

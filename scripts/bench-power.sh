@@ -17,7 +17,7 @@ while [ $# -gt 0 ]; do
 done
 
 bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
-cargo build -q -p tidepool-cli
+cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
 fixtures="${TIDEPOOL_HOME:-$HOME/.cache/tidepool}/fixtures"
 mkdir -p "$fixtures"
 qwen="$fixtures/qwen2.5-0.5b-q8_0.gguf"

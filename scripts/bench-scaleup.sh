@@ -11,7 +11,7 @@ cd "$(dirname "$0")/.."
 source scripts/serve-lib.sh
 
 bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
-cargo build -q -p tidepool-cli
+cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
 fixtures="${TIDEPOOL_HOME:-$HOME/.cache/tidepool}/fixtures"
 mkdir -p "$fixtures"
 models=("$@")

@@ -37,6 +37,9 @@ enum BenchKind {
     /// Replay a request-rate trace against a running server: latency, TTFT, errors, workers,
     /// reserved memory and RSS over the run.
     Load(crate::load::LoadBench),
+    /// What a running server serves with a fixed number of requests in flight (closed loop):
+    /// completed requests per second, to scale `bench load` traces to.
+    Capacity(crate::load::CapacityBench),
     /// STREAM-style memory bandwidth (1 thread and all cores): the ceiling on CPU decode speed.
     Bandwidth(crate::bandwidth::BandwidthBench),
     /// Drive one running OpenAI-compatible server (Tidepool or a peer): single-stream TTFT and
@@ -92,6 +95,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
     match a.kind {
         BenchKind::Engine(b) => engine(b).await,
         BenchKind::Load(b) => crate::load::run(b).await,
+        BenchKind::Capacity(b) => crate::load::capacity(b).await,
         BenchKind::Compare(b) => crate::compare::run(b).await,
         BenchKind::Bandwidth(b) => {
             tokio::task::spawn_blocking(move || crate::bandwidth::run(b)).await?

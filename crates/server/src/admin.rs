@@ -63,6 +63,8 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
             "shared_weights_bytes": pool.shared_weights(),
             "process_rss_bytes": process_rss_bytes(),
         },
+        // CPU time the process has used, seconds (user + system, every thread).
+        "process_cpu_s": tidepool_sched::memory::process_cpu_seconds(),
         "policy": scaler.config(),
         "machine": machine,
         "power": power,
