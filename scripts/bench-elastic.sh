@@ -1,26 +1,45 @@
 #!/usr/bin/env bash
-# The fixed-1 / fixed-max / elastic table: the same rate trace (`tidepool bench load`, default ramp
-# 3,12,25,8,2 req/s) against `tidepool serve` pinned to 1 worker, pinned to the maximum, and
-# autoscaling between them. Prints one markdown row per configuration.
+# Elastic against fixed pools, on traces relative to what this machine serves.
 #
-#   scripts/bench-elastic.sh [--model smollm2-135m-instruct] [--max 3] [--step-s 20]
-#                            [--rate-scale 0.15] [--max-tokens 16] [--slots 2]
+# For each engine: measure what one worker of the default shape serves (`tidepool bench capacity`,
+# its slots in flight), then play each trace scaled so its peak is `--peak` (1.5) times that, against
+# fixed shapes (1 worker x 1/2/4/8 slots, and `--max` workers of the default slots) and the elastic
+# pool (1 to `--max` workers), each a fresh `tidepool serve`. Prints a markdown table (p50/p95
+# latency and TTFT, errors, memory-time of reserved memory and RSS, CPU-seconds, transitions, the
+# shape over time) and, with --write, puts it and a plot of the shapes over time into
+# docs/elasticity.md and docs/elasticity-shapes.svg.
 #
-# Defaults fit a 2-core CPU: the ramp is scaled to 0.45 … 3.75 req/s and compressed to 20 s steps,
-# so the elastic policy uses a 3 s up window and a 15 s stabilization window instead of 300 s.
+#   scripts/bench-elastic.sh [--model smollm2-135m-instruct] [--engines llamacpp,mistralrs]
+#                            [--traces ramp,bursty,diurnal] [--step-s 20] [--max-tokens 32]
+#                            [--slots 2] [--max 3] [--peak 1.5] [--write]
+#                            [--results bench/report/elastic.jsonl]
+#
+# Every run's JSON (`bench load --json` with engine, trace and capacity added) is kept in
+# --results, which scripts/bench-simulate.sh --real reads.
+#
+# The policy's windows are compressed with the trace (a 15 s stabilization window), and it scales up
+# as a pool whose workers share weights can afford to: after 1 s of demand, and whenever more than
+# one request per worker waits (`--up-window-s`, `--queue-per-worker`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/serve-lib.sh
 
-model=smollm2-135m-instruct max=3 step=20 scale=0.15 tokens=16 slots=2
+model=smollm2-135m-instruct engines=llamacpp,mistralrs traces=ramp step=20 tokens=32 slots=2
+max=3 peak=1.5 write=0 results=bench/report/elastic.jsonl window=1 queue=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
-    --max) max="$2"; shift 2 ;;
+    --engines) engines="$2"; shift 2 ;;
+    --traces) traces="$2"; shift 2 ;;
     --step-s) step="$2"; shift 2 ;;
-    --rate-scale) scale="$2"; shift 2 ;;
     --max-tokens) tokens="$2"; shift 2 ;;
     --slots) slots="$2"; shift 2 ;;
+    --max) max="$2"; shift 2 ;;
+    --peak) peak="$2"; shift 2 ;;
+    --write) write=1; shift ;;
+    --results) results="$2"; shift 2 ;;
+    --up-window-s) window="$2"; shift 2 ;;
+    --queue-per-worker) queue="$2"; shift 2 ;;
     *) echo "unknown argument: $1" >&2; exit 2 ;;
   esac
 done
@@ -29,28 +48,56 @@ bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
 cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
-# Requests/s one worker is sized for, in the scaled trace.
-per_worker=$(python3 -c "print(round(8 * $scale, 3))")
+mkdir -p "$(dirname "$results")"
+: > "$results"
 
-run() { # label min max
-  cat > "$work/$1.toml" <<TOML
+config() { # file engine slots min max
+  cat > "$1" <<TOML
 [model]
-slots = $slots
+engine = "$2"
+slots = $3
+[pool]
+queue_capacity = 1000
+queue_deadline_s = 120
 [policy]
-min_workers = $2
-max_workers = $3
-up = { rate_per_worker = $per_worker, window_s = 3 }
+min_workers = $4
+max_workers = $5
+up = { window_s = $window, queue_per_worker = $queue }
 down = { stabilization_s = 15 }
 TOML
-  start_server "$bin" "$model" "$work/$1.toml" "$work/$1"
-  # Let a pinned pool reach its size before the trace starts.
-  sleep 5
-  "$bin" bench load --url "$server_url" --step-s "$step" --rate-scale "$scale" --max-tokens "$tokens" --label "$1" 2>/dev/null
-  stop_server
 }
 
-echo "| pool | requests | 429 | errors | latency p50 / p95 / max | TTFT p50 / p95 | avg reserved | avg RSS | ready workers over time (count x seconds) |"
-echo "|---|---|---|---|---|---|---|---|---|"
-run "fixed-1" 1 1
-run "fixed-$max" "$max" "$max"
-run "elastic 1-$max" 1 "$max"
+for engine in ${engines//,/ }; do
+  config "$work/cal.toml" "$engine" "$slots" 1 1
+  start_server "$bin" "$model" "$work/cal.toml" "$work/cal-$engine"
+  cap=$("$bin" bench capacity --url "$server_url" --concurrency "$slots" --seconds 20 \
+    --max-tokens "$tokens" --json 2>/dev/null)
+  stop_server
+  rps=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['requests_per_s'])" "$cap")
+  peak_rps=$(python3 -c "print(round($rps * $peak, 3))")
+  echo "$engine: one worker of $slots slots serves $rps req/s; traces peak at $peak_rps req/s" >&2
+  for trace in ${traces//,/ }; do
+    shapes=("1x1 1 1 1" "1x2 2 1 1" "1x4 4 1 1" "1x8 8 1 1" "${max}x$slots $slots $max $max"
+            "elastic-1-$max $slots 1 $max")
+    for s in "${shapes[@]}"; do
+      read -r label sl lo hi <<< "$s"
+      config "$work/c.toml" "$engine" "$sl" "$lo" "$hi"
+      start_server "$bin" "$model" "$work/c.toml" "$work/s"
+      # A pinned pool reaches its size before the trace starts.
+      for _ in $(seq 1 120); do
+        ready=$(curl -sf "$server_url/admin/status" | python3 -c \
+          "import json,sys; print(sum(w['state']=='ready' for w in json.load(sys.stdin)['workers']))")
+        [ "$ready" -ge "$lo" ] && break
+        sleep 0.5
+      done
+      echo "$engine $trace $label ..." >&2
+      "$bin" bench load --url "$server_url" --shape "$trace" --peak-rps "$peak_rps" \
+        --step-s "$step" --max-tokens "$tokens" --label "$label" --json 2>/dev/null \
+        | python3 -c "import json,sys; r=json.load(sys.stdin); r.update(engine=sys.argv[1], trace=sys.argv[2], capacity_rps=float(sys.argv[3])); print(json.dumps(r))" \
+          "$engine" "$trace" "$rps" >> "$results"
+      stop_server
+    done
+  done
+done
+
+python3 scripts/bench-elastic-report.py "$results" "$write" "$model" "$step" "$tokens" "$peak"

@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# For each model: the time from a scale-up decision to the new worker serving, and how close the
-# ledger's reservation is to the RSS a worker really adds. Starts `tidepool serve` pinned to one
-# worker, asks for a second (POST /admin/scale), times decision -> Ready from /admin/events, sends a
-# request that the new worker serves, and compares RSS before and after with the reservation.
+# For each model: how fast a new worker serves, and how close the ledger's reservation is to the
+# RSS it really adds. Starts `tidepool serve` with one worker whose slots are kept busy, asks for a
+# second (POST /admin/scale) and times the decision to the new worker's Ready event and to the
+# first token of a request that only the new worker can serve; compares the RSS before and after
+# with what the new worker reserved. Then scales to zero (the weights unload on llama.cpp) and times
+# a request from zero to its first token.
 #
-#   scripts/bench-scaleup.sh [MODEL ...]   (default: SmolLM2 q8_0 and q4_0, Qwen2.5-0.5B-shaped q8_0,
-#                                           q4_0, q4_k_m fixtures)
+#   scripts/bench-scaleup.sh [--engine llamacpp|mistralrs] [MODEL ...]
+#     (default models: SmolLM2 q8_0, Qwen2.5-0.5B-shaped q4_0 and q8_0 fixtures)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/serve-lib.sh
@@ -14,10 +16,12 @@ bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
 cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
 fixtures="${TIDEPOOL_HOME:-$HOME/.cache/tidepool}/fixtures"
 mkdir -p "$fixtures"
+engine=llamacpp
+if [ "${1:-}" = "--engine" ]; then engine="$2"; shift 2; fi
 models=("$@")
 if [ ${#models[@]} -eq 0 ]; then
-  models=(smollm2-135m-instruct-q8_0 smollm2-135m-instruct-q4_0)
-  for q in q8_0 q4_0 q4_k_m; do
+  models=(smollm2-135m-instruct-q8_0)
+  for q in q4_0 q8_0; do
     f="$fixtures/qwen2.5-0.5b-$q.gguf"
     [ -e "$f" ] || "$bin" fixture --size qwen2.5-0.5b --quant "$q" --out "$f" >&2
     models+=("$f")
@@ -27,55 +31,76 @@ work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 cat > "$work/c.toml" <<TOML
 [model]
-slots = 1
+engine = "$engine"
+slots = 2
 [policy]
-min_workers = 1
+min_workers = 0
 max_workers = 2
 TOML
 
-echo "| model | decision → ready | ready → first token served | reserved per worker | RSS added by the worker | reserved / measured |"
-echo "|---|---|---|---|---|---|"
+echo "| model | engine | decision → ready | decision → first token on the new worker | from zero: request → first token | reserved by the new worker | RSS it added | reserved / measured |"
+echo "|---|---|---|---|---|---|---|---|"
 for m in "${models[@]}"; do
   start_server "$bin" "$m" "$work/c.toml" "$work/s"
-  sleep 2
-  python3 - "$server_url" "$(basename "$m" .gguf)" <<'PY'
-import json, sys, time, urllib.request
-url, name = sys.argv[1], sys.argv[2]
+  python3 - "$server_url" "$(basename "$m" .gguf)" "$engine" <<'PY'
+import json, sys, threading, time, urllib.request
+url, name, engine = sys.argv[1:4]
 def get(path):
     return json.load(urllib.request.urlopen(url + path))
 def post(path, body):
     req = urllib.request.Request(url + path, json.dumps(body).encode(), {"content-type": "application/json"})
     return json.load(urllib.request.urlopen(req))
-def chat():
-    return post("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
-chat()  # the first worker is warm
-before = get("/admin/status")
-rss0 = before["memory"]["process_rss_bytes"]
+LONG = "Tell me everything about the sea, its tides and its creatures. " * 12
+def chat(max_tokens=4, content=LONG):
+    return post("/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+def first_token(t0):
+    """Streams one request; seconds from t0 to its first content chunk."""
+    body = {"messages": [{"role": "user", "content": LONG}], "max_tokens": 4, "stream": True}
+    req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"})
+    with urllib.request.urlopen(req) as r:
+        for line in r:
+            if b'"content"' in line:
+                at = time.time() - t0
+                for _ in r:
+                    pass
+                return at
+    return float("nan")
+chat(); chat()  # the first worker is warm
+first = get("/admin/status")["workers"][0]["id"]
+# Keep the first worker's two slots busy, so the next request can only go to the new worker.
+busy = [threading.Thread(target=chat, args=(400,)) for _ in range(2)]
+[b.start() for b in busy]
+while get("/admin/status")["workers"][0]["slots_busy"] < 2:
+    time.sleep(0.01)
+rss0 = get("/admin/status")["memory"]["process_rss_bytes"]
+t0 = time.time()
 post("/admin/scale", {"workers": 2, "ttl_s": 600})
-while True:
-    ws = get("/admin/status")["workers"]
-    new = [w for w in ws if w["id"] != ws[0]["id"]]
-    if new and new[0]["state"] == "ready":
-        break
-    if new and new[0]["state"] == "stopped":
-        sys.exit(f"{name}: the new worker failed: {get('/admin/events')}")
-    time.sleep(0.02)
+to_token = first_token(t0)
+ws = get("/admin/status")["workers"]
+new = [w for w in ws if w["id"] != first]
+if not new:
+    sys.exit(f"{name}: no new worker: {get('/admin/events')}")
 wid = new[0]["id"]
 ev = get("/admin/events")["events"]
 loading = next(e["at"] for e in ev if e["worker"] == wid and e["to"] == "loading")
 ready = next(e["at"] for e in ev if e["worker"] == wid and e["to"] == "ready")
-# Two requests at once: one lands on the new worker.
-import threading
-t0 = time.time()
-ts = [threading.Thread(target=chat) for _ in range(2)]
-[t.start() for t in ts]; [t.join() for t in ts]
-served = time.time() - t0
-after = get("/admin/status")
-rss1 = after["memory"]["process_rss_bytes"]
+rss1 = get("/admin/status")["memory"]["process_rss_bytes"]
 reserved = new[0]["reserved_bytes"]
 added = rss1 - rss0
+[b.join() for b in busy]
+# Scale to zero: an override to 0 workers (min_workers is 0) long enough for the arrival rate's
+# average to fall below the activation rate, so the pool stays at zero once it expires.
+post("/admin/scale", {"workers": 0, "ttl_s": 12})
+t_zero = time.time()
+deadline = t_zero + 60
+while get("/admin/status")["workers"] and time.time() < deadline:
+    time.sleep(0.05)
+time.sleep(max(0.0, t_zero + 12.5 - time.time()))
+assert not get("/admin/status")["workers"], "the pool did not reach zero"
+t0 = time.time()
+from_zero = first_token(t0)
 mib = lambda b: f"{b / 2**20:.0f} MiB"
-print(f"| {name} | {ready - loading:.2f} s | {served:.2f} s (2 requests) | {mib(reserved)} | {mib(added)} | {reserved / max(added, 1):.2f} |")
+print(f"| {name} | {engine} | {ready - loading:.3f} s | {to_token:.3f} s | {from_zero:.2f} s | {mib(reserved)} | {mib(added)} | {reserved / max(added, 1):.2f} |")
 PY
   stop_server
 done

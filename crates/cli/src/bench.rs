@@ -40,6 +40,9 @@ enum BenchKind {
     /// What a running server serves with a fixed number of requests in flight (closed loop):
     /// completed requests per second, to scale `bench load` traces to.
     Capacity(crate::load::CapacityBench),
+    /// Replay a trace through the real policy against a service model (measured here, or
+    /// another machine's figures): latency, TTFT and memory-time of fixed and elastic pools.
+    Simulate(crate::simulate::SimulateArgs),
     /// STREAM-style memory bandwidth (1 thread and all cores): the ceiling on CPU decode speed.
     Bandwidth(crate::bandwidth::BandwidthBench),
     /// Drive one running OpenAI-compatible server (Tidepool or a peer): single-stream TTFT and
@@ -96,6 +99,7 @@ pub async fn run(a: BenchArgs) -> anyhow::Result<()> {
         BenchKind::Engine(b) => engine(b).await,
         BenchKind::Load(b) => crate::load::run(b).await,
         BenchKind::Capacity(b) => crate::load::capacity(b).await,
+        BenchKind::Simulate(b) => crate::simulate::run(b),
         BenchKind::Compare(b) => crate::compare::run(b).await,
         BenchKind::Bandwidth(b) => {
             tokio::task::spawn_blocking(move || crate::bandwidth::run(b)).await?

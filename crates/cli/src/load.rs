@@ -398,6 +398,7 @@ struct CapacityResult {
     failed: usize,
     requests_per_s: f64,
     latency_p50_s: f64,
+    ttft_p50_s: f64,
 }
 
 /// Keeps `concurrency` requests in flight for `seconds` and counts what completes.
@@ -434,9 +435,9 @@ pub async fn capacity(a: CapacityBench) -> anyhow::Result<()> {
                 let (mut done, mut failed, mut latency) = (Vec::new(), 0usize, Vec::new());
                 while Instant::now() < until {
                     match one(&client, &url, a.max_tokens).await {
-                        Ok((lat, _)) => {
+                        Ok(times) => {
                             done.push(Instant::now());
-                            latency.push(lat);
+                            latency.push(times);
                         }
                         Err(_) => failed += 1,
                     }
@@ -453,6 +454,8 @@ pub async fn capacity(a: CapacityBench) -> anyhow::Result<()> {
         failed += f;
         latency.extend(lat);
     }
+    let mut ttft: Vec<f64> = latency.iter().map(|t| t.1).collect();
+    let mut latency: Vec<f64> = latency.iter().map(|t| t.0).collect();
     let r = CapacityResult {
         concurrency: a.concurrency,
         seconds: a.seconds,
@@ -460,6 +463,7 @@ pub async fn capacity(a: CapacityBench) -> anyhow::Result<()> {
         failed,
         requests_per_s: completed as f64 / a.seconds,
         latency_p50_s: percentile(&mut latency, 0.5),
+        ttft_p50_s: percentile(&mut ttft, 0.5),
     };
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
@@ -504,7 +508,7 @@ fn integrate(log: &[StatusSample], f: impl Fn(&StatusSample) -> f64) -> f64 {
 }
 
 /// `1x12 2x30 1x8`: run-length encoding of the worker count over time (one sample a second).
-fn compress(v: &[usize]) -> String {
+pub fn compress(v: &[usize]) -> String {
     let mut out: Vec<String> = Vec::new();
     let mut i = 0;
     while i < v.len() {

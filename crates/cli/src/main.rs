@@ -11,6 +11,7 @@ mod compare;
 mod load;
 mod models;
 mod serve;
+mod simulate;
 mod stats;
 mod tools;
 

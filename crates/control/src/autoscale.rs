@@ -28,8 +28,8 @@ use crate::policy::{
 use crate::power::{Governor, PowerConfig, PowerMode, PowerState, ThermalLevel};
 use crate::signals::{Machine, MachineReading};
 
-/// Seconds over which the arrival rate is averaged.
-const RATE_WINDOW_S: f64 = 5.0;
+/// Seconds over which the arrival rate is averaged (the time constant of its moving average).
+pub const RATE_WINDOW_S: f64 = 5.0;
 /// Seconds of requests the p95 latency and TTFT signals cover.
 const LATENCY_WINDOW_S: f64 = 30.0;
 /// Finished requests a p95 needs before it counts as a signal.
@@ -140,7 +140,11 @@ impl Autoscaler {
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last_probe = Instant::now();
             loop {
-                interval.tick().await;
+                tokio::select! {
+                    _ = interval.tick() => {}
+                    // A request arrived with no worker running: start one now.
+                    _ = this.scheduler.demand.notified() => {}
+                }
                 if this.stopped.load(Ordering::SeqCst) {
                     return;
                 }

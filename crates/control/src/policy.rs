@@ -492,11 +492,13 @@ impl Policy {
 
         // From zero: a waiting request, or the activation rate, starts one worker at once.
         if current == 0 && floor == 0 {
-            if s.queue_depth > 0 {
+            // A request admitted with no worker waits for one (it may not be queued yet).
+            let waiting = s.queue_depth.max(s.in_flight);
+            if waiting > 0 {
                 let w = raw.clamp(1, ceiling.max(1)).min(ceiling);
                 return Decision {
                     workers: w,
-                    reason: format!("cold start: {} request(s) waiting", s.queue_depth),
+                    reason: format!("cold start: {waiting} request(s) waiting"),
                 };
             }
             if s.arrival_rate >= c.activation_rate && s.arrival_rate > 0.0 {
@@ -754,6 +756,19 @@ mod tests {
         );
         assert_eq!(d.workers, 1);
         assert!(d.reason.contains("cold start"), "{}", d.reason);
+        // A request admitted but not yet queued (the scheduler woke the loop at its arrival)
+        // starts one too.
+        let d = p.tick(
+            201.0,
+            &Signals {
+                in_flight: 1,
+                idle_s: Some(0.0),
+                ..Signals::default()
+            },
+            pool(0),
+        );
+        assert_eq!(d.workers, 1, "{d}");
+        assert!(d.reason.contains("cold start: 1 request"), "{d}");
     }
 
     #[test]

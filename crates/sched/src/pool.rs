@@ -96,6 +96,10 @@ pub struct WorkerStatus {
     pub age_s: f64,
     /// CPU threads it computes on, where its engine takes a number.
     pub threads: Option<usize>,
+    /// Its own reservation's parts (measured once it has loaded, where the engine says): KV
+    /// cache, and buffers or overhead.
+    pub kv_cache_bytes: u64,
+    pub buffer_bytes: u64,
     /// Where the worker runs (`cpu`, `cuda:0`, …), once loaded.
     pub device: Option<String>,
     /// The library that runs it (`mistral.rs`, `llama.cpp`), once loaded.
@@ -739,6 +743,8 @@ impl Pool {
                 device: w.engine.as_ref().map(|e| e.info().device.name.clone()),
                 backend: w.engine.as_ref().map(|e| e.info().backend),
                 threads: w.engine.as_ref().and_then(|e| e.info().threads),
+                kv_cache_bytes: inner.ledger.get(w.id).map_or(0, |r| r.kv_cache),
+                buffer_bytes: inner.ledger.get(w.id).map_or(0, |r| r.overhead),
             })
             .collect()
     }

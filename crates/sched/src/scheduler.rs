@@ -33,6 +33,9 @@ pub struct Scheduler {
     queue_deadline: RwLock<Duration>,
     /// Requests by outcome, tokens, latency and time to first token.
     pub metrics: Arc<Metrics>,
+    /// Woken when a request arrives while no worker runs, so the control loop starts one now
+    /// instead of at its next tick.
+    pub demand: tokio::sync::Notify,
 }
 
 /// Requests admitted and not yet delivered, and a way to wait for them to end.
@@ -75,6 +78,7 @@ impl Default for Scheduler {
             shedding: RwLock::new(None),
             queue_deadline: RwLock::new(Duration::from_secs(30)),
             metrics: Default::default(),
+            demand: tokio::sync::Notify::new(),
         }
     }
 }
@@ -99,7 +103,13 @@ impl Scheduler {
         self.arrivals.fetch_add(1, Ordering::Relaxed);
         *self.last_arrival.lock() = Some(Instant::now());
         self.in_flight.count.fetch_add(1, Ordering::SeqCst);
-        InFlightGuard(self.in_flight.clone())
+        let guard = InFlightGuard(self.in_flight.clone());
+        if self.pool().is_some_and(|p| p.active_workers() == 0) {
+            // Scaled to zero: the control loop starts a worker at once (it counts this
+            // request in flight, so it sees demand even before the request is queued).
+            self.demand.notify_one();
+        }
+        guard
     }
 
     /// A request counted in flight that did not arrive as a new request (a second generation

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""The table (and plot) of scripts/bench-elastic.sh, from its JSON lines.
+
+    bench-elastic-report.py RESULTS.jsonl WRITE MODEL STEP_S MAX_TOKENS PEAK
+
+Prints one markdown table per engine and trace, with the targets' ratios under it: elastic p95
+over the best fixed shape's p95, and elastic reserved memory-time over the fixed-max shape's. With
+WRITE=1 it replaces the part of docs/elasticity.md between the bench-elastic markers and writes
+docs/elasticity-shapes.svg (slots admitted over time, per pool). No dependencies beyond Python.
+"""
+import json
+import sys
+from pathlib import Path
+
+BEGIN = "<!-- bench-elastic:begin -->"
+END = "<!-- bench-elastic:end -->"
+
+
+def rle(v):
+    out, i = [], 0
+    while i < len(v):
+        j = i
+        while j < len(v) and v[j] == v[i]:
+            j += 1
+        out.append(f"{v[i]}x{j - i}")
+        i = j
+    return " ".join(out)
+
+
+def table(rows):
+    lines = [
+        "| pool | requests | 429 / errors | latency p50 / p95 | TTFT p50 / p95 | reserved GiB·s | RSS GiB·s | CPU s | transitions | slots over time (count x s) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cpu = "-" if r.get("cpu_s") is None else f"{r['cpu_s']:.0f}"
+        lines.append(
+            f"| {r['label']} | {r['requests']} | {r['refused_429']} / {r['errors']} "
+            f"| {r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} s "
+            f"| {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} s "
+            f"| {r['reserved_gib_s']:.1f} | {r['rss_gib_s']:.1f} | {cpu} | {r['transitions']} "
+            f"| {rle(r['slots_over_time'])} |"
+        )
+    return lines
+
+
+def verdict(rows):
+    fixed = [r for r in rows if not r["label"].startswith("elastic") and r["errors"] == 0]
+    elastic = [r for r in rows if r["label"].startswith("elastic")]
+    if not fixed or not elastic:
+        return []
+    e = elastic[0]
+    best = min(fixed, key=lambda r: r["latency_p95_s"])
+    top = max(fixed, key=lambda r: r["reserved_gib_s"])
+    p95 = e["latency_p95_s"] / best["latency_p95_s"] if best["latency_p95_s"] else float("nan")
+    mem = e["reserved_gib_s"] / top["reserved_gib_s"] if top["reserved_gib_s"] else float("nan")
+    return [
+        "",
+        f"Elastic p95 / best fixed ({best['label']}) p95: **{p95:.2f}×** (target ≤ 1.05); "
+        f"elastic reserved memory-time / largest fixed ({top['label']}): **{mem:.2f}×** "
+        f"(target ≤ 0.50); elastic transitions: {e['transitions']}.",
+    ]
+
+
+def svg(groups):
+    """Slots admitted over time, one line per pool, one panel per (engine, trace)."""
+    colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#111111"]
+    w, h, pad = 640, 180, 36
+    panels = []
+    y0 = 0
+    for (engine, trace), rows in groups:
+        tmax = max(len(r["slots_over_time"]) for r in rows) or 1
+        smax = max(max(r["slots_over_time"] or [0]) for r in rows) or 1
+        parts = [
+            f'<text x="{pad}" y="{y0 + 16}" font-size="13">{engine}, {trace} trace: '
+            f"slots admitted over time (s)</text>",
+            f'<line x1="{pad}" y1="{y0 + h - pad}" x2="{w - 10}" y2="{y0 + h - pad}" stroke="#999"/>',
+            f'<line x1="{pad}" y1="{y0 + 24}" x2="{pad}" y2="{y0 + h - pad}" stroke="#999"/>',
+            f'<text x="4" y="{y0 + 30}" font-size="10">{smax}</text>',
+            f'<text x="{w - 40}" y="{y0 + h - pad + 14}" font-size="10">{tmax} s</text>',
+        ]
+        for i, r in enumerate(rows):
+            v = r["slots_over_time"]
+            pts = " ".join(
+                f"{pad + (w - pad - 10) * t / tmax:.1f},"
+                f"{y0 + h - pad - (h - pad - 24) * s / smax - i * 0.8:.1f}"
+                for t, s in enumerate(v)
+            )
+            c = colors[i % len(colors)]
+            width = 2.5 if r["label"].startswith("elastic") else 1.2
+            parts.append(f'<polyline fill="none" stroke="{c}" stroke-width="{width}" points="{pts}"/>')
+            parts.append(
+                f'<text x="{pad + 8 + 90 * i}" y="{y0 + h - 8}" font-size="10" fill="{c}">{r["label"]}</text>'
+            )
+        panels.append("\n".join(parts))
+        y0 += h + 10
+    body = "\n".join(panels)
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{y0}" '
+        f'font-family="sans-serif">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n'
+    )
+
+
+def main():
+    results, write, model, step, tokens, peak = sys.argv[1:7]
+    rows = [json.loads(l) for l in open(results) if l.strip()]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["engine"], r["trace"]), []).append(r)
+    out = [
+        f"Model `{model}`, {tokens} tokens per answer, {step} s per trace step, each trace scaled so "
+        f"its peak is {peak}× what one worker of the default shape serves (measured first, "
+        f"`tidepool bench capacity`). Written by `scripts/bench-elastic.sh --write`.",
+    ]
+    for (engine, trace), g in groups.items():
+        rates = ", ".join(f"{x:.2f}" for x in g[0]["rates"])
+        out += [
+            "",
+            f"**{engine}, {trace} trace** (one worker serves {g[0]['capacity_rps']:.2f} req/s; "
+            f"rates {rates} req/s):",
+            "",
+        ]
+        out += table(g)
+        out += verdict(g)
+    text = "\n".join(out)
+    print(text)
+    if write == "1":
+        doc = Path("docs/elasticity.md")
+        d = doc.read_text()
+        if BEGIN in d and END in d:
+            head, rest = d.split(BEGIN, 1)
+            _, tail = rest.split(END, 1)
+            d = f"{head}{BEGIN}\n{text}\n\n![slots over time](elasticity-shapes.svg)\n{END}{tail}"
+        else:
+            d += f"\n{BEGIN}\n{text}\n\n![slots over time](elasticity-shapes.svg)\n{END}\n"
+        doc.write_text(d)
+        Path("docs/elasticity-shapes.svg").write_text(svg(list(groups.items())))
+        print("wrote docs/elasticity.md and docs/elasticity-shapes.svg", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
