@@ -236,21 +236,23 @@ async fn a_burst_brings_a_second_worker_idle_drains_it_scale_to_zero_and_cold_st
         ..Default::default()
     });
     assert_eq!(ready_workers(&s).await, 1);
-    // A burst well over one worker's rate: a second worker comes up and serves.
+    // A burst well over what one worker serves (long answers, 50 a second): requests queue, and
+    // a second worker comes up and serves, whether the policy has measured the first one's
+    // capacity yet or sizes by `rate_per_worker`.
     let c = reqwest::Client::new();
     let mut burst = Vec::new();
-    for _ in 0..30 {
+    for _ in 0..40 {
         let c = c.clone();
         let url = s.url("/v1/chat/completions");
         burst.push(tokio::spawn(async move {
             c.post(url)
-                .json(&json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 64}))
+                .json(&json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 512}))
                 .send()
                 .await
                 .unwrap()
                 .status()
         }));
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     assert!(wait_for_workers(&s, 2, 20).await, "no second worker");
     for b in burst {
@@ -268,6 +270,12 @@ async fn a_burst_brings_a_second_worker_idle_drains_it_scale_to_zero_and_cold_st
     // Idle: back to one, then to zero after the idle TTL.
     assert!(wait_for_workers(&s, 1, 20).await, "did not drain to one");
     assert!(wait_for_workers(&s, 0, 45).await, "did not scale to zero");
+    // At zero nothing stays reserved; on llama.cpp the weights are unloaded with the last
+    // worker.
+    let memory = |v: &serde_json::Value| v["memory"].clone();
+    let (_, v) = get_json(s.url("/admin/status")).await;
+    assert_eq!(memory(&v)["reserved_bytes"], 0, "{v}");
+    assert_eq!(memory(&v)["shared_weights_bytes"], 0, "{v}");
     // Cold start: the next request waits for a worker and is served.
     let r = c
         .post(s.url("/v1/chat/completions"))
@@ -277,5 +285,17 @@ async fn a_burst_brings_a_second_worker_idle_drains_it_scale_to_zero_and_cold_st
         .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(ready_workers(&s).await, 1);
+    // The weights are back (counted once, shared, on llama.cpp).
+    let (_, v) = get_json(s.url("/admin/status")).await;
+    let shared = memory(&v)["shared_weights_bytes"].as_u64().unwrap();
+    assert_eq!(
+        shared > 0,
+        tidepool_tests::test_engine() == tidepool_engine::choice::EngineKind::LlamaCpp,
+        "{v}"
+    );
+    assert!(
+        memory(&v)["reserved_bytes"].as_u64().unwrap() > shared,
+        "{v}"
+    );
     s.stop(30);
 }
