@@ -41,7 +41,6 @@ use crate::request::{
     GenerationEvent, GenerationRequest, OutputConstraint, Prompt, ToolChoice, ToolSpec,
 };
 use tidepool_models::catalog::DeviceClass;
-use tidepool_models::gguf_info::GgufInfo;
 use tidepool_models::model_source::LocalModel;
 
 /// `EngineInfo::backend` of this engine.
@@ -143,14 +142,11 @@ impl LlamaCppEngine {
             message,
         };
         let started = Instant::now();
-        let gguf = GgufInfo::read(&model.files).map_err(|e| load_err(e.to_string()))?;
-        // The first split names the others; llama.cpp finds them beside it.
-        let path = model
-            .files
-            .first()
-            .ok_or_else(|| load_err("no model file".into()))?;
         let backend = backend()?;
-        let (resident, loaded) = resident::acquire(path, &gguf.special_tokens).map_err(load_err)?;
+        // The weights and header are read once per file; a worker that finds them resident
+        // only creates its context.
+        let (resident, loaded) = resident::acquire(&model.files).map_err(load_err)?;
+        let gguf = resident.gguf.clone();
         let n_ctx_train = resident.model.n_ctx_train().max(1);
         let context_tokens = context_tokens.min(n_ctx_train).max(16);
         let slots = cfg.max_sequences.max(1);

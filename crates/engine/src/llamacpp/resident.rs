@@ -15,6 +15,7 @@ use llama_cpp_2::model::params::LlamaModelParams;
 use llama_cpp_2::model::LlamaModel;
 use llama_cpp_2::token::LlamaToken;
 use llguidance::{Matcher, ParserFactory};
+use tidepool_models::gguf_info::GgufInfo;
 
 use super::chat::{ChatTemplate, Segment};
 use crate::request::{GenerationRequest, Prompt, ToolSpec};
@@ -28,6 +29,8 @@ pub(crate) struct Resident {
     grammar: OnceLock<Result<Arc<ParserFactory>, String>>,
     /// The model's special tokens as text (what client text must not forge).
     pub specials: Vec<String>,
+    /// What Tidepool read from the GGUF's header (once: a large vocabulary takes a while).
+    pub gguf: GgufInfo,
 }
 
 /// Each model file's slot: locked while it loads, so two workers started at once load it once.
@@ -67,9 +70,11 @@ pub fn resident_models() -> usize {
         .count()
 }
 
-/// The resident model of `path`, loading it first if no worker holds it (blocking). The second
-/// value is whether this call loaded it; the error says why it could not be loaded.
-pub(crate) fn acquire(path: &Path, specials: &[String]) -> Result<(Arc<Resident>, bool), String> {
+/// The resident model of `files` (a GGUF, or its splits, first one first), loading it first if
+/// no worker holds it (blocking). The second value is whether this call loaded it; the error
+/// says why it could not be loaded.
+pub(crate) fn acquire(files: &[PathBuf]) -> Result<(Arc<Resident>, bool), String> {
+    let path = files.first().ok_or("no model file")?;
     let slot = {
         let mut cache = cache().lock().unwrap_or_else(|p| p.into_inner());
         // Forget files no worker holds (their slot is not being loaded: nobody has it locked).
@@ -82,13 +87,16 @@ pub(crate) fn acquire(path: &Path, specials: &[String]) -> Result<(Arc<Resident>
     if let Some(r) = held.upgrade() {
         return Ok((r, false));
     }
-    let r = Arc::new(Resident::load(path, specials)?);
+    let r = Arc::new(Resident::load(files)?);
     *held = Arc::downgrade(&r);
     Ok((r, true))
 }
 
 impl Resident {
-    fn load(path: &Path, specials: &[String]) -> Result<Resident, String> {
+    fn load(files: &[PathBuf]) -> Result<Resident, String> {
+        let gguf = GgufInfo::read(files).map_err(|e| e.to_string())?;
+        // The first split names the others; llama.cpp finds them beside it.
+        let path = &files[0];
         let backend = super::backend().map_err(|e| e.to_string())?;
         let params = LlamaModelParams::default().with_use_mmap(true);
         let model = LlamaModel::load_from_file(backend, path, &params)
@@ -112,7 +120,8 @@ impl Resident {
             model,
             template,
             grammar: OnceLock::new(),
-            specials: specials.to_vec(),
+            specials: gguf.special_tokens.clone(),
+            gguf,
         })
     }
 
