@@ -171,6 +171,20 @@ struct LoadResult {
     rates: Vec<f64>,
 }
 
+/// A client for the server at `url` (its trailing `/` dropped), once its /health says it is
+/// ready.
+async fn connect(url: &str) -> anyhow::Result<(reqwest::Client, String)> {
+    let client = reqwest::Client::new();
+    let url = url.trim_end_matches('/').to_string();
+    client
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .and_then(|r| r.error_for_status())
+        .with_context(|| format!("the server at {url} is not ready"))?;
+    Ok((client, url))
+}
+
 /// One streamed request: (latency, ttft) or the status code it failed with (0: transport).
 async fn one(client: &reqwest::Client, url: &str, max_tokens: u32) -> Result<(f64, f64), u16> {
     let started = Instant::now();
@@ -207,14 +221,7 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
         a.step_s
     );
     let rates = rates(&a.trace, a.shape, a.peak_rps, a.rate_scale)?;
-    let client = reqwest::Client::new();
-    let url = a.url.trim_end_matches('/').to_string();
-    client
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("the server at {url} is not ready"))?;
+    let (client, url) = connect(&a.url).await?;
 
     let samples = Arc::new(Mutex::new(Samples::default()));
     let status_log: Arc<Mutex<Vec<StatusSample>>> = Default::default();
@@ -413,14 +420,7 @@ pub async fn capacity(a: CapacityBench) -> anyhow::Result<()> {
         "--seconds must be above 0 and at most 86400, got {}",
         a.seconds
     );
-    let client = reqwest::Client::new();
-    let url = a.url.trim_end_matches('/').to_string();
-    client
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .and_then(|r| r.error_for_status())
-        .with_context(|| format!("the server at {url} is not ready"))?;
+    let (client, url) = connect(&a.url).await?;
     // Warm up: one request per slot.
     let warm: Vec<_> = (0..a.concurrency)
         .map(|_| one(&client, &url, a.max_tokens))
