@@ -357,6 +357,10 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
     } else {
         let gib = |b: f64| b / (1u64 << 30) as f64;
         println!(
+            "| pool | requests | 429 | errors | latency p50 / p95 / max | TTFT p50 / p95 | reserved / RSS memory-time | CPU | transitions | ready workers over time (count x s) |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!(
             "| {} | {} | {} | {} | {:.2} / {:.2} / {:.2} s | {:.2} / {:.2} s | {:.1} / {:.1} GiB·s | {} | {} | {} |",
             r.label,
             r.requests,
