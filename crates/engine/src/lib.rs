@@ -112,12 +112,6 @@ pub struct OwnMemory {
     pub buffers: u64,
 }
 
-impl OwnMemory {
-    pub fn total(&self) -> u64 {
-        self.kv_cache + self.buffers
-    }
-}
-
 /// A JSON schema for llguidance with one fixed layout (`, ` and `: `, no other whitespace), unless
 /// the schema sets its own `x-guidance` options. llguidance's default lets whitespace go anywhere
 /// between tokens, and a weak (or random-weight) model then pads with newlines and tabs until

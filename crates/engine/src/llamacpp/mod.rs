@@ -33,8 +33,8 @@ use llama_cpp_2::token::LlamaToken;
 use tokio::sync::mpsc;
 
 use self::batcher::{Job, Msg};
+pub use self::resident::is_resident;
 use self::resident::Resident;
-pub use self::resident::{is_resident, resident_models};
 use super::logit_bias::check_logit_bias;
 use super::{DeviceInfo, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream, Health};
 use crate::request::{

@@ -27,9 +27,8 @@ pub(crate) struct Resident {
     pub template: Option<ChatTemplate>,
     /// llguidance's view of the vocabulary, built on the first constrained request.
     grammar: OnceLock<Result<Arc<ParserFactory>, String>>,
-    /// The model's special tokens as text (what client text must not forge).
-    pub specials: Vec<String>,
-    /// What Tidepool read from the GGUF's header (once: a large vocabulary takes a while).
+    /// What Tidepool read from the GGUF's header (once: a large vocabulary takes a while),
+    /// the special tokens client text must not forge included.
     pub gguf: GgufInfo,
 }
 
@@ -54,20 +53,6 @@ pub fn is_resident(path: &Path) -> bool {
         .get(&key(path))
         .cloned();
     slot.is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).strong_count() > 0)
-}
-
-/// How many models are loaded now.
-pub fn resident_models() -> usize {
-    let slots: Vec<Slot> = cache()
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .values()
-        .cloned()
-        .collect();
-    slots
-        .iter()
-        .filter(|s| s.lock().unwrap_or_else(|p| p.into_inner()).strong_count() > 0)
-        .count()
 }
 
 /// The resident model of `files` (a GGUF, or its splits, first one first), loading it first if
@@ -120,7 +105,6 @@ impl Resident {
             model,
             template,
             grammar: OnceLock::new(),
-            specials: gguf.special_tokens.clone(),
             gguf,
         })
     }
@@ -150,11 +134,11 @@ impl Resident {
                 crate::special_tokens::neutralize_request(
                     &mut messages,
                     &mut tools,
-                    &self.specials,
+                    &self.gguf.special_tokens,
                     false,
                 );
                 let segments = template
-                    .render_segments(&messages, &tools, &self.specials)
+                    .render_segments(&messages, &tools, &self.gguf.special_tokens)
                     .map_err(|e| EngineError::Invalid(e.to_string()))?;
                 let mut tokens = Vec::new();
                 for (i, seg) in segments.iter().enumerate() {
