@@ -129,33 +129,48 @@ impl Ledger {
         self.budget = budget;
     }
 
+    /// Each shared copy of weights held now, by key: (the oldest holder, which carries it in
+    /// the per-worker figures; its bytes, the largest any holder reserved, should the figures of
+    /// one model's workers differ).
+    fn shared_copies(&self) -> BTreeMap<u64, (u64, u64)> {
+        let mut copies = BTreeMap::new();
+        for (&id, r) in &self.held {
+            if let Some(key) = r.shared_weights {
+                let copy = copies.entry(key).or_insert((id, 0));
+                copy.1 = copy.1.max(r.weights);
+            }
+        }
+        copies
+    }
+
     /// Bytes held: every worker's own, plus each shared model's weights once.
     pub fn reserved(&self) -> u64 {
-        self.held.keys().map(|&id| self.attributed(id)).sum()
+        let own_weights: u64 = self
+            .held
+            .values()
+            .filter(|r| r.shared_weights.is_none())
+            .map(|r| r.weights)
+            .sum();
+        let own: u64 = self.held.values().map(Reservation::own).sum();
+        own + own_weights + self.shared_weights()
     }
 
     /// The weights held once for several workers, in all.
     pub fn shared_weights(&self) -> u64 {
-        self.held
-            .iter()
-            .filter(|(_, r)| r.shared_weights.is_some())
-            .map(|(&id, _)| self.attributed(id) - self.held[&id].own())
-            .sum()
+        self.shared_copies().values().map(|&(_, w)| w).sum()
     }
 
     pub fn free(&self) -> u64 {
         self.budget.saturating_sub(self.reserved())
     }
 
-    /// Whether a worker already holds the weights `r` would share.
-    fn weights_held(&self, r: &Reservation) -> bool {
-        r.shared_weights
-            .is_some_and(|k| self.held.values().any(|h| h.shared_weights == Some(k)))
-    }
-
-    /// What reserving `r` now adds to the ledger.
+    /// What reserving `r` now adds to the ledger: its own bytes, and its weights unless a
+    /// worker already holds the copy it would share.
     pub fn need(&self, r: &Reservation) -> u64 {
-        if self.weights_held(r) {
+        let held = r
+            .shared_weights
+            .is_some_and(|k| self.held.values().any(|h| h.shared_weights == Some(k)));
+        if held {
             r.own()
         } else {
             r.total()
@@ -205,24 +220,9 @@ impl Ledger {
         let Some(key) = r.shared_weights else {
             return r.total();
         };
-        let oldest = self
-            .held
-            .iter()
-            .find(|(_, h)| h.shared_weights == Some(key))
-            .map(|(&i, _)| i);
-        if oldest == Some(id) {
-            // Holders of one key are workers of one model; should their figures differ, the
-            // largest counts.
-            let weights = self
-                .held
-                .values()
-                .filter(|h| h.shared_weights == Some(key))
-                .map(|h| h.weights)
-                .max()
-                .unwrap_or(r.weights);
-            weights + r.own()
-        } else {
-            r.own()
+        match self.shared_copies().get(&key) {
+            Some(&(oldest, weights)) if oldest == id => weights + r.own(),
+            _ => r.own(),
         }
     }
 
