@@ -91,7 +91,7 @@ impl Shape {
 }
 
 /// The rates to play: `trace` or `shape`, scaled to `peak_rps` or by `rate_scale`.
-fn rates(
+pub fn rates(
     trace: &[f64],
     shape: Option<Shape>,
     peak_rps: Option<f64>,
@@ -355,7 +355,6 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
-        let gib = |b: f64| b / (1u64 << 30) as f64;
         println!(
             "| pool | requests | 429 | errors | latency p50 / p95 / max | TTFT p50 / p95 | reserved / RSS memory-time | CPU | transitions | ready workers over time (count x s) |"
         );
@@ -377,7 +376,6 @@ pub async fn run(a: LoadBench) -> anyhow::Result<()> {
             r.transitions,
             compress(&r.workers_over_time)
         );
-        let _ = gib;
     }
     Ok(())
 }

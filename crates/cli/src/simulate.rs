@@ -15,6 +15,7 @@
 
 use clap::Args;
 use serde::Serialize;
+use tidepool_control::autoscale::smoothed_rate;
 use tidepool_control::policy::{Capacity, Policy, PolicyConfig, PoolView, Signals};
 use tidepool_sched::capacity::ServiceCurve;
 
@@ -25,7 +26,6 @@ use crate::stats::percentile;
 const DT: f64 = 0.01;
 /// The control loop's tick, and its windows (as `crates/control/src/autoscale.rs`).
 const TICK_S: f64 = 1.0;
-const RATE_WINDOW_S: f64 = tidepool_control::autoscale::RATE_WINDOW_S;
 const LATENCY_WINDOW_S: f64 = 30.0;
 const LATENCY_MIN_COUNT: usize = 5;
 
@@ -71,17 +71,16 @@ impl ServiceModel {
     }
 
     fn reserved(&self, workers: &[SimWorker]) -> u64 {
-        let live: Vec<&SimWorker> = workers.iter().collect();
-        if live.is_empty() {
+        if workers.is_empty() {
             return 0;
         }
         let weights = if self.shared_weights {
             self.weights_bytes
         } else {
-            self.weights_bytes * live.len() as u64
+            self.weights_bytes * workers.len() as u64
         };
         weights
-            + live
+            + workers
                 .iter()
                 .map(|w| self.buffer_bytes + self.kv_bytes_per_slot * w.slots as u64)
                 .sum::<u64>()
@@ -234,7 +233,7 @@ pub fn simulate(
         }
         // Admission: the least-loaded Ready worker with a free slot.
         while !queue.is_empty() {
-            let busy = |id: u64| running.iter().filter(|r| r.worker == id).count();
+            let busy = |id: u64| on_worker(&running, id);
             let Some(w) = workers
                 .iter()
                 .filter(|w| !w.draining && w.ready_at <= t && busy(w.id) < w.slots)
@@ -269,11 +268,8 @@ pub fn simulate(
             if running[i].left <= 1e-12 {
                 let r = running.swap_remove(i);
                 let end = t + DT;
-                let now_on_worker = running.iter().filter(|x| x.worker == r.worker).count() + 1;
-                curve.observe(
-                    (r.running_at_start + now_on_worker).div_ceil(2),
-                    end - r.admitted,
-                );
+                let at_end = on_worker(&running, r.worker) + 1;
+                curve.observe_span(r.running_at_start, at_end, end - r.admitted);
                 done.push((
                     end,
                     end - r.arrived,
@@ -291,7 +287,7 @@ pub fn simulate(
         if t - last_tick >= TICK_S - 1e-9 {
             let dt = t - last_tick;
             let instant = arrived_since_tick as f64 / dt;
-            rate += (1.0 - (-dt / RATE_WINDOW_S).exp()) * (instant - rate);
+            rate = smoothed_rate(rate, instant, dt);
             arrived_since_tick = 0;
             last_tick = t;
             let recent: Vec<&(f64, f64, f64)> = done
@@ -347,7 +343,7 @@ pub fn simulate(
             } else if decision.workers < current {
                 for _ in decision.workers..current {
                     // The least busy (a loading one first), as the pool drains.
-                    let busy = |id: u64| running.iter().filter(|r| r.worker == id).count();
+                    let busy = |id: u64| on_worker(&running, id);
                     if let Some(w) = workers
                         .iter_mut()
                         .filter(|w| !w.draining)
@@ -390,6 +386,11 @@ pub fn simulate(
             .count(),
         workers_over_time,
     }
+}
+
+/// Sequences running on worker `id`.
+fn on_worker(running: &[Running], id: u64) -> usize {
+    running.iter().filter(|r| r.worker == id).count()
 }
 
 /// Arrival times: evenly spaced within each step, as `bench load` sends them.
@@ -515,13 +516,7 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         kv_bytes_per_slot: mib(a.kv_mib_per_slot)?,
         buffer_bytes: mib(a.buffers_mib)?,
     };
-    let peak = a.shape.steps().into_iter().fold(0.0, f64::max);
-    let rates: Vec<f64> = a
-        .shape
-        .steps()
-        .iter()
-        .map(|r| r * a.peak_rps / peak)
-        .collect();
+    let rates = crate::load::rates(&[], Some(a.shape), Some(a.peak_rps), 1.0)?;
     let mut base = PolicyConfig::default();
     base.up.window_s = a.up_window_s;
     base.up.queue_per_worker = a.queue_per_worker;

@@ -30,6 +30,13 @@ use crate::signals::{Machine, MachineReading};
 
 /// Seconds over which the arrival rate is averaged (the time constant of its moving average).
 pub const RATE_WINDOW_S: f64 = 5.0;
+
+/// The arrival rate's moving average after `dt` seconds in which requests arrived at `instant`
+/// per second (what the loop computes every tick; `tidepool bench simulate` replays it).
+pub fn smoothed_rate(rate: f64, instant: f64, dt: f64) -> f64 {
+    let alpha = 1.0 - (-dt / RATE_WINDOW_S).exp();
+    rate + alpha * (instant - rate)
+}
 /// Seconds of requests the p95 latency and TTFT signals cover.
 const LATENCY_WINDOW_S: f64 = 30.0;
 /// Finished requests a p95 needs before it counts as a signal.
@@ -176,8 +183,7 @@ impl Autoscaler {
             let dt = now.duration_since(st.last_tick).as_secs_f64().max(1e-3);
             let arrivals = self.scheduler.arrivals();
             let instant = arrivals.saturating_sub(st.last_arrivals) as f64 / dt;
-            let alpha = 1.0 - (-dt / RATE_WINDOW_S).exp();
-            st.rate += alpha * (instant - st.rate);
+            st.rate = smoothed_rate(st.rate, instant, dt);
             st.last_tick = now;
             st.last_arrivals = arrivals;
             let m = &self.scheduler.metrics;

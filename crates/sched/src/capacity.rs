@@ -59,6 +59,13 @@ impl ServiceCurve {
         l.samples += 1;
     }
 
+    /// One completed request that held a slot `held_s` seconds, with `at_start` sequences on its
+    /// worker when it started and `at_end` when it ended (itself included in both): it counts at
+    /// the concurrency between the two.
+    pub fn observe_span(&mut self, at_start: usize, at_end: usize, held_s: f64) {
+        self.observe((at_start + at_end).div_ceil(2), held_s);
+    }
+
     /// What one worker of `slots` slots serves when all are busy: the figure measured at `slots`
     /// sequences, or, until that level is measured, at the highest level below it that is (a
     /// batching engine serves at least as much with more sequences, so this errs low). `None`

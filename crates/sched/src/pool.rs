@@ -347,14 +347,12 @@ impl Pool {
         let dead = {
             let mut inner = self.lock();
             if let Some((at_start, held_s)) = sample {
-                let now = inner
+                let at_end = inner
                     .workers
                     .iter()
                     .find(|w| w.id == worker)
                     .map_or(at_start, |w| w.busy);
-                // The concurrency it ran at: between the counts at its start and its end.
-                let running = (at_start + now).div_ceil(2);
-                inner.curve.observe(running, held_s);
+                inner.curve.observe_span(at_start, at_end, held_s);
             }
             if let Some(stopped) = release_slot(&mut inner, worker) {
                 self.stop_worker(&mut inner, stopped);
