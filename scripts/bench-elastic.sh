@@ -44,10 +44,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
-cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+bench_setup
 mkdir -p "$(dirname "$results")"
 : > "$results"
 

@@ -12,8 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/serve-lib.sh
 
-bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
-cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
+bench_setup
 fixtures="${TIDEPOOL_HOME:-$HOME/.cache/tidepool}/fixtures"
 mkdir -p "$fixtures"
 engine=llamacpp
@@ -27,8 +26,6 @@ if [ ${#models[@]} -eq 0 ]; then
     models+=("$f")
   done
 fi
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 cat > "$work/c.toml" <<TOML
 [model]
 engine = "$engine"

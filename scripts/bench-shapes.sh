@@ -22,10 +22,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
-cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+bench_setup
 
 echo "| workers x slots | requests | ok | tokens/s | latency p50 / p95 | TTFT p50 |"
 echo "|---|---|---|---|---|---|"

@@ -40,10 +40,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
-cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
+bench_setup
 
 # One worker only while the capacity is measured (the policy would otherwise add one as the
 # load grows); the second worker, for its load time, comes by a manual override.

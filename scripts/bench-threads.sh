@@ -20,11 +20,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-bin="${CARGO_TARGET_DIR:-target}/debug/tidepool"
-cargo build -q --workspace --bins  # one feature set with the tests: nothing rebuilt
+bench_setup
 cores=$(nproc)
-work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 
 config() { # workers -> config file
   cat > "$work/c$1.toml" <<TOML
