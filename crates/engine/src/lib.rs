@@ -245,6 +245,13 @@ pub fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .unwrap_or_else(|| "(no message)".into())
 }
 
+/// The name under which a model file's weights are shared: its canonical path, so two
+/// spellings of one file are one model (the llama.cpp engine's cache and the memory ledger key
+/// by it).
+pub fn model_key(path: &std::path::Path) -> std::path::PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// The CPU cores this process may run on.
 pub fn available_cores() -> usize {
     std::thread::available_parallelism()

@@ -43,9 +43,8 @@ impl Reservation {
 /// The key under which workers of one model file share its weights.
 pub fn weights_key(path: &std::path::Path) -> u64 {
     use std::hash::{Hash, Hasher};
-    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    path.hash(&mut h);
+    tidepool_engine::model_key(path).hash(&mut h);
     h.finish()
 }
 

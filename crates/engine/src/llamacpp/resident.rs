@@ -40,17 +40,12 @@ fn cache() -> &'static Mutex<HashMap<PathBuf, Slot>> {
     CACHE.get_or_init(Default::default)
 }
 
-/// The cache key of a model file: its canonical path (two spellings of one file share).
-fn key(path: &Path) -> PathBuf {
-    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
 /// Whether the weights of `path` are loaded now (held by at least one worker).
 pub fn is_resident(path: &Path) -> bool {
     let slot = cache()
         .lock()
         .unwrap_or_else(|p| p.into_inner())
-        .get(&key(path))
+        .get(&crate::model_key(path))
         .cloned();
     slot.is_some_and(|s| s.lock().unwrap_or_else(|p| p.into_inner()).strong_count() > 0)
 }
@@ -66,7 +61,7 @@ pub(crate) fn acquire(files: &[PathBuf]) -> Result<(Arc<Resident>, bool), String
         cache.retain(|_, s| {
             Arc::strong_count(s) > 1 || s.try_lock().map(|w| w.strong_count() > 0).unwrap_or(true)
         });
-        cache.entry(key(path)).or_default().clone()
+        cache.entry(crate::model_key(path)).or_default().clone()
     };
     let mut held = slot.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(r) = held.upgrade() {
