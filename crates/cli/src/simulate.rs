@@ -154,7 +154,7 @@ struct Running {
     /// Work left (1 at the start).
     left: f64,
     first_token: Option<f64>,
-    /// Sequences on its worker when it started.
+    /// Sequences on the machine when it started.
     running_at_start: usize,
 }
 
@@ -241,7 +241,8 @@ pub fn simulate(
             else {
                 break;
             };
-            let (id, at_start) = (w.id, busy(w.id) + 1);
+            // The curve counts every sequence on the machine, as the pool's does.
+            let (id, at_start) = (w.id, running.len() + 1);
             let arrived = queue.pop_front().unwrap_or(t);
             running.push(Running {
                 arrived,
@@ -268,7 +269,7 @@ pub fn simulate(
             if running[i].left <= 1e-12 {
                 let r = running.swap_remove(i);
                 let end = t + DT;
-                let at_end = on_worker(&running, r.worker) + 1;
+                let at_end = running.len() + 1;
                 curve.observe_span(r.running_at_start, at_end, end - r.admitted);
                 done.push((
                     end,
@@ -315,10 +316,9 @@ pub fn simulate(
                 budget_workers: usize::MAX,
                 limits: Default::default(),
                 keep_alive_s: None,
-                capacity: curve.worker_rate(pool.slots).map(|r| Capacity {
-                    requests_per_s: r.requests_per_s,
+                capacity: Some(Capacity {
                     slots: pool.slots,
-                    at_sequences: r.at_sequences,
+                    throughput: curve.throughput(),
                 }),
             };
             let current = view.workers;

@@ -216,10 +216,9 @@ impl Autoscaler {
             budget_workers: pool.budget_workers(),
             limits,
             keep_alive_s: self.keep_alive().map(KeepAlive::seconds),
-            capacity: pool.worker_rate().map(|r| Capacity {
-                requests_per_s: r.requests_per_s,
+            capacity: Some(Capacity {
                 slots: pool.slots_per_worker(),
-                at_sequences: r.at_sequences,
+                throughput: pool.throughput(),
             }),
         };
         let current = view.workers;

@@ -5,10 +5,12 @@
 //! horizontal autoscaler, adapted to one machine:
 //!
 //! - Every tick computes a raw recommendation: enough workers for the arrival rate, one more
-//!   than now when the queue or the latency is over target. What one worker serves is what the
-//!   pool has measured ([`Capacity`]: completed requests per second with every slot busy, on
-//!   this machine, engine, model and request mix), kept `up.utilization` busy so queues stay
-//!   short; until it has measured enough, `up.rate_per_worker` stands in.
+//!   than now when the queue or the latency is over target. What a pool serves is what it has
+//!   measured ([`Capacity`]: completed requests per second at each number of sequences running
+//!   on the machine, for this engine, model and request mix), kept `up.utilization` busy so
+//!   queues stay short; until it has measured enough, `up.rate_per_worker` stands in. Past the
+//!   level where more sequences were measured to raise throughput by less than `up.min_gain`,
+//!   no rule adds a worker: there it would cost memory and serve nothing more.
 //! - Scale **up** to the lowest recommendation of the last `up.window_s`: demand must have held
 //!   for the whole window, so one spike does not start a worker.
 //! - Scale **down** to the highest recommendation of the last `down.stabilization_s`: every rule
@@ -23,6 +25,7 @@ use std::collections::VecDeque;
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
+pub use tidepool_sched::capacity::Throughput;
 
 /// Policy settings (the `[policy]` table of the config file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +75,10 @@ pub struct UpRules {
     /// How busy a worker may run by its measured capacity (0.1–1): lower keeps more headroom
     /// (shorter queues, more memory).
     pub utilization: f64,
+    /// The least share (0–1) by which more sequences must raise what the pool was measured to
+    /// serve: past a level where they raised it less, the pool does not grow (more workers
+    /// there cost memory and buy nothing).
+    pub min_gain: f64,
     /// Queued requests per worker above which one more worker is wanted.
     pub queue_per_worker: usize,
     /// p95 end-to-end latency target, milliseconds; unset disables the rule.
@@ -86,6 +93,7 @@ impl Default for UpRules {
         UpRules {
             rate_per_worker: 8.0,
             utilization: 0.85,
+            min_gain: 0.1,
             queue_per_worker: 4,
             p95_latency_ms: None,
             p95_ttft_ms: Some(2000.0),
@@ -167,6 +175,7 @@ impl PolicyConfig {
             1e6,
         )?;
         float(&key("up.utilization"), self.up.utilization, 0.1, 1.0)?;
+        float(&key("up.min_gain"), self.up.min_gain, 0.0, 1.0)?;
         count(&key("up.queue_per_worker"), self.up.queue_per_worker, 0)?;
         for (k, v) in [
             ("up.p95_latency_ms", self.up.p95_latency_ms),
@@ -242,19 +251,76 @@ pub struct PoolView {
     /// request: `INFINITY` keeps it loaded, 0 unloads it once idle. `None`: the policy's own
     /// rules. It never changes the configured policy.
     pub keep_alive_s: Option<f64>,
-    /// What one worker serves, as measured; `None` until the pool has measured enough.
+    /// What the pool serves, as measured; `None` until the pool has measured enough.
     pub capacity: Option<Capacity>,
 }
 
-/// What one worker serves, as the pool measured it.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What the pool serves, as it measured it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Capacity {
-    /// Completed requests per second with every slot busy.
-    pub requests_per_s: f64,
     /// Slots per worker.
     pub slots: usize,
-    /// The concurrency it was measured at (below `slots` until the pool has run that many).
-    pub at_sequences: usize,
+    /// Requests per second the pool completes at each number of running sequences.
+    pub throughput: Throughput,
+}
+
+impl Capacity {
+    /// The fewest workers that serve `rate` running `utilization` busy, at most `cap`
+    /// (where more stop paying: `saturation`), with the reason.
+    fn size(&self, rate: f64, utilization: f64, cap: Option<&Saturation>) -> (usize, String) {
+        let slots = self.slots.max(1);
+        let serves = |w: usize| self.throughput.at(w * slots);
+        let limit = cap.map_or(MAX_WORKERS, |c| c.workers);
+        let w = (1..=limit)
+            .find(|&w| serves(w).is_some_and(|e| e.requests_per_s * utilization >= rate))
+            .unwrap_or(limit);
+        let Some(e) = serves(w) else {
+            return (w, "nothing measured".into());
+        };
+        let who = if w == 1 {
+            format!("one worker of {slots} slots serves")
+        } else {
+            format!("{w} workers of {slots} slots serve")
+        };
+        let mut why = format!(
+            "needs {rate:.2} req/s, {who} {:.2} ({}; sized to {:.0} % busy)",
+            e.requests_per_s,
+            e.basis,
+            100.0 * utilization
+        );
+        if let Some(c) = cap.filter(|c| w == c.workers && e.requests_per_s * utilization < rate) {
+            why += &format!("; no more: {}", c.why);
+        }
+        (w, why)
+    }
+
+    /// Where the measured curve stops paying, in workers of this pool's slots.
+    fn saturation(&self, min_gain: f64) -> Option<Saturation> {
+        let (n, r) = self.throughput.saturation(min_gain)?;
+        let slots = self.slots.max(1);
+        let above = self
+            .throughput
+            .points()
+            .iter()
+            .filter(|p| p.0 > n)
+            .map(|p| format!("{:.2} at {}", p.1, p.0))
+            .collect::<Vec<_>>()
+            .join(", ");
+        Some(Saturation {
+            workers: n.div_ceil(slots).max(1),
+            why: format!(
+                "the pool served {r:.2} req/s at {n} running and {above}, less than {:.0} % more",
+                100.0 * min_gain
+            ),
+        })
+    }
+}
+
+/// The most workers worth running: more sequences than theirs were measured not to pay.
+#[derive(Debug, Clone, PartialEq)]
+struct Saturation {
+    workers: usize,
+    why: String,
 }
 
 /// Limits from the machine's state (see [`crate::power`]); the default limits nothing.
@@ -355,66 +421,66 @@ impl Policy {
         // The raw recommendation of this tick and what drives it.
         // Below the activation rate demand counts as none: a decaying moving average never
         // reaches exactly zero, and would otherwise hold one worker forever.
-        let measured = pool.capacity.filter(|m| m.requests_per_s > 0.0);
-        let per_worker = match measured {
-            Some(m) => m.requests_per_s * c.up.utilization,
-            None => c.up.rate_per_worker,
+        let measured = pool.capacity.as_ref().filter(|m| !m.throughput.is_empty());
+        // Where more sequences were measured not to pay: never grown past, by any rule.
+        let saturation = measured.and_then(|m| m.saturation(c.up.min_gain));
+        let (by_rate, mut why) = match measured {
+            Some(m) => m.size(s.arrival_rate, c.up.utilization, saturation.as_ref()),
+            None => (
+                ((s.arrival_rate / c.up.rate_per_worker).ceil() as usize).min(MAX_WORKERS),
+                format!(
+                    "arrival {:.1} req/s at {:.1} per worker (not yet measured)",
+                    s.arrival_rate, c.up.rate_per_worker
+                ),
+            ),
         };
         let by_rate = if s.arrival_rate < c.activation_rate {
             0
         } else {
-            ((s.arrival_rate / per_worker).ceil() as usize).min(MAX_WORKERS)
+            by_rate
         };
         let mut raw = by_rate;
-        let mut why = match measured {
-            Some(m) => format!(
-                "needs {:.2} req/s, one worker of {} slots serves {:.2} (measured at {} running; \
-                 sized to {:.0} % busy)",
-                s.arrival_rate,
-                m.slots,
-                m.requests_per_s,
-                m.at_sequences,
-                100.0 * c.up.utilization
-            ),
-            None => format!(
-                "arrival {:.1} req/s at {:.1} per worker (not yet measured)",
-                s.arrival_rate, c.up.rate_per_worker
-            ),
-        };
         let over = |v: Option<f64>, t: Option<f64>| matches!((v, t), (Some(v), Some(t)) if v > t);
-        if current > 0
-            && s.queue_depth > c.up.queue_per_worker.saturating_mul(current)
-            && current + 1 > raw
-        {
-            raw = current + 1;
-            why = format!(
-                "{} queued over {} per worker",
-                s.queue_depth, c.up.queue_per_worker
-            );
-        }
-        if current > 0
-            && s.queue_depth > 0
-            && over(s.p95_ttft_ms, c.up.p95_ttft_ms)
-            && current + 1 > raw
-        {
-            raw = current + 1;
-            why = format!(
-                "p95 TTFT {:.0} ms over {:.0} ms with requests queued",
-                s.p95_ttft_ms.unwrap_or_default(),
-                c.up.p95_ttft_ms.unwrap_or_default()
-            );
-        }
-        if current > 0
-            && s.queue_depth > 0
-            && over(s.p95_latency_ms, c.up.p95_latency_ms)
-            && current + 1 > raw
-        {
-            raw = current + 1;
-            why = format!(
-                "p95 latency {:.0} ms over {:.0} ms with requests queued",
-                s.p95_latency_ms.unwrap_or_default(),
-                c.up.p95_latency_ms.unwrap_or_default()
-            );
+        let one_more = [
+            (
+                s.queue_depth > c.up.queue_per_worker.saturating_mul(current),
+                format!(
+                    "{} queued over {} per worker",
+                    s.queue_depth, c.up.queue_per_worker
+                ),
+            ),
+            (
+                s.queue_depth > 0 && over(s.p95_ttft_ms, c.up.p95_ttft_ms),
+                format!(
+                    "p95 TTFT {:.0} ms over {:.0} ms with requests queued",
+                    s.p95_ttft_ms.unwrap_or_default(),
+                    c.up.p95_ttft_ms.unwrap_or_default()
+                ),
+            ),
+            (
+                s.queue_depth > 0 && over(s.p95_latency_ms, c.up.p95_latency_ms),
+                format!(
+                    "p95 latency {:.0} ms over {:.0} ms with requests queued",
+                    s.p95_latency_ms.unwrap_or_default(),
+                    c.up.p95_latency_ms.unwrap_or_default()
+                ),
+            ),
+        ];
+        for (holds, rule) in one_more {
+            if current == 0 || !holds || current < raw {
+                continue;
+            }
+            match &saturation {
+                Some(sat) if current + 1 > sat.workers => {
+                    raw = raw.max(current.min(sat.workers));
+                    why = format!("{rule}, but no more workers: {}", sat.why);
+                }
+                _ => {
+                    raw = current + 1;
+                    why = rule;
+                }
+            }
+            break;
         }
         // Busy workers are never recommended away.
         if s.in_flight > 0 && raw == 0 {
@@ -967,13 +1033,17 @@ mod tests {
         assert_eq!(p.config, before, "the policy itself is never rewritten");
     }
 
-    /// A pool whose workers serve `rps` requests per second each with 4 slots, as measured.
+    /// A pool of 4-slot workers measured to serve `rps` requests per second at 4 sequences.
     fn measured(workers: usize, rps: f64) -> PoolView {
+        curve(workers, 4, &[(4, rps)])
+    }
+
+    /// A pool of `slots`-slot workers with this measured throughput curve.
+    fn curve(workers: usize, slots: usize, points: &[(usize, f64)]) -> PoolView {
         PoolView {
             capacity: Some(Capacity {
-                requests_per_s: rps,
-                slots: 4,
-                at_sequences: 4,
+                slots,
+                throughput: Throughput::from_points(points.iter().copied()),
             }),
             ..pool(workers)
         }
@@ -1007,12 +1077,28 @@ mod tests {
     fn measured_capacity_sizes_the_pool_to_the_fewest_workers_that_serve_the_rate() {
         // One worker of 4 slots serves 2.6 req/s; at 85 % that is 2.21: 2.1 req/s needs one,
         // 4.0 needs two, 6.5 needs three (2.21 × 3 = 6.63), whatever rate_per_worker says.
-        for (rate, want) in [(2.1, 1), (4.0, 2), (6.5, 3)] {
+        for (rate, want, says) in [
+            (
+                2.1,
+                1,
+                "one worker of 4 slots serves 2.60 (measured at 4 running",
+            ),
+            (
+                4.0,
+                2,
+                "2 workers of 4 slots serve 5.20 (scaled from 4 running",
+            ),
+            (
+                6.5,
+                3,
+                "3 workers of 4 slots serve 7.80 (scaled from 4 running",
+            ),
+        ] {
             let mut p = Policy::new(cfg());
             let (w, d) = replay_measured(&mut p, 10, |w| measured(w, 2.6), |_| rate);
             assert_eq!(*w.last().unwrap(), want, "{rate} req/s: {d}");
             assert!(
-                d.reason.contains("one worker of 4 slots serves 2.60"),
+                d.reason.contains(says),
                 "the reason names the measured capacity: {d}"
             );
         }
@@ -1074,5 +1160,70 @@ mod tests {
         );
         let transitions = w.windows(2).filter(|p| p[0] != p[1]).count();
         assert!(transitions <= 2, "{transitions} transitions: {w:?}");
+    }
+
+    #[test]
+    fn the_pool_never_grows_past_where_more_sequences_stopped_paying() {
+        // A GPU-like curve: one worker of 8 slots serves 2.7 req/s, 32 sequences served 0.9.
+        // 10 req/s is more than any shape serves: one worker, and the reason says why.
+        let gpu = |w| curve(w, 8, &[(1, 1.0), (8, 2.7), (32, 0.9)]);
+        let mut p = Policy::new(cfg());
+        let (w, d) = replay_measured(&mut p, 10, gpu, |_| 10.0);
+        assert!(w.iter().all(|&n| n == 1), "{w:?}");
+        assert!(d.reason.contains("no more"), "{d}");
+        assert!(d.reason.contains("at 8 running"), "{d}");
+        // A 2-core CPU: four sequences served no more than one; a deep queue adds nobody.
+        let cpu = |w| curve(w, 2, &[(1, 1.73), (2, 1.53), (4, 1.6)]);
+        let mut p = Policy::new(cfg());
+        let queued = Signals {
+            arrival_rate: 3.0,
+            queue_depth: 40,
+            in_flight: 42,
+            p95_ttft_ms: Some(9000.0),
+            idle_s: Some(0.0),
+            ..Signals::default()
+        };
+        for t in 0..10 {
+            let d = p.tick(t as f64, &queued, cpu(1));
+            assert_eq!(d.workers, 1, "{d}");
+            assert!(d.reason.contains("but no more workers"), "{d}");
+        }
+        // A pool that grew to two before it learned that is brought back to one (after the
+        // stabilization window), queue or not.
+        let mut p = Policy::new(cfg());
+        let mut workers = 2;
+        for t in 0..200 {
+            workers = p.tick(t as f64, &queued, cpu(workers)).workers;
+        }
+        assert_eq!(workers, 1);
+    }
+
+    #[test]
+    fn a_level_not_yet_measured_is_tried_where_the_last_step_paid() {
+        // One sequence serves 0.6 req/s and two 0.8 (+33 %): at 1.1 req/s the pool goes to
+        // four one-slot workers, scaled from two (three: 1.2 × 0.85 = 1.02 is short; four:
+        // 1.6 × 0.85 = 1.36).
+        let two = |w| curve(w, 1, &[(1, 0.6), (2, 0.8)]);
+        let mut p = Policy::new(cfg());
+        let (w, d) = replay_measured(&mut p, 10, two, |_| 1.1);
+        assert_eq!(*w.last().unwrap(), 4, "{d}");
+        assert!(d.reason.contains("scaled from 2 running"), "{d}");
+        // The queue rule still adds one where nothing says it would not pay.
+        let mut p = Policy::new(cfg());
+        let queued = Signals {
+            arrival_rate: 0.1,
+            queue_depth: 9,
+            in_flight: 10,
+            idle_s: Some(0.0),
+            ..Signals::default()
+        };
+        let d = p.tick(0.0, &queued, two(1));
+        assert_eq!(d.workers, 1, "one tick is not a window: {d}");
+        let d = (1..=3)
+            .map(|t| p.tick(t as f64, &queued, two(1)))
+            .last()
+            .unwrap();
+        assert_eq!(d.workers, 2, "{d}");
+        assert!(d.reason.contains("queued over"), "{d}");
     }
 }

@@ -1,15 +1,17 @@
-//! What one worker serves, learned online from the requests the pool runs.
+//! What the pool serves, learned online from the requests it runs.
 //!
 //! Every completed generation is one sample: how long it held its slot, and how many sequences
-//! ran on its worker meanwhile (the mean of the counts when it started and when it ended). The
-//! [`ServiceCurve`] keeps a moving average of the service time at each such concurrency `n`; a
-//! worker running `n` sequences then serves `n / service_time(n)` requests per second. That is
-//! the capacity of a shape measured on this machine, this engine and this model, with the answer
-//! lengths clients really ask for: what the policy sizes the pool by instead of a constant.
-//! Pure: the pool feeds it, the policy reads it.
+//! ran in the pool meanwhile (the mean of the counts when it started and when it ended, over
+//! every worker of the model: they share the machine's cores or the GPU). The [`ServiceCurve`]
+//! keeps a moving average of the service time at each such concurrency `n`; the pool running `n`
+//! sequences then completes `n / service_time(n)` requests per second. That is the machine's
+//! curve for this engine, model and the answer lengths clients really ask for, and
+//! [`Throughput`] reads it: what a pool of `n` sequences serves (measured, interpolated, or
+//! extrapolated past what was measured), and where more sequences stop buying throughput. The
+//! policy sizes the pool by it instead of a constant. Pure: the pool feeds it, the policy reads it.
 
-/// The highest concurrency level kept (more sequences than this on one worker count here).
-pub const MAX_LEVEL: usize = 64;
+/// The highest concurrency level kept (more sequences than this count here).
+pub const MAX_LEVEL: usize = 256;
 /// Samples a level needs before its figure counts.
 pub const MIN_SAMPLES: u64 = 4;
 /// Weight of a new sample in the moving average (the curve follows a changing request mix).
@@ -18,7 +20,7 @@ const ALPHA: f64 = 0.2;
 /// Service time by concurrency, for one model on one engine.
 #[derive(Debug, Clone, Default)]
 pub struct ServiceCurve {
-    /// Index `n - 1`: requests that ran with `n` sequences on their worker.
+    /// Index `n - 1`: requests that ran with `n` sequences in the pool.
     levels: Vec<Level>,
 }
 
@@ -28,20 +30,9 @@ struct Level {
     samples: u64,
 }
 
-/// A worker's measured capacity.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct WorkerRate {
-    /// Requests per second one worker serves with every slot busy.
-    pub requests_per_s: f64,
-    /// The concurrency it was measured at (at most the worker's slots).
-    pub at_sequences: usize,
-    /// Samples behind the figure.
-    pub samples: u64,
-}
-
 impl ServiceCurve {
     /// One completed request: it held a slot `held_s` seconds while `running` sequences (itself
-    /// included) ran on its worker.
+    /// included) ran in the pool.
     pub fn observe(&mut self, running: usize, held_s: f64) {
         if !held_s.is_finite() || held_s <= 0.0 || running == 0 {
             return;
@@ -59,27 +50,22 @@ impl ServiceCurve {
         l.samples += 1;
     }
 
-    /// One completed request that held a slot `held_s` seconds, with `at_start` sequences on its
-    /// worker when it started and `at_end` when it ended (itself included in both): it counts at
+    /// One completed request that held a slot `held_s` seconds, with `at_start` sequences in the
+    /// pool when it started and `at_end` when it ended (itself included in both): it counts at
     /// the concurrency between the two.
     pub fn observe_span(&mut self, at_start: usize, at_end: usize, held_s: f64) {
         self.observe((at_start + at_end).div_ceil(2), held_s);
     }
 
-    /// What one worker of `slots` slots serves when all are busy: the figure measured at `slots`
-    /// sequences, or, until that level is measured, at the highest level below it that is (a
-    /// batching engine serves at least as much with more sequences, so this errs low). `None`
-    /// until some level has [`MIN_SAMPLES`].
-    pub fn worker_rate(&self, slots: usize) -> Option<WorkerRate> {
-        let top = slots.clamp(1, MAX_LEVEL).min(self.levels.len());
-        (1..=top).rev().find_map(|n| {
-            let l = self.levels[n - 1];
-            (l.samples >= MIN_SAMPLES && l.mean_s > 0.0).then(|| WorkerRate {
-                requests_per_s: n as f64 / l.mean_s,
-                at_sequences: n,
-                samples: l.samples,
-            })
-        })
+    /// The levels measured well enough to count ([`MIN_SAMPLES`] each).
+    pub fn throughput(&self) -> Throughput {
+        Throughput::from_points(
+            self.levels
+                .iter()
+                .enumerate()
+                .filter(|(_, l)| l.samples >= MIN_SAMPLES && l.mean_s > 0.0)
+                .map(|(i, l)| (i + 1, (i + 1) as f64 / l.mean_s)),
+        )
     }
 
     /// Forgets everything (the model or its engine changed).
@@ -88,33 +74,131 @@ impl ServiceCurve {
     }
 }
 
+/// Requests per second the pool completes at each number of running sequences, as measured.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Throughput {
+    /// (sequences, requests per second), ascending by sequences, each finite and positive.
+    points: Vec<(usize, f64)>,
+}
+
+/// What the pool serves at some number of sequences, and how that is known.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Estimate {
+    pub requests_per_s: f64,
+    pub basis: Basis,
+}
+
+/// Where an [`Estimate`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Basis {
+    /// Measured at exactly this many sequences.
+    Measured(usize),
+    /// Interpolated between two measured levels.
+    Between(usize, usize),
+    /// Scaled in proportion from the nearest measured level (an engine that batches well serves
+    /// in proportion to its sequences until measured otherwise).
+    From(usize),
+}
+
+impl std::fmt::Display for Basis {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Basis::Measured(n) => write!(f, "measured at {n} running"),
+            Basis::Between(a, b) => write!(f, "between {a} and {b} running, as measured"),
+            Basis::From(n) => write!(f, "scaled from {n} running, not yet measured"),
+        }
+    }
+}
+
+impl Throughput {
+    /// From (sequences, requests per second) points in any order; nonsense is left out and a
+    /// repeated level keeps its last figure.
+    pub fn from_points(points: impl IntoIterator<Item = (usize, f64)>) -> Throughput {
+        let mut v: Vec<(usize, f64)> = points
+            .into_iter()
+            .filter(|&(n, r)| n > 0 && r.is_finite() && r > 0.0)
+            .collect();
+        v.sort_by_key(|p| p.0);
+        v.reverse();
+        v.dedup_by_key(|p| p.0);
+        v.reverse();
+        Throughput { points: v }
+    }
+
+    /// The measured levels, ascending.
+    pub fn points(&self) -> &[(usize, f64)] {
+        &self.points
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.points.is_empty()
+    }
+
+    /// What the pool serves with `n` sequences running; `None` when nothing is measured.
+    pub fn at(&self, n: usize) -> Option<Estimate> {
+        let n = n.max(1);
+        let (first, last) = (self.points.first()?, self.points.last()?);
+        let est = |requests_per_s, basis| {
+            Some(Estimate {
+                requests_per_s,
+                basis,
+            })
+        };
+        if let Some(&(_, r)) = self.points.iter().find(|p| p.0 == n) {
+            return est(r, Basis::Measured(n));
+        }
+        if n < first.0 {
+            return est(first.1 * n as f64 / first.0 as f64, Basis::From(first.0));
+        }
+        if n > last.0 {
+            return est(last.1 * n as f64 / last.0 as f64, Basis::From(last.0));
+        }
+        let hi = self.points.iter().position(|p| p.0 > n)?;
+        let ((a, ra), (b, rb)) = (self.points[hi - 1], self.points[hi]);
+        let r = ra + (rb - ra) * (n - a) as f64 / (b - a) as f64;
+        est(r, Basis::Between(a, b))
+    }
+
+    /// The fewest sequences past which the measured curve stops paying: the lowest level `a`
+    /// that has measured levels above it, every one of which serves less than `1 + min_gain`
+    /// times what `a` serves (more sequences bought less than `min_gain` more throughput, or
+    /// less). `None` while some higher level paid at every level measured.
+    pub fn saturation(&self, min_gain: f64) -> Option<(usize, f64)> {
+        let n = self.points.len();
+        self.points
+            .iter()
+            .take(n.saturating_sub(1))
+            .enumerate()
+            .find_map(|(i, &(a, ra))| {
+                self.points[i + 1..]
+                    .iter()
+                    .all(|&(_, rb)| rb < ra * (1.0 + min_gain))
+                    .then_some((a, ra))
+            })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn capacity_is_sequences_over_service_time_at_the_highest_measured_level() {
+    fn a_level_counts_once_it_has_enough_samples() {
         let mut c = ServiceCurve::default();
-        assert_eq!(c.worker_rate(4), None, "nothing measured");
+        assert!(c.throughput().is_empty(), "nothing measured");
         for _ in 0..MIN_SAMPLES {
             c.observe(1, 2.0);
         }
-        // One sequence at a time, 2 s each: 0.5 req/s, whatever the slots until more is known.
-        let one = c.worker_rate(4).unwrap();
-        assert_eq!((one.requests_per_s, one.at_sequences), (0.5, 1));
+        // One sequence at a time, 2 s each: 0.5 req/s.
+        assert_eq!(c.throughput().points(), &[(1, 0.5)]);
         for _ in 0..MIN_SAMPLES - 1 {
-            c.observe(2, 2.5);
+            c.observe_span(2, 2, 2.5);
         }
-        assert_eq!(
-            c.worker_rate(4).unwrap().at_sequences,
-            1,
-            "too few samples at 2"
-        );
-        c.observe(2, 2.5);
+        assert_eq!(c.throughput().points().len(), 1, "too few samples at 2");
+        // Started with 1 running, ended with 3: it counts at 2.
+        c.observe_span(1, 3, 2.5);
         // Two at a time, 2.5 s each: 0.8 req/s.
-        assert_eq!(c.worker_rate(4).unwrap().requests_per_s, 0.8);
-        // A one-slot worker is still measured at one.
-        assert_eq!(c.worker_rate(1).unwrap().requests_per_s, 0.5);
+        assert_eq!(c.throughput().points(), &[(1, 0.5), (2, 0.8)]);
     }
 
     #[test]
@@ -126,14 +210,56 @@ mod tests {
         for _ in 0..30 {
             c.observe(1, 4.0);
         }
-        let r = c.worker_rate(1).unwrap().requests_per_s;
+        let r = c.throughput().points()[0].1;
         assert!((r - 0.25).abs() < 0.01, "{r}");
         c.observe(0, 1.0);
         c.observe(1, f64::NAN);
         c.observe(1, -1.0);
-        c.observe(10_000, 1.0);
-        assert_eq!(c.worker_rate(1).unwrap().samples, MIN_SAMPLES + 30);
+        // Past the highest level kept it counts there.
+        for _ in 0..MIN_SAMPLES {
+            c.observe(10_000, 1.0);
+        }
+        let points = c.throughput();
+        assert_eq!(points.points().len(), 2);
+        assert_eq!(points.points()[1], (MAX_LEVEL, MAX_LEVEL as f64));
         c.clear();
-        assert_eq!(c.worker_rate(1), None);
+        assert!(c.throughput().is_empty());
+    }
+
+    #[test]
+    fn estimates_are_measured_interpolated_or_scaled_from_the_nearest_level() {
+        let t = Throughput::from_points([(4, 2.0), (2, 1.5), (0, 9.0), (8, f64::NAN)]);
+        assert_eq!(
+            t.points(),
+            &[(2, 1.5), (4, 2.0)],
+            "sorted, nonsense left out"
+        );
+        let at = |n| t.at(n).unwrap();
+        assert_eq!(at(2).requests_per_s, 1.5);
+        assert_eq!(at(2).basis, Basis::Measured(2));
+        assert_eq!(at(3).requests_per_s, 1.75);
+        assert_eq!(at(3).basis, Basis::Between(2, 4));
+        assert_eq!(at(1).requests_per_s, 0.75);
+        assert_eq!(at(8).requests_per_s, 4.0);
+        assert_eq!(at(8).basis, Basis::From(4));
+        assert_eq!(Throughput::default().at(4), None);
+    }
+
+    #[test]
+    fn saturation_is_the_first_level_more_sequences_do_not_pay_past() {
+        // A GPU-like curve: grows to 8 sequences, falls at 32.
+        let gpu = Throughput::from_points([(1, 1.0), (8, 2.7), (32, 0.9)]);
+        assert_eq!(gpu.saturation(0.1), Some((8, 2.7)));
+        // A 2-core CPU: one sequence serves about what four do.
+        let cpu = Throughput::from_points([(1, 1.73), (2, 1.53), (4, 1.60)]);
+        assert_eq!(cpu.saturation(0.1), Some((1, 1.73)));
+        // Every step paid (+33 % from one to two): not saturated, as far as measured.
+        let two = Throughput::from_points([(1, 0.6), (2, 0.8)]);
+        assert_eq!(two.saturation(0.1), None);
+        assert_eq!(two.saturation(0.5), Some((1, 0.6)));
+        // A dip that a higher level makes up for is not saturation.
+        let dip = Throughput::from_points([(1, 1.0), (2, 0.9), (4, 2.0)]);
+        assert_eq!(dip.saturation(0.1), None);
+        assert_eq!(Throughput::from_points([(4, 2.0)]).saturation(0.1), None);
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::oneshot;
 
 use tidepool_engine::{Engine, EngineError, EngineSpec};
 
-use crate::capacity::{ServiceCurve, WorkerRate};
+use crate::capacity::{ServiceCurve, Throughput};
 use crate::ledger::{DoesNotFit, Ledger, Reservation};
 use crate::queue::{Class, PriorityQueue, QueueFull, Ticket};
 
@@ -170,7 +170,7 @@ pub struct Lease {
     worker: u64,
     engine: Arc<dyn Engine>,
     acquired: Instant,
-    /// Sequences running on the worker when this one started (itself included).
+    /// Sequences running in the pool when this one started (itself included).
     running_at_start: usize,
     /// When its generation completed ([`Lease::completed`]); only completed ones are samples
     /// of the service curve.
@@ -308,12 +308,13 @@ impl Pool {
             .filter(|w| w.engine.as_ref().is_some_and(|e| e.health().is_ok()))
             .min_by_key(|w| (w.busy, w.id))?;
         w.busy += 1;
+        let (worker, engine) = (w.id, w.engine.clone()?);
         Some(Lease {
             pool: Some(self.clone()),
-            worker: w.id,
-            engine: w.engine.clone()?,
+            worker,
+            engine,
             acquired: Instant::now(),
-            running_at_start: w.busy,
+            running_at_start: running(inner),
             completed: None,
         })
     }
@@ -341,17 +342,13 @@ impl Pool {
         }
     }
 
-    /// Gives a slot back; `sample` is (sequences running when it started, seconds held) of a
-    /// completed generation.
+    /// Gives a slot back; `sample` is (sequences running in the pool when it started, seconds
+    /// held) of a completed generation.
     fn release(self: &Arc<Self>, worker: u64, sample: Option<(usize, f64)>) {
         let dead = {
             let mut inner = self.lock();
             if let Some((at_start, held_s)) = sample {
-                let at_end = inner
-                    .workers
-                    .iter()
-                    .find(|w| w.id == worker)
-                    .map_or(at_start, |w| w.busy);
+                let at_end = running(&inner);
                 inner.curve.observe_span(at_start, at_end, held_s);
             }
             if let Some(stopped) = release_slot(&mut inner, worker) {
@@ -766,10 +763,10 @@ impl Pool {
         (inner.ledger.budget(), inner.ledger.reserved())
     }
 
-    /// What one worker serves with every slot busy, as measured so far (`None` until enough
-    /// generations have completed).
-    pub fn worker_rate(&self) -> Option<WorkerRate> {
-        self.lock().curve.worker_rate(self.factory.slots())
+    /// What the pool serves at each number of running sequences, as measured so far (empty
+    /// until enough generations have completed).
+    pub fn throughput(&self) -> Throughput {
+        self.lock().curve.throughput()
     }
 
     /// Slots per worker.
@@ -807,6 +804,11 @@ fn first_line(text: &str) -> &str {
         Some((end, _)) => &line[..end],
         None => line,
     }
+}
+
+/// Sequences running in the pool, on every worker.
+fn running(inner: &Inner) -> usize {
+    inner.workers.iter().map(|w| w.busy).sum()
 }
 
 /// Frees one slot of `worker`; returns its id if that drained it completely.
@@ -876,26 +878,35 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn completed_generations_teach_the_pool_what_a_worker_serves() {
+    async fn completed_generations_teach_the_pool_what_it_serves() {
         let kept = Arc::new(Kept::default());
         let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
-        let id = pool.add_worker("test").unwrap();
-        pool.wait_ready(id).await.unwrap();
+        for _ in 0..2 {
+            let id = pool.add_worker("test").unwrap();
+            pool.wait_ready(id).await.unwrap();
+        }
         let lease = || pool.acquire(Class::Standard, Duration::from_secs(1));
         // Leases that never complete (failed, cancelled) teach nothing.
         for _ in 0..10 {
             drop(lease().await.unwrap());
         }
-        assert_eq!(pool.worker_rate(), None);
-        // Two at a time, each completed: measured at two running sequences.
+        assert!(pool.throughput().is_empty());
+        // Two at a time, one on each worker, each completed: measured at two sequences in the
+        // pool (the workers share the machine), not one per worker.
         for _ in 0..crate::capacity::MIN_SAMPLES {
             let (mut a, mut b) = (lease().await.unwrap(), lease().await.unwrap());
+            assert_ne!(a.worker(), b.worker());
             a.completed();
             b.completed();
+            // Each counts at the mean of the sequences running when it started and ended:
+            // a (1 then 2) and b (2 then 1) both at two.
+            drop(a);
+            drop(b);
         }
-        let r = pool.worker_rate().expect("measured");
-        assert_eq!(r.at_sequences, 2);
-        assert!(r.requests_per_s > 0.0);
+        let t = pool.throughput();
+        assert_eq!(t.points().len(), 1, "{t:?}");
+        assert_eq!(t.points()[0].0, 2);
+        assert!(t.points()[0].1 > 0.0);
         assert_eq!(pool.slots_per_worker(), 2);
         pool.stop();
     }

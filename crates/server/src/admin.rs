@@ -63,6 +63,14 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
             "shared_weights_bytes": pool.shared_weights(),
             "process_rss_bytes": process_rss_bytes(),
         },
+        // What the pool was measured to serve at each number of running sequences (what the
+        // policy sizes it by).
+        "throughput": pool
+            .throughput()
+            .points()
+            .iter()
+            .map(|&(n, r)| json!({"sequences": n, "requests_per_s": r}))
+            .collect::<Vec<_>>(),
         // CPU time the process has used, seconds (user + system, every thread).
         "process_cpu_s": tidepool_sched::memory::process_cpu_seconds(),
         "policy": scaler.config(),
