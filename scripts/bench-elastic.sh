@@ -11,8 +11,11 @@
 #
 #   scripts/bench-elastic.sh [--model smollm2-135m-instruct] [--engines llamacpp,mistralrs]
 #                            [--traces ramp,bursty,diurnal] [--step-s 20] [--max-tokens 32]
-#                            [--slots 2] [--max 3] [--peak 1.5] [--write]
+#                            [--slots N] [--max 3] [--peak 1.5] [--write]
 #                            [--results bench/report/elastic.jsonl]
+#
+# The default shape is each engine's default on the CPU (`ModelConfig::default_slots`: 2 slots on
+# llama.cpp, 1 on mistral.rs); --slots sets it for both.
 #
 # Every run's JSON (`bench load --json` with engine, trace and capacity added) is kept in
 # --results, which scripts/bench-simulate.sh --real reads.
@@ -24,7 +27,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/serve-lib.sh
 
-model=smollm2-135m-instruct engines=llamacpp,mistralrs traces=ramp step=20 tokens=32 slots=2
+model=smollm2-135m-instruct engines=llamacpp,mistralrs traces=ramp step=20 tokens=32 slots=
 max=3 peak=1.5 write=0 results=bench/report/elastic.jsonl window=1 queue=1
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -64,18 +67,23 @@ down = { stabilization_s = 15 }
 TOML
 }
 
+default_slots() { # engine
+  if [ -n "$slots" ]; then echo "$slots"; elif [ "$1" = mistralrs ]; then echo 1; else echo 2; fi
+}
+
 for engine in ${engines//,/ }; do
-  config "$work/cal.toml" "$engine" "$slots" 1 1
+  unit=$(default_slots "$engine")
+  config "$work/cal.toml" "$engine" "$unit" 1 1
   start_server "$bin" "$model" "$work/cal.toml" "$work/cal-$engine"
-  cap=$("$bin" bench capacity --url "$server_url" --concurrency "$slots" --seconds 20 \
+  cap=$("$bin" bench capacity --url "$server_url" --concurrency "$unit" --seconds 20 \
     --max-tokens "$tokens" --json 2>/dev/null)
   stop_server
   rps=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['requests_per_s'])" "$cap")
   peak_rps=$(python3 -c "print(round($rps * $peak, 3))")
-  echo "$engine: one worker of $slots slots serves $rps req/s; traces peak at $peak_rps req/s" >&2
+  echo "$engine: one worker of $unit slots serves $rps req/s; traces peak at $peak_rps req/s" >&2
   for trace in ${traces//,/ }; do
-    shapes=("1x1 1 1 1" "1x2 2 1 1" "1x4 4 1 1" "1x8 8 1 1" "${max}x$slots $slots $max $max"
-            "elastic-1-$max $slots 1 $max")
+    shapes=("1x1 1 1 1" "1x2 2 1 1" "1x4 4 1 1" "1x8 8 1 1" "${max}x$unit $unit $max $max"
+            "elastic-1-$max $unit 1 $max")
     for s in "${shapes[@]}"; do
       read -r label sl lo hi <<< "$s"
       config "$work/c.toml" "$engine" "$sl" "$lo" "$hi"

@@ -160,7 +160,8 @@ pub struct ModelConfig {
     /// Catalog id or path to a `.gguf`; unset means the catalog default.
     pub id: Option<String>,
     pub device: DeviceSetting,
-    /// Concurrent sequences per worker; unset means [`ModelConfig::default_slots`] for the device.
+    /// Concurrent sequences per worker; unset means [`ModelConfig::default_slots`] for the device
+    /// and engine.
     pub slots: Option<usize>,
     /// Prompt prefixes kept for reuse (mistral.rs prefix cache); 0 disables it. Unset: 16 on a
     /// GPU, off on the CPU, where mistral.rs 0.8.1 never evicts cached prefixes (RSS grew from
@@ -187,16 +188,19 @@ impl Default for ModelConfig {
 }
 
 impl ModelConfig {
-    /// Slots per worker when the config leaves them unset. On CPU, sequences batched in one engine
-    /// add no throughput (candle's quantized matmul costs a batch what its sequences cost alone;
-    /// `scripts/bench-shapes.sh`: 1x1 34.2 tok/s, 1x4 34.8) while they lengthen every latency, so
-    /// a CPU worker gets 2; on a GPU batching is where throughput comes from, and 8 concurrent
-    /// sequences were measured to run well with mistral.rs on an H100 (32 did not).
-    pub fn default_slots(gpu: bool) -> usize {
-        if gpu {
-            8
-        } else {
-            2
+    /// Slots per worker when the config leaves them unset. On a GPU batching is where
+    /// throughput comes from, and 8 concurrent sequences were measured to run well with
+    /// mistral.rs on an H100 (32 did not). On the CPU, mistral.rs gains nothing from sequences
+    /// batched in one engine (candle's quantized matmul costs a batch what its sequences cost
+    /// alone; `scripts/bench-shapes.sh`: 1x1 34.2 tok/s, 1x4 34.8) and they lengthen every
+    /// latency (docs/elasticity.md, the ramp: 1x1 p95 1.59 s, 1x2 10.98 s), so its unit is one
+    /// slot and the pool grows in workers; a llama.cpp context batches its sequences in one
+    /// decode and two workers of 2 slots served as much as one of 4, so it gets 2.
+    pub fn default_slots(gpu: bool, engine: tidepool_engine::choice::EngineKind) -> usize {
+        match (gpu, engine) {
+            (true, _) => 8,
+            (false, tidepool_engine::choice::EngineKind::MistralRs) => 1,
+            (false, _) => 2,
         }
     }
 
@@ -205,9 +209,10 @@ impl ModelConfig {
         self.prefix_cache.unwrap_or(if gpu { 16 } else { 0 })
     }
 
-    /// The slots per worker for a worker on a GPU (`gpu`) or the CPU.
-    pub fn slots_for(&self, gpu: bool) -> usize {
-        self.slots.unwrap_or_else(|| Self::default_slots(gpu))
+    /// The slots per worker for a worker of `engine` on a GPU (`gpu`) or the CPU.
+    pub fn slots_for(&self, gpu: bool, engine: tidepool_engine::choice::EngineKind) -> usize {
+        self.slots
+            .unwrap_or_else(|| Self::default_slots(gpu, engine))
     }
 }
 

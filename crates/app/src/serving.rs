@@ -103,15 +103,22 @@ pub(crate) async fn load_model(
 async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool>> {
     let device = device_pref(cfg);
     let gpu = device != DevicePreference::Cpu && tidepool_engine::gpu_available();
-    let slots = cfg.model.slots_for(gpu);
+    // Read (and so check) the file before any engine sees it: a malformed GGUF is an error here.
+    let gguf = GgufInfo::read_cached(&local.files)?;
+    // The engine first: the slots a worker gets depend on it. Its speed probe loads each engine
+    // with one slot.
+    let probe_cfg = EngineConfig {
+        device,
+        max_sequences: 1,
+        prefix_cache_entries: 0,
+    };
+    let engine = choose_engine(local, cfg, &probe_cfg, gpu).await?;
+    let slots = cfg.model.slots_for(gpu, engine);
     let engine_cfg = EngineConfig {
         device,
         max_sequences: slots,
         prefix_cache_entries: cfg.model.prefix_cache_for(gpu),
     };
-    // Read (and so check) the file before any engine sees it: a malformed GGUF is an error here.
-    let gguf = GgufInfo::read(&local.files)?;
-    let engine = choose_engine(local, cfg, &engine_cfg, gpu).await?;
     // The pool: every worker reserves its weights, KV cache for its slots and overhead.
     let shape = WorkerShape {
         slots: slots as u64,
