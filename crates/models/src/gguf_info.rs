@@ -78,7 +78,60 @@ pub struct GgufInfo {
     pub special_tokens: Vec<String>,
 }
 
+/// What identifies one version of a file: its path, size and (on Unix) inode and change time,
+/// which no write and no `touch` leaves as they were.
+type FileVersion = (PathBuf, u64, u64, i64, i64);
+
+fn file_version(path: &Path) -> std::io::Result<FileVersion> {
+    let m = std::fs::metadata(path)?;
+    #[cfg(unix)]
+    let (ino, secs, nanos) = {
+        use std::os::unix::fs::MetadataExt;
+        (m.ino(), m.ctime(), m.ctime_nsec())
+    };
+    #[cfg(not(unix))]
+    let (ino, secs, nanos) = {
+        let t = m
+            .modified()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        (0, t.as_secs() as i64, t.subsec_nanos() as i64)
+    };
+    Ok((path.to_path_buf(), m.len(), ino, secs, nanos))
+}
+
 impl GgufInfo {
+    /// [`GgufInfo::read`], remembered for the life of the process (the last 16 models): reading
+    /// and checking a header with a 150 000-token vocabulary takes a noticeable part of a cold
+    /// start, and a model that scaled to zero loads the same file again. A file that changed
+    /// (size, inode or change time) is read and checked again.
+    pub fn read_cached(files: &[PathBuf]) -> Result<GgufInfo, GgufInfoError> {
+        type Cache = std::sync::Mutex<lru::LruCache<Vec<FileVersion>, GgufInfo>>;
+        static CACHE: std::sync::OnceLock<Cache> = std::sync::OnceLock::new();
+        let cache = CACHE.get_or_init(|| {
+            std::sync::Mutex::new(lru::LruCache::new(
+                std::num::NonZeroUsize::new(16).expect("nonzero"),
+            ))
+        });
+        let Ok(key) = files
+            .iter()
+            .map(|p| file_version(p))
+            .collect::<std::io::Result<Vec<_>>>()
+        else {
+            // Unreadable: `read` says why.
+            return Self::read(files);
+        };
+        if let Some(hit) = cache.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+            return Ok(hit.clone());
+        }
+        let info = Self::read(files)?;
+        cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .put(key, info.clone());
+        Ok(info)
+    }
+
     /// Reads the headers of one model's GGUF file(s).
     pub fn read(files: &[PathBuf]) -> Result<GgufInfo, GgufInfoError> {
         let mut metadata = None;

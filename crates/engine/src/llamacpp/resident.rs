@@ -74,7 +74,7 @@ pub(crate) fn acquire(files: &[PathBuf]) -> Result<(Arc<Resident>, bool), String
 
 impl Resident {
     fn load(files: &[PathBuf]) -> Result<Resident, String> {
-        let gguf = GgufInfo::read(files).map_err(|e| e.to_string())?;
+        let gguf = GgufInfo::read_cached(files).map_err(|e| e.to_string())?;
         // The first split names the others; llama.cpp finds them beside it.
         let path = &files[0];
         let backend = super::backend().map_err(|e| e.to_string())?;

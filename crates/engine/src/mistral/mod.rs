@@ -120,7 +120,7 @@ impl MistralEngine {
             model: model.name.clone(),
             message,
         };
-        let gguf = GgufInfo::read(&model.files).map_err(|e| load_err(e.to_string()))?;
+        let gguf = GgufInfo::read_cached(&model.files).map_err(|e| load_err(e.to_string()))?;
         let first = &model.files[0];
         let dir = first
             .parent()
