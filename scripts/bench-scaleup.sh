@@ -2,7 +2,7 @@
 # For each model: how fast a new worker serves, and how close the ledger's reservation is to the
 # RSS it really adds. Starts `tidepool serve` with one worker whose slots are kept busy, asks for a
 # second (POST /admin/scale) and times the decision to the new worker's Ready event and to the
-# first token of a request that only the new worker can serve; compares the RSS before and after
+# first generated text of a short request that only the new worker can serve; compares the RSS before and after
 # with what the new worker reserved. Then scales to zero (the weights unload on llama.cpp) and times
 # a request from zero to its first token.
 #
@@ -35,8 +35,8 @@ min_workers = 0
 max_workers = 2
 TOML
 
-echo "| model | engine | decision → ready | decision → first token on the new worker | from zero: request → first token | reserved by the new worker | RSS it added | reserved / measured |"
-echo "|---|---|---|---|---|---|---|---|"
+echo "| model | engine | decision → ready | decision → first token on the new worker | from zero: loading → ready | from zero: request → first token | reserved by the new worker | RSS it added | reserved / measured |"
+echo "|---|---|---|---|---|---|---|---|---|"
 for m in "${models[@]}"; do
   start_server "$bin" "$m" "$work/c.toml" "$work/s"
   python3 - "$server_url" "$(basename "$m" .gguf)" "$engine" <<'PY'
@@ -50,13 +50,18 @@ def post(path, body):
 LONG = "Tell me everything about the sea, its tides and its creatures. " * 12
 def chat(max_tokens=4, content=LONG):
     return post("/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "max_tokens": max_tokens})
+SHORT = "What is the tide?"
 def first_token(t0):
-    """Streams one request; seconds from t0 to its first content chunk."""
-    body = {"messages": [{"role": "user", "content": LONG}], "max_tokens": 4, "stream": True}
+    """Streams one short request; seconds from t0 to its first generated text (the first
+    chunk only names the role: its content is empty)."""
+    body = {"messages": [{"role": "user", "content": SHORT}], "max_tokens": 4, "stream": True}
     req = urllib.request.Request(url + "/v1/chat/completions", json.dumps(body).encode(), {"content-type": "application/json"})
     with urllib.request.urlopen(req) as r:
         for line in r:
-            if b'"content"' in line:
+            if not line.startswith(b"data: {"):
+                continue
+            choices = json.loads(line[6:]).get("choices") or [{}]
+            if choices[0].get("delta", {}).get("content"):
                 at = time.time() - t0
                 for _ in r:
                     pass
@@ -96,8 +101,12 @@ time.sleep(max(0.0, t_zero + 12.5 - time.time()))
 assert not get("/admin/status")["workers"], "the pool did not reach zero"
 t0 = time.time()
 from_zero = first_token(t0)
+ev = get("/admin/events")["events"]
+cold = max(e["worker"] for e in ev if e["worker"] is not None)
+cold_loading = next(e["at"] for e in ev if e["worker"] == cold and e["to"] == "loading")
+cold_ready = next(e["at"] for e in ev if e["worker"] == cold and e["to"] == "ready")
 mib = lambda b: f"{b / 2**20:.0f} MiB"
-print(f"| {name} | {engine} | {ready - loading:.3f} s | {to_token:.3f} s | {from_zero:.2f} s | {mib(reserved)} | {mib(added)} | {reserved / max(added, 1):.2f} |")
+print(f"| {name} | {engine} | {ready - loading:.3f} s | {to_token:.3f} s | {cold_ready - cold_loading:.2f} s | {from_zero:.2f} s | {mib(reserved)} | {mib(added)} | {reserved / max(added, 1):.2f} |")
 PY
   stop_server
 done
