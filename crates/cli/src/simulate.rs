@@ -270,7 +270,8 @@ pub fn simulate(
                 let r = running.swap_remove(i);
                 let end = t + DT;
                 let at_end = running.len() + 1;
-                curve.observe_span(r.running_at_start, at_end, end - r.admitted);
+                // Every simulated request generates the same answer.
+                curve.observe_span(r.running_at_start, at_end, end - r.admitted, 1);
                 done.push((
                     end,
                     end - r.arrived,

@@ -222,10 +222,22 @@ impl Autoscaler {
             }),
         };
         let current = view.workers;
-        let decision = self
-            .policy
-            .lock()
-            .tick(self.epoch.elapsed().as_secs_f64(), &signals, view);
+        let (decision, min_gain) = {
+            let mut policy = self.policy.lock();
+            let d = policy.tick(self.epoch.elapsed().as_secs_f64(), &signals, view);
+            (d, policy.config.up.min_gain)
+        };
+        // Past where more sequences stopped paying, requests queue instead of slowing the others.
+        pool.set_sequence_cap(pool.throughput().saturation(min_gain).map(|(n, r)| {
+            (
+                n,
+                format!(
+                    "the machine served {r:.2} req/s at {n} running and less than {:.0} % more \
+                     with more",
+                    100.0 * min_gain
+                ),
+            )
+        }));
         let mut active = current;
         while active < decision.workers {
             if pool.add_worker(&decision.reason).is_err() {

@@ -77,7 +77,7 @@ pub struct UpRules {
     pub utilization: f64,
     /// The least share (0–1) by which more sequences must raise what the pool was measured to
     /// serve: past a level where they raised it less, the pool does not grow (more workers
-    /// there cost memory and buy nothing).
+    /// there cost memory and buy nothing) and runs no more sequences at once. 0 turns it off.
     pub min_gain: f64,
     /// Queued requests per worker above which one more worker is wanted.
     pub queue_per_worker: usize,

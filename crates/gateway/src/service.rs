@@ -288,8 +288,8 @@ impl Service {
             // frees it.
             let mut lease = lease;
             let stream: GenerationStream = Box::pin(stream.map(move |event| {
-                if matches!(event, GenerationEvent::Done { .. }) {
-                    lease.completed();
+                if let GenerationEvent::Done { usage, .. } = &event {
+                    lease.completed(usage.completion_tokens.into());
                 }
                 event
             }));

@@ -1,10 +1,13 @@
 //! What the pool serves, learned online from the requests it runs.
 //!
-//! Every completed generation is one sample: how long it held its slot, and how many sequences
-//! ran in the pool meanwhile (the mean of the counts when it started and when it ended, over
-//! every worker of the model: they share the machine's cores or the GPU). The [`ServiceCurve`]
-//! keeps a moving average of the service time at each such concurrency `n`; the pool running `n`
-//! sequences then completes `n / service_time(n)` requests per second. That is the machine's
+//! Every completed generation is one sample: how long it held its slot, how many tokens it
+//! generated, and how many sequences ran in the pool meanwhile (the mean of the counts when it
+//! started and when it ended, over every worker of the model: they share the machine's cores or
+//! the GPU). The [`ServiceCurve`] keeps a moving average of the seconds per generated token at
+//! each such concurrency `n`, and one of the tokens a request generates; the pool running `n`
+//! sequences then completes `n / (seconds_per_token(n) × tokens_per_request)` requests per
+//! second. Kept per token, a change in answer length moves every level at once instead of
+//! making the levels measured before it look faster or slower than the others. That is the machine's
 //! curve for this engine, model and the answer lengths clients really ask for, and
 //! [`Throughput`] reads it: what a pool of `n` sequences serves (measured, interpolated, or
 //! extrapolated past what was measured), and where more sequences stop buying throughput. The
@@ -13,7 +16,7 @@
 /// The highest concurrency level kept (more sequences than this count here).
 pub const MAX_LEVEL: usize = 256;
 /// Samples a level needs before its figure counts.
-pub const MIN_SAMPLES: u64 = 4;
+pub const MIN_SAMPLES: u64 = 8;
 /// Weight of a new sample in the moving average (the curve follows a changing request mix).
 const ALPHA: f64 = 0.2;
 
@@ -22,55 +25,71 @@ const ALPHA: f64 = 0.2;
 pub struct ServiceCurve {
     /// Index `n - 1`: requests that ran with `n` sequences in the pool.
     levels: Vec<Level>,
+    /// Moving average of the tokens a request generates (0 before the first sample).
+    tokens_per_request: f64,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
 struct Level {
+    /// Moving average of seconds per generated token.
     mean_s: f64,
     samples: u64,
 }
 
 impl ServiceCurve {
-    /// One completed request: it held a slot `held_s` seconds while `running` sequences (itself
-    /// included) ran in the pool.
-    pub fn observe(&mut self, running: usize, held_s: f64) {
+    /// One completed request: it held a slot `held_s` seconds and generated `tokens` tokens
+    /// (counted as at least one) while `running` sequences (itself included) ran in the pool.
+    pub fn observe(&mut self, running: usize, held_s: f64, tokens: u64) {
         if !held_s.is_finite() || held_s <= 0.0 || running == 0 {
             return;
         }
+        let tokens = tokens.max(1) as f64;
+        let per_token = held_s / tokens;
         let n = running.min(MAX_LEVEL);
         if self.levels.len() < n {
             self.levels.resize(n, Level::default());
         }
-        let l = &mut self.levels[n - 1];
-        l.mean_s = if l.samples == 0 {
-            held_s
-        } else {
-            l.mean_s + ALPHA * (held_s - l.mean_s)
+        let average = |mean: f64, first: bool, x: f64| {
+            if first {
+                x
+            } else {
+                mean + ALPHA * (x - mean)
+            }
         };
+        let l = &mut self.levels[n - 1];
+        l.mean_s = average(l.mean_s, l.samples == 0, per_token);
         l.samples += 1;
+        self.tokens_per_request = average(
+            self.tokens_per_request,
+            self.tokens_per_request == 0.0,
+            tokens,
+        );
     }
 
-    /// One completed request that held a slot `held_s` seconds, with `at_start` sequences in the
-    /// pool when it started and `at_end` when it ended (itself included in both): it counts at
-    /// the concurrency between the two.
-    pub fn observe_span(&mut self, at_start: usize, at_end: usize, held_s: f64) {
-        self.observe((at_start + at_end).div_ceil(2), held_s);
+    /// One completed request that held a slot `held_s` seconds and generated `tokens`, with
+    /// `at_start` sequences in the pool when it started and `at_end` when it ended (itself
+    /// included in both): it counts at the concurrency between the two.
+    pub fn observe_span(&mut self, at_start: usize, at_end: usize, held_s: f64, tokens: u64) {
+        self.observe((at_start + at_end).div_ceil(2), held_s, tokens);
     }
 
-    /// The levels measured well enough to count ([`MIN_SAMPLES`] each).
+    /// Requests per second at the levels measured well enough to count ([`MIN_SAMPLES`] each),
+    /// for requests of the current average length.
     pub fn throughput(&self) -> Throughput {
+        let tokens = self.tokens_per_request;
         Throughput::from_points(
             self.levels
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| l.samples >= MIN_SAMPLES && l.mean_s > 0.0)
-                .map(|(i, l)| (i + 1, (i + 1) as f64 / l.mean_s)),
+                .map(|(i, l)| (i + 1, (i + 1) as f64 / (l.mean_s * tokens))),
         )
     }
 
     /// Forgets everything (the model or its engine changed).
     pub fn clear(&mut self) {
         self.levels.clear();
+        self.tokens_per_request = 0.0;
     }
 }
 
@@ -162,8 +181,12 @@ impl Throughput {
     /// The fewest sequences past which the measured curve stops paying: the lowest level `a`
     /// that has measured levels above it, every one of which serves less than `1 + min_gain`
     /// times what `a` serves (more sequences bought less than `min_gain` more throughput, or
-    /// less). `None` while some higher level paid at every level measured.
+    /// less). `None` while some higher level paid at every level measured, and always with a
+    /// `min_gain` of 0 (the rule turned off: a fixed shape stays fixed).
     pub fn saturation(&self, min_gain: f64) -> Option<(usize, f64)> {
+        if min_gain.is_nan() || min_gain <= 0.0 {
+            return None;
+        }
         let n = self.points.len();
         self.points
             .iter()
@@ -187,16 +210,16 @@ mod tests {
         let mut c = ServiceCurve::default();
         assert!(c.throughput().is_empty(), "nothing measured");
         for _ in 0..MIN_SAMPLES {
-            c.observe(1, 2.0);
+            c.observe(1, 2.0, 1);
         }
         // One sequence at a time, 2 s each: 0.5 req/s.
         assert_eq!(c.throughput().points(), &[(1, 0.5)]);
         for _ in 0..MIN_SAMPLES - 1 {
-            c.observe_span(2, 2, 2.5);
+            c.observe_span(2, 2, 2.5, 1);
         }
         assert_eq!(c.throughput().points().len(), 1, "too few samples at 2");
         // Started with 1 running, ended with 3: it counts at 2.
-        c.observe_span(1, 3, 2.5);
+        c.observe_span(1, 3, 2.5, 1);
         // Two at a time, 2.5 s each: 0.8 req/s.
         assert_eq!(c.throughput().points(), &[(1, 0.5), (2, 0.8)]);
     }
@@ -205,25 +228,45 @@ mod tests {
     fn the_average_follows_a_changing_mix_and_ignores_nonsense() {
         let mut c = ServiceCurve::default();
         for _ in 0..MIN_SAMPLES {
-            c.observe(1, 1.0);
+            c.observe(1, 1.0, 1);
         }
         for _ in 0..30 {
-            c.observe(1, 4.0);
+            c.observe(1, 4.0, 1);
         }
         let r = c.throughput().points()[0].1;
         assert!((r - 0.25).abs() < 0.01, "{r}");
-        c.observe(0, 1.0);
-        c.observe(1, f64::NAN);
-        c.observe(1, -1.0);
+        c.observe(0, 1.0, 1);
+        c.observe(1, f64::NAN, 1);
+        c.observe(1, -1.0, 1);
         // Past the highest level kept it counts there.
         for _ in 0..MIN_SAMPLES {
-            c.observe(10_000, 1.0);
+            c.observe(10_000, 1.0, 1);
         }
         let points = c.throughput();
         assert_eq!(points.points().len(), 2);
         assert_eq!(points.points()[1], (MAX_LEVEL, MAX_LEVEL as f64));
         c.clear();
         assert!(c.throughput().is_empty());
+    }
+
+    #[test]
+    fn a_longer_answer_moves_every_level_at_once() {
+        // One sequence: 10-token answers in 1 s. Then the mix changes to 100-token answers,
+        // measured at two sequences only, taking 10 s each: per token, two sequences serve
+        // twice what one does, whatever the answers' length.
+        let mut c = ServiceCurve::default();
+        for _ in 0..MIN_SAMPLES {
+            c.observe(1, 1.0, 10);
+        }
+        for _ in 0..40 {
+            c.observe(2, 10.0, 100);
+        }
+        let t = c.throughput();
+        let (one, two) = (t.points()[0].1, t.points()[1].1);
+        assert!((two / one - 2.0).abs() < 0.01, "{t:?}");
+        // In requests per second at today's length: two serve 0.2, one 0.1.
+        assert!((two - 0.2).abs() < 0.01, "{t:?}");
+        assert_eq!(t.saturation(0.1), None);
     }
 
     #[test]
@@ -253,6 +296,7 @@ mod tests {
         // A 2-core CPU: one sequence serves about what four do.
         let cpu = Throughput::from_points([(1, 1.73), (2, 1.53), (4, 1.60)]);
         assert_eq!(cpu.saturation(0.1), Some((1, 1.73)));
+        assert_eq!(cpu.saturation(0.0), None, "0 turns the rule off");
         // Every step paid (+33 % from one to two): not saturated, as far as measured.
         let two = Throughput::from_points([(1, 0.6), (2, 0.8)]);
         assert_eq!(two.saturation(0.1), None);

@@ -136,6 +136,12 @@ struct Inner {
     stopped: bool,
     /// Slots admitted per worker now (a power mode may admit fewer than a worker has).
     slot_cap: Option<usize>,
+    /// The most sequences the pool runs at once, on all its workers together (`None`: every
+    /// free slot admits). See [`Pool::set_sequence_cap`].
+    sequence_cap: Option<(usize, String)>,
+    /// Workers that started loading, ever: a generation that overlapped a load is no sample of
+    /// the service curve (loading weights takes the same cores).
+    loads_started: u64,
     /// Why the pool has no healthy worker after one died (cleared when one is Ready again).
     degraded: Option<String>,
     /// Workers taken out because their engine died, since start.
@@ -172,9 +178,11 @@ pub struct Lease {
     acquired: Instant,
     /// Sequences running in the pool when this one started (itself included).
     running_at_start: usize,
-    /// When its generation completed ([`Lease::completed`]); only completed ones are samples
-    /// of the service curve.
-    completed: Option<Instant>,
+    /// [`Inner::loads_started`] when it started, `None` if a worker was loading then.
+    loads_at_start: Option<u64>,
+    /// When its generation completed and the tokens it generated ([`Lease::completed`]); only
+    /// completed ones are samples of the service curve.
+    completed: Option<(Instant, u64)>,
 }
 
 impl std::fmt::Debug for Lease {
@@ -194,19 +202,24 @@ impl Lease {
         self.worker
     }
 
-    /// Says the generation on this slot completed now: its service time is a sample of what
-    /// the worker serves ([`crate::capacity`]). Failed or cancelled ones never say it.
-    pub fn completed(&mut self) {
-        self.completed.get_or_insert_with(Instant::now);
+    /// Says the generation on this slot completed now, having generated `tokens`: its service
+    /// time is a sample of what the pool serves ([`crate::capacity`]). Failed or cancelled ones
+    /// never say it.
+    pub fn completed(&mut self, tokens: u64) {
+        self.completed
+            .get_or_insert_with(|| (Instant::now(), tokens));
     }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
         if let Some(pool) = self.pool.take() {
-            let sample = self
-                .completed
-                .map(|at| (self.running_at_start, (at - self.acquired).as_secs_f64()));
+            let sample = self.completed.map(|(at, tokens)| Sample {
+                at_start: self.running_at_start,
+                loads_at_start: self.loads_at_start,
+                held_s: (at - self.acquired).as_secs_f64(),
+                tokens,
+            });
             pool.release(self.worker, sample);
         }
     }
@@ -224,6 +237,8 @@ impl Pool {
                 next_id: 1,
                 stopped: false,
                 slot_cap: None,
+                sequence_cap: None,
+                loads_started: 0,
                 degraded: None,
                 deaths: 0,
                 measured_own: None,
@@ -300,6 +315,13 @@ impl Pool {
     }
 
     fn try_lease(self: &Arc<Self>, inner: &mut Inner) -> Option<Lease> {
+        if inner
+            .sequence_cap
+            .as_ref()
+            .is_some_and(|(c, _)| running(inner) >= *c)
+        {
+            return None;
+        }
         let cap = inner.slot_cap.unwrap_or(usize::MAX);
         let w = inner
             .workers
@@ -315,6 +337,7 @@ impl Pool {
             engine,
             acquired: Instant::now(),
             running_at_start: running(inner),
+            loads_at_start: (!loading(inner)).then_some(inner.loads_started),
             completed: None,
         })
     }
@@ -342,14 +365,18 @@ impl Pool {
         }
     }
 
-    /// Gives a slot back; `sample` is (sequences running in the pool when it started, seconds
-    /// held) of a completed generation.
-    fn release(self: &Arc<Self>, worker: u64, sample: Option<(usize, f64)>) {
+    /// Gives a slot back; `sample` is what a completed generation measured.
+    fn release(self: &Arc<Self>, worker: u64, sample: Option<Sample>) {
         let dead = {
             let mut inner = self.lock();
-            if let Some((at_start, held_s)) = sample {
+            // Only a generation that no load overlapped measures the service.
+            if let Some(s) =
+                sample.filter(|s| s.loads_at_start == Some(inner.loads_started) && !loading(&inner))
+            {
                 let at_end = running(&inner);
-                inner.curve.observe_span(at_start, at_end, held_s);
+                inner
+                    .curve
+                    .observe_span(s.at_start, at_end, s.held_s, s.tokens);
             }
             if let Some(stopped) = release_slot(&mut inner, worker) {
                 self.stop_worker(&mut inner, stopped);
@@ -530,6 +557,7 @@ impl Pool {
                 return Err(e);
             }
             inner.next_id += 1;
+            inner.loads_started += 1;
             inner.workers.push(Worker {
                 id,
                 state: WorkerState::Loading,
@@ -714,6 +742,31 @@ impl Pool {
         }
     }
 
+    /// Runs at most `cap` sequences at once on all workers together, `why` being the reason
+    /// (`None`: every free slot admits). Past the level where the machine was measured to serve
+    /// no more, one more sequence running only makes every running one slower: a request
+    /// waits in the queue instead (most urgent first) and then runs at full speed. Requests
+    /// already running keep their slots; a raised cap serves waiting requests at once.
+    pub fn set_sequence_cap(self: &Arc<Self>, cap: Option<(usize, String)>) {
+        let cap = cap.map(|(n, why)| (n.max(1), why));
+        let mut inner = self.lock();
+        if inner.sequence_cap.as_ref().map(|c| c.0) != cap.as_ref().map(|c| c.0) {
+            let message = match &cap {
+                Some((1, why)) => format!("one sequence at a time: {why}"),
+                Some((n, why)) => format!("at most {n} sequences at once: {why}"),
+                None => "no cap on sequences at once".to_string(),
+            };
+            self.event(&mut inner, None, None, None, message);
+            inner.sequence_cap = cap;
+            self.dispatch(&mut inner);
+        }
+    }
+
+    /// The cap [`Pool::set_sequence_cap`] set, with its reason.
+    pub fn sequence_cap(&self) -> Option<(usize, String)> {
+        self.lock().sequence_cap.clone()
+    }
+
     /// Workers Loading or Ready (the count the policy steers).
     pub fn active_workers(&self) -> usize {
         self.lock()
@@ -806,6 +859,23 @@ fn first_line(text: &str) -> &str {
     }
 }
 
+/// What a completed generation measured, for the service curve.
+struct Sample {
+    /// Sequences running in the pool when it started (itself included).
+    at_start: usize,
+    loads_at_start: Option<u64>,
+    held_s: f64,
+    tokens: u64,
+}
+
+/// Whether a worker is loading.
+fn loading(inner: &Inner) -> bool {
+    inner
+        .workers
+        .iter()
+        .any(|w| w.state == WorkerState::Loading)
+}
+
 /// Sequences running in the pool, on every worker.
 fn running(inner: &Inner) -> usize {
     inner.workers.iter().map(|w| w.busy).sum()
@@ -896,8 +966,8 @@ mod tests {
         for _ in 0..crate::capacity::MIN_SAMPLES {
             let (mut a, mut b) = (lease().await.unwrap(), lease().await.unwrap());
             assert_ne!(a.worker(), b.worker());
-            a.completed();
-            b.completed();
+            a.completed(8);
+            b.completed(8);
             // Each counts at the mean of the sequences running when it started and ended:
             // a (1 then 2) and b (2 then 1) both at two.
             drop(a);
@@ -908,6 +978,48 @@ mod tests {
         assert_eq!(t.points()[0].0, 2);
         assert!(t.points()[0].1 > 0.0);
         assert_eq!(pool.slots_per_worker(), 2);
+        pool.stop();
+    }
+
+    #[tokio::test]
+    async fn a_sequence_cap_queues_requests_past_it_and_a_raised_cap_serves_them() {
+        let kept = Arc::new(Kept::default());
+        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        let id = pool.add_worker("test").unwrap();
+        pool.wait_ready(id).await.unwrap();
+        pool.set_sequence_cap(Some((1, "measured".into())));
+        let first = pool
+            .acquire(Class::Standard, Duration::from_secs(1))
+            .await
+            .unwrap();
+        // The worker has a free slot, but the pool runs one sequence at a time: the next
+        // request waits in the queue.
+        let waiting = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                pool.acquire(Class::Standard, Duration::from_secs(30))
+                    .await
+                    .map(|l| l.worker())
+            }
+        });
+        while pool.queue_depth(Class::Standard) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(matches!(
+            pool.acquire(Class::Standard, Duration::from_millis(20))
+                .await,
+            Err(AcquireError::DeadlineExceeded(_))
+        ));
+        // Lifting the cap serves it at once, with the first still running.
+        pool.set_sequence_cap(None);
+        assert_eq!(waiting.await.unwrap().unwrap(), id);
+        assert_eq!(pool.sequence_cap(), None);
+        let said: Vec<String> = pool.events().into_iter().map(|e| e.message).collect();
+        assert!(
+            said.iter().any(|m| m == "one sequence at a time: measured"),
+            "{said:?}"
+        );
+        drop(first);
         pool.stop();
     }
 

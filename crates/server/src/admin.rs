@@ -71,6 +71,8 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
             .iter()
             .map(|&(n, r)| json!({"sequences": n, "requests_per_s": r}))
             .collect::<Vec<_>>(),
+        // The most sequences the pool runs at once (`null`: every free slot), and why.
+        "sequence_cap": pool.sequence_cap().map(|(n, why)| json!({"sequences": n, "reason": why})),
         // CPU time the process has used, seconds (user + system, every thread).
         "process_cpu_s": tidepool_sched::memory::process_cpu_seconds(),
         "policy": scaler.config(),
