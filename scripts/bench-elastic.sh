@@ -52,6 +52,9 @@ mkdir -p "$(dirname "$results")"
 : > "$results"
 
 config() { # file engine slots min max
+  # A fixed shape stays fixed: no cap on sequences at once from the measured curve (min_gain 0).
+  local gain=0.1
+  [ "$4" = "$5" ] && gain=0
   cat > "$1" <<TOML
 [model]
 engine = "$2"
@@ -62,7 +65,7 @@ queue_deadline_s = 120
 [policy]
 min_workers = $4
 max_workers = $5
-up = { window_s = $window, queue_per_worker = $queue }
+up = { window_s = $window, queue_per_worker = $queue, min_gain = $gain }
 down = { stabilization_s = 15 }
 TOML
 }
@@ -100,6 +103,10 @@ for engine in ${engines//,/ }; do
         --step-s "$step" --max-tokens "$tokens" --label "$label" --json 2>/dev/null \
         | python3 -c "import json,sys; r=json.load(sys.stdin); r.update(engine=sys.argv[1], trace=sys.argv[2], capacity_rps=float(sys.argv[3])); print(json.dumps(r))" \
           "$engine" "$trace" "$rps" >> "$results"
+      # The elastic pool's events (every scaling decision and cap, with its reason) beside it.
+      case "$label" in elastic*)
+        curl -sf "$server_url/admin/events" > "${results%.jsonl}-events-$engine-$trace.json" || true ;;
+      esac
       stop_server
     done
   done
