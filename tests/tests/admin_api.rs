@@ -254,7 +254,15 @@ async fn a_burst_brings_a_second_worker_idle_drains_it_scale_to_zero_and_cold_st
         }));
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
-    assert!(wait_for_workers(&s, 2, 20).await, "no second worker");
+    if !wait_for_workers(&s, 2, 40).await {
+        // Say what the policy decided and why, for whoever reads the failure.
+        let (_, status) = get_json(s.url("/admin/status")).await;
+        let (_, events) = get_json(s.url("/admin/events")).await;
+        panic!(
+            "no second worker; decision {} throughput {} sequence cap {}; events {events}",
+            status["decision"], status["throughput"], status["sequence_cap"]
+        );
+    }
     for b in burst {
         assert_eq!(b.await.unwrap(), 200);
     }
