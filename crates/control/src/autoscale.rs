@@ -222,22 +222,15 @@ impl Autoscaler {
             }),
         };
         let current = view.workers;
-        let (decision, min_gain) = {
+        let (decision, saturation) = {
             let mut policy = self.policy.lock();
+            let min_gain = policy.config.up.min_gain;
+            let saturation = view.capacity.as_ref().and_then(|c| c.saturation(min_gain));
             let d = policy.tick(self.epoch.elapsed().as_secs_f64(), &signals, view);
-            (d, policy.config.up.min_gain)
+            (d, saturation)
         };
         // Past where more sequences stopped paying, requests queue instead of slowing the others.
-        pool.set_sequence_cap(pool.throughput().saturation(min_gain).map(|(n, r)| {
-            (
-                n,
-                format!(
-                    "the machine served {r:.2} req/s at {n} running and less than {:.0} % more \
-                     with more",
-                    100.0 * min_gain
-                ),
-            )
-        }));
+        pool.set_sequence_cap(saturation.map(|s| (s.sequences, s.why)));
         let mut active = current;
         while active < decision.workers {
             if pool.add_worker(&decision.reason).is_err() {

@@ -294,8 +294,9 @@ impl Capacity {
         (w, why)
     }
 
-    /// Where the measured curve stops paying, in workers of this pool's slots.
-    fn saturation(&self, min_gain: f64) -> Option<Saturation> {
+    /// Where the measured curve stops paying, in sequences and in workers of this pool's
+    /// slots (`None` until measured, or with `min_gain` 0).
+    pub fn saturation(&self, min_gain: f64) -> Option<Saturation> {
         let (n, r) = self.throughput.saturation(min_gain)?;
         let slots = self.slots.max(1);
         let above = self
@@ -307,6 +308,7 @@ impl Capacity {
             .collect::<Vec<_>>()
             .join(", ");
         Some(Saturation {
+            sequences: n,
             workers: n.div_ceil(slots).max(1),
             why: format!(
                 "the pool served {r:.2} req/s at {n} running and {above}, less than {:.0} % more",
@@ -316,11 +318,13 @@ impl Capacity {
     }
 }
 
-/// The most workers worth running: more sequences than theirs were measured not to pay.
+/// Where more sequences were measured not to pay: the most sequences worth running at once,
+/// the workers that run them, and why.
 #[derive(Debug, Clone, PartialEq)]
-struct Saturation {
-    workers: usize,
-    why: String,
+pub struct Saturation {
+    pub sequences: usize,
+    pub workers: usize,
+    pub why: String,
 }
 
 /// Limits from the machine's state (see [`crate::power`]); the default limits nothing.

@@ -750,14 +750,18 @@ impl Pool {
     pub fn set_sequence_cap(self: &Arc<Self>, cap: Option<(usize, String)>) {
         let cap = cap.map(|(n, why)| (n.max(1), why));
         let mut inner = self.lock();
-        if inner.sequence_cap.as_ref().map(|c| c.0) != cap.as_ref().map(|c| c.0) {
+        let changed = inner.sequence_cap.as_ref().map(|c| c.0) != cap.as_ref().map(|c| c.0);
+        if changed {
             let message = match &cap {
                 Some((1, why)) => format!("one sequence at a time: {why}"),
                 Some((n, why)) => format!("at most {n} sequences at once: {why}"),
                 None => "no cap on sequences at once".to_string(),
             };
             self.event(&mut inner, None, None, None, message);
-            inner.sequence_cap = cap;
+        }
+        // The reason's figures follow the curve; only a new count is an event.
+        inner.sequence_cap = cap;
+        if changed {
             self.dispatch(&mut inner);
         }
     }
