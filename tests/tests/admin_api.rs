@@ -238,15 +238,23 @@ async fn a_burst_brings_a_second_worker_idle_drains_it_scale_to_zero_and_cold_st
     assert_eq!(ready_workers(&s).await, 1);
     // A burst well over what one worker serves (long answers, 50 a second): requests queue, and
     // a second worker comes up and serves, whether the policy has measured the first one's
-    // capacity yet or sizes by `rate_per_worker`.
+    // capacity yet or sizes by `rate_per_worker`. The end-of-text tokens are banned, so every
+    // answer is 512 tokens long (a random model that ends early would make the burst light
+    // enough for one worker, which the policy, measuring it, rightly keeps).
+    let no_end: serde_json::Map<String, serde_json::Value> = (1000..1024)
+        .map(|id| (id.to_string(), json!(-100)))
+        .collect();
     let c = reqwest::Client::new();
     let mut burst = Vec::new();
     for _ in 0..40 {
-        let c = c.clone();
+        let (c, no_end) = (c.clone(), no_end.clone());
         let url = s.url("/v1/chat/completions");
         burst.push(tokio::spawn(async move {
             c.post(url)
-                .json(&json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 512}))
+                .json(
+                    &json!({"messages": [{"role": "user", "content": "x"}], "max_tokens": 512,
+                              "logit_bias": no_end}),
+                )
                 .send()
                 .await
                 .unwrap()
