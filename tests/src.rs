@@ -313,3 +313,87 @@ pub async fn post_json(url: String, body: &serde_json::Value) -> (u16, serde_jso
     let status = r.status().as_u16();
     (status, r.json().await.unwrap_or(serde_json::Value::Null))
 }
+
+/// Checks `value` against the subset of JSON Schema the tests' tool and output schemas use
+/// (`type` object/string/integer/number/boolean/array, `properties`, `required`,
+/// `additionalProperties: false`, `enum`, `minimum`/`maximum`, `items`); says what is wrong.
+pub fn check_schema(schema: &serde_json::Value, value: &serde_json::Value) -> Result<(), String> {
+    use serde_json::Value;
+    if let Some(options) = schema.get("enum").and_then(Value::as_array) {
+        if !options.contains(value) {
+            return Err(format!("{value} is not one of {options:?}"));
+        }
+    }
+    let kind = schema.get("type").and_then(Value::as_str);
+    let ok = match kind {
+        None => true,
+        Some("object") => value.is_object(),
+        Some("string") => value.is_string(),
+        Some("integer") => value.is_i64() || value.is_u64(),
+        Some("number") => value.is_number(),
+        Some("boolean") => value.is_boolean(),
+        Some("array") => value.is_array(),
+        Some("null") => value.is_null(),
+        Some(other) => return Err(format!("the checker does not know type {other}")),
+    };
+    if !ok {
+        return Err(format!("{value} is not of type {}", kind.unwrap_or("?")));
+    }
+    if let Some(n) = value.as_f64() {
+        if schema["minimum"].as_f64().is_some_and(|m| n < m)
+            || schema["maximum"].as_f64().is_some_and(|m| n > m)
+        {
+            return Err(format!("{n} is out of the schema's range"));
+        }
+    }
+    if let (Some(items), Some(list)) = (schema.get("items"), value.as_array()) {
+        for v in list {
+            check_schema(items, v)?;
+        }
+    }
+    if let Some(obj) = value.as_object() {
+        let props = schema.get("properties").and_then(Value::as_object);
+        for req in schema["required"].as_array().into_iter().flatten() {
+            let key = req.as_str().unwrap_or_default();
+            if !obj.contains_key(key) {
+                return Err(format!("required property `{key}` is missing from {value}"));
+            }
+        }
+        for (k, v) in obj {
+            match props.and_then(|p| p.get(k)) {
+                Some(s) => check_schema(s, v).map_err(|e| format!("{k}: {e}"))?,
+                None if schema["additionalProperties"] == Value::Bool(false) => {
+                    return Err(format!("property `{k}` is not declared"))
+                }
+                None => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Three tools with different argument shapes, in OpenAI's request form, for the tool-call
+/// tests of every API.
+pub fn three_tools() -> Vec<(&'static str, serde_json::Value)> {
+    use serde_json::json;
+    vec![
+        (
+            "get_weather",
+            json!({"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Oslo"]},
+                   "unit": {"type": "string", "enum": ["c", "f"]}},
+                   "required": ["city", "unit"], "additionalProperties": false}),
+        ),
+        (
+            "add",
+            json!({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "b": {"type": "integer", "minimum": 0, "maximum": 99}},
+                   "required": ["a", "b"], "additionalProperties": false}),
+        ),
+        (
+            "set_alarm",
+            json!({"type": "object", "properties": {"on": {"type": "boolean"},
+                   "label": {"type": "string", "enum": ["wake", "nap"]}},
+                   "required": ["on"], "additionalProperties": false}),
+        ),
+    ]
+}

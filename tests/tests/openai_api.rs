@@ -680,3 +680,46 @@ async fn a_full_pool_queues_then_refuses_with_429_and_deadlines_expire_cleanly()
     drop(holder);
     s.stop(30);
 }
+
+#[tokio::test]
+async fn required_over_three_tools_always_yields_a_call_that_validates() {
+    if tidepool_tests::test_engine() == tidepool_engine::choice::EngineKind::MistralRs {
+        // mistral.rs 0.8.1 fails a forced call on its first token (llguidance's check and its
+        // consume disagree on the `<tool_call>` token): docs/api.md, "Known gaps".
+        println!("skipped on mistral.rs: forced tool calls are a known gap of that engine");
+        return;
+    }
+    let tools = tidepool_tests::three_tools();
+    let offered: Vec<Value> = tools
+        .iter()
+        .map(|(name, params)| json!({"type": "function", "function": {"name": name, "parameters": params}}))
+        .collect();
+    let mut names_seen = std::collections::BTreeSet::new();
+    for seed in 0..50 {
+        let (status, v) = post(
+            "/v1/chat/completions",
+            json!({"messages": user("Do something useful."), "tools": offered,
+                   "tool_choice": "required", "temperature": 1.0, "seed": seed, "max_tokens": 200}),
+        )
+        .await;
+        assert_eq!(status, 200, "{v}");
+        let choice = &v["choices"][0];
+        assert_eq!(choice["finish_reason"], "tool_calls", "seed {seed}: {v}");
+        let calls = choice["message"]["tool_calls"]
+            .as_array()
+            .expect("tool_calls");
+        assert_eq!(calls.len(), 1, "{v}");
+        let name = calls[0]["function"]["name"].as_str().unwrap();
+        let schema = &tools
+            .iter()
+            .find(|(n, _)| *n == name)
+            .unwrap_or_else(|| panic!("seed {seed}: `{name}` was not offered"))
+            .1;
+        let args: Value = serde_json::from_str(calls[0]["function"]["arguments"].as_str().unwrap())
+            .unwrap_or_else(|e| panic!("seed {seed}: arguments do not parse: {e}: {v}"));
+        tidepool_tests::check_schema(schema, &args)
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}: {v}"));
+        names_seen.insert(name.to_string());
+    }
+    println!("tools called over 50 seeds: {names_seen:?}");
+}

@@ -12,15 +12,15 @@ use llguidance::api::TopLevelGrammar;
 use llguidance::{Matcher, ParserFactory};
 
 use super::EngineError;
-use crate::request::{GenerationRequest, OutputConstraint, ToolChoice};
+use crate::request::{GenerationRequest, OutputConstraint};
 
 /// The grammar a request's output must follow, `None` when it is free.
 pub fn of(req: &GenerationRequest) -> Result<Option<TopLevelGrammar>, EngineError> {
     Ok(match &req.constraint {
         OutputConstraint::None => match (&req.tool_choice, req.tools.is_empty()) {
-            // A named tool must be called: constrain the output to that call.
-            (ToolChoice::Function(name), false) => Some(TopLevelGrammar::from_lark(
-                super::forced_call_lark(&req.tools, name)?,
+            // A tool must be called: constrain the output to that call (or one of them).
+            (choice, false) if choice.forces_a_call() => Some(TopLevelGrammar::from_lark(
+                super::forced_call_lark(&req.tools, choice)?,
             )),
             _ => None,
         },

@@ -151,35 +151,71 @@ impl Health {
     }
 }
 
-/// A Lark grammar (llguidance's dialect) for exactly one call of tool `name`, in the Hermes form
-/// Qwen2.5 and SmolLM2 use (`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`), the
-/// arguments held to the tool's schema. Both engines constrain a named `tool_choice` with it, so
-/// the call always comes and always parses.
+/// A Lark grammar (llguidance's dialect) for exactly one call of the tool `choice` names, or of
+/// any one of `tools` for [`ToolChoice::Required`](crate::request::ToolChoice), in the Hermes
+/// form Qwen2.5 and SmolLM2 use (`<tool_call>\n{"name": ..., "arguments": {...}}\n</tool_call>`),
+/// the arguments held to that tool's schema. Both engines constrain a forcing `tool_choice` with
+/// it, so the call always comes and always parses.
 pub fn forced_call_lark(
     tools: &[crate::request::ToolSpec],
-    name: &str,
+    choice: &crate::request::ToolChoice,
 ) -> Result<String, EngineError> {
-    let tool = tools.iter().find(|t| t.name == name).ok_or_else(|| {
-        EngineError::Invalid(format!(
-            "tool_choice names `{}`, which is not in `tools`",
-            tidepool_bounds::clip(name)
-        ))
-    })?;
+    use crate::request::ToolChoice;
+    let chosen: Vec<&crate::request::ToolSpec> = match choice {
+        ToolChoice::Function(name) => {
+            vec![tools.iter().find(|t| &t.name == name).ok_or_else(|| {
+                EngineError::Invalid(format!(
+                    "tool_choice names `{}`, which is not in `tools`",
+                    tidepool_bounds::clip(name)
+                ))
+            })?]
+        }
+        ToolChoice::Required => tools.iter().collect(),
+        ToolChoice::Auto | ToolChoice::None => {
+            return Err(EngineError::Internal(
+                "a forced call was asked for without a forcing tool_choice".into(),
+            ))
+        }
+    };
+    if chosen.is_empty() {
+        return Err(EngineError::Invalid(
+            "tool_choice requires a tool call, but `tools` is empty".into(),
+        ));
+    }
+    // The call is any of the chosen tools' calls: each alternative is that tool's own schema,
+    // so whichever the model picks, its arguments validate.
+    let schema = match chosen.as_slice() {
+        [one] => call_schema(one),
+        many => serde_json::json!({
+            "anyOf": many.iter().map(|t| call_schema(t)).collect::<Vec<_>>(),
+            "x-guidance": COMPACT_JSON.clone(),
+        }),
+    };
+    Ok(format!(
+        "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {schema}\n"
+    ))
+}
+
+/// llguidance's JSON layout for calls: compact, one space after `,` and `:`.
+static COMPACT_JSON: std::sync::LazyLock<serde_json::Value> = std::sync::LazyLock::new(
+    || serde_json::json!({"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "}),
+);
+
+/// The JSON Schema of one call of `tool` in the Hermes layout Qwen's template uses
+/// (`{"name": …, "arguments": {…}}`), in one compact layout: free whitespace lets a model pad
+/// forever.
+fn call_schema(tool: &crate::request::ToolSpec) -> serde_json::Value {
     let args = tool
         .parameters
         .clone()
         .unwrap_or_else(|| serde_json::json!({"type": "object"}));
-    let schema = serde_json::json!({
+    serde_json::json!({
         "type": "object",
-        "properties": {"name": {"const": name}, "arguments": args},
+        "properties": {"name": {"const": tool.name}, "arguments": args},
         "required": ["name", "arguments"],
         "additionalProperties": false,
-        // The call's JSON in one compact layout: free whitespace lets a model pad forever.
-        "x-guidance": {"whitespace_flexible": false, "item_separator": ", ", "key_separator": ": "},
-    });
-    Ok(format!(
-        "start: \"<tool_call>\\n\" call \"\\n</tool_call>\"\ncall: %json {schema}\n"
-    ))
+        "x-guidance": COMPACT_JSON.clone(),
+    })
 }
 
 /// One loaded model that generates text.

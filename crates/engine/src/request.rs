@@ -113,8 +113,17 @@ pub enum ToolChoice {
     #[default]
     Auto,
     None,
+    /// Must call one of the tools offered (OpenAI's `required`, Anthropic's `any`).
+    Required,
     /// Must call this function.
     Function(String),
+}
+
+impl ToolChoice {
+    /// Whether the output must be a tool call (and so is constrained to one).
+    pub fn forces_a_call(&self) -> bool {
+        matches!(self, ToolChoice::Required | ToolChoice::Function(_))
+    }
 }
 
 /// A function the model may call, in OpenAI's JSON shape (`{"type":"function","function":{...}}`).
@@ -226,8 +235,10 @@ impl GenerationRequest {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FinishReason {
-    /// End-of-sequence token or a stop string.
+    /// End-of-sequence token (or the end of the output's grammar).
     Stop,
+    /// A stop string: its index in the request's `stop`.
+    StopSequence(u8),
     /// `max_tokens` or the context window.
     Length,
     ToolCalls,
@@ -238,7 +249,7 @@ pub enum FinishReason {
 impl FinishReason {
     pub fn as_openai(self) -> &'static str {
         match self {
-            FinishReason::Stop | FinishReason::Cancelled => "stop",
+            FinishReason::Stop | FinishReason::StopSequence(_) | FinishReason::Cancelled => "stop",
             FinishReason::Length => "length",
             FinishReason::ToolCalls => "tool_calls",
         }

@@ -25,6 +25,8 @@ pub struct TextOut {
     /// Decoded text not sent yet, because it may be the start of a stop string.
     held: String,
     stops: Vec<String>,
+    /// The stop string that ended the text, as an index into the `stops` given to [`TextOut::new`].
+    matched: Option<usize>,
 }
 
 impl TextOut {
@@ -32,7 +34,23 @@ impl TextOut {
         TextOut {
             partial: Vec::new(),
             held: String::new(),
-            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            // Empty stop strings are never matched, but keep their place so indices are the
+            // request's own.
+            stops: stops.to_vec(),
+            matched: None,
+        }
+    }
+
+    /// Which stop string ended the text (its index in the request's list), once one has.
+    pub fn matched_stop(&self) -> Option<usize> {
+        self.matched
+    }
+
+    /// The finish reason of a text that a stop string ended.
+    pub fn stop_reason(&self) -> crate::request::FinishReason {
+        match self.matched {
+            Some(i) => crate::request::FinishReason::StopSequence(i.min(u8::MAX as usize) as u8),
+            None => crate::request::FinishReason::Stop,
         }
     }
 
@@ -40,7 +58,8 @@ impl TextOut {
     pub fn push(&mut self, piece: &[u8]) -> Step {
         self.partial.extend_from_slice(piece);
         self.decode_partial();
-        if let Some(at) = self.earliest_stop() {
+        if let Some((at, which)) = self.earliest_stop() {
+            self.matched = Some(which);
             let before = self.held[..at].to_string();
             // What follows the stop string, an unfinished character included, is dropped.
             self.held.clear();
@@ -93,14 +112,20 @@ impl TextOut {
         }
     }
 
-    fn earliest_stop(&self) -> Option<usize> {
-        self.stops.iter().filter_map(|s| self.held.find(s)).min()
+    /// Where the earliest stop string starts in `held`, and which one it is.
+    fn earliest_stop(&self) -> Option<(usize, usize)> {
+        self.stops
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| !s.is_empty())
+            .filter_map(|(i, s)| self.held.find(s.as_str()).map(|at| (at, i)))
+            .min()
     }
 
     /// Length of the longest tail of `held` that is a proper prefix of some stop string.
     fn stop_prefix_len(&self) -> usize {
         let mut best = 0;
-        for stop in &self.stops {
+        for stop in self.stops.iter().filter(|s| !s.is_empty()) {
             let max = stop.len().saturating_sub(1).min(self.held.len());
             for len in (best + 1..=max).rev() {
                 let start = self.held.len() - len;
@@ -177,5 +202,19 @@ mod tests {
         assert_eq!(text(out.push(b"ough")), "ENough");
         assert_eq!(text(out.push(b" E")), " ");
         assert_eq!(out.finish(), "E");
+    }
+
+    #[test]
+    fn the_stop_that_matched_is_named_by_its_place_in_the_request() {
+        let mut t = TextOut::new(&["".into(), "zz".into(), "END".into()]);
+        assert_eq!(t.stop_reason(), crate::request::FinishReason::Stop);
+        assert_eq!(text(t.push(b"abc EN")), "abc ");
+        assert_eq!(t.matched_stop(), None);
+        assert!(matches!(t.push(b"D more"), Step::Stop(s) if s.is_empty()));
+        assert_eq!(t.matched_stop(), Some(2));
+        assert_eq!(
+            t.stop_reason(),
+            crate::request::FinishReason::StopSequence(2)
+        );
     }
 }

@@ -439,7 +439,7 @@ impl Seq {
             Step::Text(t) => self.emit(t),
             Step::Stop(t) => {
                 self.emit(t);
-                return Ok(Some(FinishReason::Stop));
+                return Ok(Some(self.text.stop_reason()));
             }
         }
         if grammar_done {
@@ -495,6 +495,9 @@ impl Seq {
                     self.send(GenerationEvent::ToolCalls(calls));
                     reason = FinishReason::ToolCalls;
                 }
+                // A call the length limit cut off is no call and no answer: its markup is
+                // never sent as text.
+                None if reason == FinishReason::Length && tool_calls::is_call_start(&held) => {}
                 None => self.send(GenerationEvent::Text(held)),
             }
         }

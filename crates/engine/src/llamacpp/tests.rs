@@ -104,7 +104,7 @@ async fn stop_strings_end_the_output_before_them() {
     req.sampling.stop = vec![stop.clone()];
     let (cut, reason, _) = collect(e.generate(req).await.unwrap()).await;
     assert_eq!(cut, expected, "stop {stop:?} in {full:?}");
-    assert_eq!(reason, FinishReason::Stop);
+    assert_eq!(reason, FinishReason::StopSequence(0));
 }
 
 #[tokio::test]

@@ -20,6 +20,12 @@ pub fn may_be_call(text: &str) -> bool {
         .any(|p| t.starts_with(p) || p.starts_with(t))
 }
 
+/// Whether `text` opens a call with the template's marker (so, unparsed, it is a call that was
+/// cut off, not an answer).
+pub fn is_call_start(text: &str) -> bool {
+    text.trim_start().starts_with(OPEN)
+}
+
 /// The calls in a complete output, or `None` when it is not (only) tool calls.
 pub fn parse(text: &str) -> Option<Vec<ToolCall>> {
     let mut rest = text.trim();

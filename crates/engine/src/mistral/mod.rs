@@ -281,8 +281,8 @@ impl Engine for MistralEngine {
         Box::pin(async move {
             check_logit_bias(&request.sampling, self.info.gguf.shape.vocab)?;
             // A grammar mistral.rs cannot run fails its whole batch mid-step: refuse it now.
-            let constrained = request.constraint != OutputConstraint::None
-                || matches!(request.tool_choice, ToolChoice::Function(_));
+            let constrained =
+                request.constraint != OutputConstraint::None || request.tool_choice.forces_a_call();
             if constrained {
                 let checked = request.clone();
                 tokio::task::spawn_blocking(move || super::grammar::check(&checked))
@@ -583,7 +583,10 @@ async fn next_event(mut st: StreamState) -> Option<(Vec<GenerationEvent>, Stream
             total_time: now - st.started,
         };
         events.push(GenerationEvent::Done {
-            finish_reason: map_finish_reason(&reason),
+            finish_reason: match stopped {
+                true => st.text.stop_reason(),
+                false => map_finish_reason(&reason),
+            },
             usage,
         });
         st.finished = true;
@@ -674,8 +677,8 @@ fn build_request(
     }
     processors.extend(sampler);
     let forced = match (&req.constraint, &req.tool_choice) {
-        (OutputConstraint::None, ToolChoice::Function(name)) if !req.tools.is_empty() => {
-            Some(super::forced_call_lark(&req.tools, name)?)
+        (OutputConstraint::None, choice) if !req.tools.is_empty() && choice.forces_a_call() => {
+            Some(super::forced_call_lark(&req.tools, choice)?)
         }
         _ => None,
     };

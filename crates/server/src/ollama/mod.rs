@@ -117,7 +117,10 @@ fn ns(d: Duration) -> u64 {
 fn done_reason(f: FinishReason) -> &'static str {
     match f {
         FinishReason::Length => "length",
-        FinishReason::Stop | FinishReason::Cancelled | FinishReason::ToolCalls => "stop",
+        FinishReason::Stop
+        | FinishReason::StopSequence(_)
+        | FinishReason::Cancelled
+        | FinishReason::ToolCalls => "stop",
     }
 }
 

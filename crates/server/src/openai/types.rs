@@ -463,13 +463,13 @@ impl ChatCompletionRequest {
             Some(InToolChoice::Mode(m)) => match m.as_str() {
                 "auto" => ToolChoice::Auto,
                 "none" => ToolChoice::None,
-                "required" if tools.len() == 1 => ToolChoice::Function(tools[0].name.clone()),
-                "required" => {
+                "required" if tools.is_empty() => {
                     return Err(ApiError::invalid_param(
                         "tool_choice",
-                        "`required` is supported with exactly one tool; name the function instead.",
+                        "`required` needs at least one tool in `tools`.",
                     ))
                 }
+                "required" => ToolChoice::Required,
                 other => {
                     return Err(ApiError::invalid_param(
                         "tool_choice",
@@ -647,5 +647,18 @@ mod tests {
         }))
         .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("tool_choice.function.name"));
+        let two = serde_json::json!([
+            {"type": "function", "function": {"name": "a"}},
+            {"type": "function", "function": {"name": "b"}}]);
+        let g = chat(serde_json::json!({
+            "messages": [{"role": "user", "content": "x"}], "tools": two, "tool_choice": "required"
+        }))
+        .unwrap();
+        assert_eq!(g.tool_choice, ToolChoice::Required);
+        let e = chat(serde_json::json!({
+            "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"
+        }))
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tool_choice"));
     }
 }
