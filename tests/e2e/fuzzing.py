@@ -18,6 +18,16 @@ ROUTES = {
         "seed": 3,
     },
     ("POST", "/v1/completions"): {"model": "tiny", "prompt": ["Once upon", "a time"], "max_tokens": 8},
+    ("POST", "/v1/messages"): {
+        "model": "tiny",
+        "max_tokens": 8,
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi there"}]}],
+        "temperature": 0.7,
+        "stop_sequences": ["\n\n"],
+        "tools": [{"name": "t", "input_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}],
+    },
+    ("POST", "/v1/messages/count_tokens"): {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]},
     ("POST", "/api/generate"): {"model": "tiny", "prompt": "Hello", "stream": False, "options": {"num_predict": 8, "temperature": 0.5}},
     ("POST", "/api/chat"): {
         "model": "tiny",

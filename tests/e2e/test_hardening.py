@@ -79,10 +79,15 @@ def idle(server):
 
 def assert_in_shape(path, r):
     """An error is JSON in the route's API shape: Ollama's `{"error": "..."}` under /api/,
-    OpenAI's `{"error": {"message", "type", ...}}` elsewhere."""
+    Anthropic's `{"type": "error", "error": {"type", "message"}}` under /v1/messages, OpenAI's
+    `{"error": {"message", "type", ...}}` elsewhere."""
     body = r.json()
     if path.startswith("/api/"):
         assert isinstance(body.get("error"), str) and body["error"], body
+    elif path.startswith("/v1/messages"):
+        assert body.get("type") == "error", body
+        err = body.get("error")
+        assert isinstance(err, dict) and err.get("message") and err.get("type"), body
     else:
         err = body.get("error")
         assert isinstance(err, dict) and err.get("message") and err.get("type"), body

@@ -292,16 +292,16 @@ pub fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Respons
     resp
 }
 
-/// Middleware just inside the panic catcher: a caught panic on an Ollama route is answered in
-/// Ollama's shape (`{"error": "..."}`).
+/// Middleware just inside the panic catcher: a caught panic on an Ollama or Anthropic route is
+/// answered in that API's shape.
 pub async fn panics_in_shape(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let ollama = req.uri().path().starts_with("/api/");
     let path = req.uri().path().to_string();
+    let reshape = path.starts_with("/api/") || crate::anthropic::owns(&path);
     let resp = next.run(req).await;
-    if !(ollama && resp.extensions().get::<FromPanic>().is_some()) {
+    if !(reshape && resp.extensions().get::<FromPanic>().is_some()) {
         return resp;
     }
     let body = axum::body::to_bytes(resp.into_body(), 64 * 1024)
@@ -542,10 +542,13 @@ impl IntoResponse for OllamaError {
 }
 
 /// An error for a route-level failure (unknown route, wrong method, shutting down) in the shape
-/// of the API the path belongs to: Ollama's under `/api/`, OpenAI's elsewhere.
+/// of the API the path belongs to: Ollama's under `/api/`, Anthropic's under `/v1/messages`,
+/// OpenAI's elsewhere.
 pub fn in_shape_for(path: &str, e: ApiError) -> Response {
     if path.starts_with("/api/") {
         OllamaError::from(e).into_response()
+    } else if crate::anthropic::owns(path) {
+        crate::anthropic::types::AnthropicError(e).into_response()
     } else {
         e.into_response()
     }

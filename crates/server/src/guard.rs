@@ -331,6 +331,10 @@ pub fn api_cors(guard: Arc<Guard>) -> tower_http::cors::CorsLayer {
         .allow_headers([
             header::CONTENT_TYPE,
             header::AUTHORIZATION,
+            // What the Anthropic SDKs send.
+            header::HeaderName::from_static("x-api-key"),
+            header::HeaderName::from_static("anthropic-version"),
+            header::HeaderName::from_static("anthropic-beta"),
             header::HeaderName::from_static(crate::selection::PRIORITY_HEADER),
             header::HeaderName::from_static(crate::selection::PROFILE_HEADER),
         ])

@@ -1,5 +1,5 @@
-//! Tidepool's HTTP face, over axum: the OpenAI- and Ollama-compatible APIs, `/health`, and graceful
-//! shutdown.
+//! Tidepool's HTTP face, over axum: the OpenAI-, Anthropic- and Ollama-compatible APIs, `/health`,
+//! and graceful shutdown.
 //!
 //! Every request passes one guard ([`guard`]: peer, Host, Origin, content type) and the LAN's
 //! token check ([`sharing`]); connections are accepted with limits and timeouts ([`listen`]).
@@ -10,6 +10,7 @@
 //! [`GenerationRequest`]: tidepool_engine::request::GenerationRequest
 
 pub mod admin;
+pub mod anthropic;
 pub mod dashboard;
 pub mod error;
 pub mod guard;
@@ -137,6 +138,13 @@ pub fn router(state: AppState, cfg: &HttpConfig) -> Router {
     let public = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
+        .route("/v1/responses", post(openai::responses::create))
+        .route(
+            "/v1/responses/input_tokens",
+            post(openai::responses::input_tokens),
+        )
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/v1/messages/count_tokens", post(anthropic::count_tokens))
         .route("/v1/models", get(openai::list_models))
         .route("/v1/models/{id}", get(openai::get_model))
         .route("/health", get(health))

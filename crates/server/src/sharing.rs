@@ -35,16 +35,18 @@ pub fn generate_token() -> String {
     hex::encode(bytes)
 }
 
-/// Whether `headers` carry `Authorization: Bearer <expected>`, compared in constant time.
+/// Whether `headers` carry the token: `Authorization: Bearer <expected>`, or `x-api-key:
+/// <expected>` as the Anthropic SDKs send it. Compared in constant time.
 pub fn bearer_matches(headers: &HeaderMap, expected: &str) -> bool {
-    let Some(given) = headers
+    let bearer = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| {
             v.strip_prefix("Bearer ")
                 .or_else(|| v.strip_prefix("bearer "))
-        })
-    else {
+        });
+    let api_key = headers.get("x-api-key").and_then(|v| v.to_str().ok());
+    let Some(given) = bearer.or(api_key) else {
         return false;
     };
     // ct_eq is constant-time for equal lengths; a length mismatch reveals only the length.
@@ -457,7 +459,7 @@ impl Sharing {
                 tracing::warn!(%peer, backoff_s = s, "repeated wrong LAN tokens: backing off");
             }
             return Err(ApiError::unauthorized(
-                "A LAN client must send `Authorization: Bearer <token>` with the token shown in Tidepool's dashboard.",
+                "A LAN client must send `Authorization: Bearer <token>` (or `x-api-key: <token>`) with the token shown in Tidepool's dashboard.",
             ));
         }
         inner.limiter.succeeded(peer);

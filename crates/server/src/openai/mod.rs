@@ -1,5 +1,7 @@
-//! The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`.
+//! The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, and the
+//! Responses API ([`responses`]).
 
+pub mod responses;
 pub mod types;
 
 use std::convert::Infallible;
@@ -23,14 +25,14 @@ use types::{ChatCompletionRequest, CompletionRequest};
 /// Shown as `system_fingerprint`.
 pub const FINGERPRINT: &str = concat!("tidepool-", env!("CARGO_PKG_VERSION"));
 
-fn now_secs() -> u64 {
+pub(crate) fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
 }
 
-fn new_id(prefix: &str) -> String {
+pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
