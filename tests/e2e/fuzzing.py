@@ -27,6 +27,14 @@ ROUTES = {
         "stop_sequences": ["\n\n"],
         "tools": [{"name": "t", "input_schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}],
     },
+    ("POST", "/v1/responses"): {
+        "model": "tiny",
+        "instructions": "Be brief.",
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hi there"}]}],
+        "max_output_tokens": 8,
+        "temperature": 0.7,
+        "tools": [{"type": "function", "name": "t", "parameters": {"type": "object"}}],
+    },
     ("POST", "/v1/messages/count_tokens"): {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}]},
     ("POST", "/api/generate"): {"model": "tiny", "prompt": "Hello", "stream": False, "options": {"num_predict": 8, "temperature": 0.5}},
     ("POST", "/api/chat"): {

@@ -139,13 +139,13 @@ impl ResponsesRequest {
         if self.previous_response_id.is_some() {
             return Err(param(
                 "previous_response_id",
-                "This server keeps no responses (it is stateless): send the whole conversation in `input`, earlier outputs included.",
+                "`previous_response_id` is not supported: this server keeps no responses (it is stateless); send the whole conversation in `input`, earlier outputs included.",
             ));
         }
         if self.conversation.is_some() {
             return Err(param(
                 "conversation",
-                "This server keeps no conversations: send the whole conversation in `input`.",
+                "`conversation` is not supported: this server keeps no conversations; send the whole conversation in `input`.",
             ));
         }
         Ok(())
