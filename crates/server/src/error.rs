@@ -1,6 +1,7 @@
 //! Errors in the API's own shape: OpenAI's `{"error": {"message", "type", "param", "code"}}`
-//! for `/v1` and the rest, Ollama's `{"error": "..."}` under `/api/`, each with the right HTTP
-//! status, and the JSON body extractor that produces them for malformed or invalid requests.
+//! for `/v1` and the rest, Ollama's `{"error": "..."}` under `/api/`, Anthropic's
+//! `{"type": "error", "error": {"type", "message"}}` under `/v1/messages`, each with the right
+//! HTTP status, and the JSON body extractor that produces them for malformed or invalid requests.
 
 use axum::extract::{FromRequest, Request};
 use axum::http::{header, HeaderValue, StatusCode};
@@ -299,7 +300,7 @@ pub async fn panics_in_shape(
     next: axum::middleware::Next,
 ) -> Response {
     let path = req.uri().path().to_string();
-    let reshape = path.starts_with("/api/") || crate::anthropic::owns(&path);
+    let reshape = path.starts_with("/api/") || is_anthropic_path(&path);
     let resp = next.run(req).await;
     if !(reshape && resp.extensions().get::<FromPanic>().is_some()) {
         return resp;
@@ -541,14 +542,78 @@ impl IntoResponse for OllamaError {
     }
 }
 
+/// An error in Anthropic's shape, with the HTTP status and, where the client should come back
+/// later, `Retry-After`.
+#[derive(Debug, Clone)]
+pub struct AnthropicError(pub ApiError);
+
+impl AnthropicError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        AnthropicError(ApiError::bad_request(message))
+    }
+
+    /// Anthropic's error type for an HTTP status.
+    pub fn kind(&self) -> &'static str {
+        match self.0.status {
+            StatusCode::UNAUTHORIZED => "authentication_error",
+            StatusCode::FORBIDDEN => "permission_error",
+            StatusCode::NOT_FOUND => "not_found_error",
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
+            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
+            s if s.is_client_error() => "invalid_request_error",
+            _ => "api_error",
+        }
+    }
+
+    /// The JSON body, also sent as the `error` event of a stream that fails part-way.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({"type": "error", "error": {"type": self.kind(), "message": self.0.message}})
+    }
+}
+
+impl From<ApiError> for AnthropicError {
+    fn from(e: ApiError) -> Self {
+        AnthropicError(e)
+    }
+}
+
+impl From<tidepool_gateway::gateway::GatewayError> for AnthropicError {
+    fn from(e: tidepool_gateway::gateway::GatewayError) -> Self {
+        AnthropicError(e.into())
+    }
+}
+
+impl From<tidepool_gateway::service::SubmitError> for AnthropicError {
+    fn from(e: tidepool_gateway::service::SubmitError) -> Self {
+        AnthropicError(e.into())
+    }
+}
+
+impl IntoResponse for AnthropicError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.0.status, axum::Json(self.to_json())).into_response();
+        if let Some(s) = self.0.retry_after {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, s.into());
+        }
+        resp
+    }
+}
+
+/// Whether `path` is the Anthropic API's (its errors take Anthropic's shape).
+pub fn is_anthropic_path(path: &str) -> bool {
+    path == "/v1/messages" || path.starts_with("/v1/messages/")
+}
+
 /// An error for a route-level failure (unknown route, wrong method, shutting down) in the shape
 /// of the API the path belongs to: Ollama's under `/api/`, Anthropic's under `/v1/messages`,
 /// OpenAI's elsewhere.
 pub fn in_shape_for(path: &str, e: ApiError) -> Response {
     if path.starts_with("/api/") {
         OllamaError::from(e).into_response()
-    } else if crate::anthropic::owns(path) {
-        crate::anthropic::types::AnthropicError(e).into_response()
+    } else if is_anthropic_path(path) {
+        AnthropicError(e).into_response()
     } else {
         e.into_response()
     }

@@ -28,11 +28,6 @@ use crate::selection::{model_and_profile, Selection};
 use crate::AppState;
 use types::{AnthropicError, AnthropicJson, MessagesRequest};
 
-/// Where a path belongs to this API (its errors take Anthropic's shape).
-pub fn owns(path: &str) -> bool {
-    path == "/v1/messages" || path.starts_with("/v1/messages/")
-}
-
 /// The request's selections, with Anthropic-shaped errors.
 pub struct AnthropicSelection(pub Selection);
 

@@ -3,8 +3,6 @@
 //! and errors in Anthropic's shape (`{"type": "error", "error": {"type", "message"}}`).
 
 use axum::extract::{FromRequest, Request};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -13,66 +11,8 @@ use tidepool_engine::request::{
     ToolChoice, ToolSpec,
 };
 
-use crate::error::{truncate, ApiError, ApiJson};
-
-/// An error in Anthropic's shape, with the HTTP status and, where the client should come back
-/// later, `Retry-After`.
-#[derive(Debug, Clone)]
-pub struct AnthropicError(pub ApiError);
-
-impl AnthropicError {
-    pub fn invalid(message: impl Into<String>) -> Self {
-        AnthropicError(ApiError::bad_request(message))
-    }
-
-    /// Anthropic's error type for an HTTP status.
-    pub fn kind(&self) -> &'static str {
-        match self.0.status {
-            StatusCode::UNAUTHORIZED => "authentication_error",
-            StatusCode::FORBIDDEN => "permission_error",
-            StatusCode::NOT_FOUND => "not_found_error",
-            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
-            StatusCode::TOO_MANY_REQUESTS => "rate_limit_error",
-            StatusCode::SERVICE_UNAVAILABLE => "overloaded_error",
-            s if s.is_client_error() => "invalid_request_error",
-            _ => "api_error",
-        }
-    }
-
-    /// The JSON body, also sent as the `error` event of a stream that fails part-way.
-    pub fn to_json(&self) -> Value {
-        json!({"type": "error", "error": {"type": self.kind(), "message": self.0.message}})
-    }
-}
-
-impl From<ApiError> for AnthropicError {
-    fn from(e: ApiError) -> Self {
-        AnthropicError(e)
-    }
-}
-
-impl From<tidepool_gateway::gateway::GatewayError> for AnthropicError {
-    fn from(e: tidepool_gateway::gateway::GatewayError) -> Self {
-        AnthropicError(e.into())
-    }
-}
-
-impl From<tidepool_gateway::service::SubmitError> for AnthropicError {
-    fn from(e: tidepool_gateway::service::SubmitError) -> Self {
-        AnthropicError(e.into())
-    }
-}
-
-impl IntoResponse for AnthropicError {
-    fn into_response(self) -> Response {
-        let mut resp = (self.0.status, axum::Json(self.to_json())).into_response();
-        if let Some(s) = self.0.retry_after {
-            resp.headers_mut()
-                .insert(axum::http::header::RETRY_AFTER, s.into());
-        }
-        resp
-    }
-}
+pub use crate::error::AnthropicError;
+use crate::error::{truncate, ApiJson};
 
 /// A JSON body with Anthropic-shaped errors (the same parsing as [`ApiJson`]).
 pub struct AnthropicJson<T>(pub T);
