@@ -312,6 +312,23 @@ async fn errors_are_anthropic_shaped() {
     let s = r.status().as_u16();
     let v: Value = r.json().await.unwrap();
     assert_anthropic_error(s, &v, 400, "invalid_request_error");
+    // Counting is held to the same bounds as answering, before anything is tokenized.
+    let many: Vec<Value> = (0..5000)
+        .map(|_| json!({"role": "user", "content": "x"}))
+        .collect();
+    let (s, v) = post(
+        "/v1/messages/count_tokens",
+        json!({"model": MODEL, "messages": many}),
+    )
+    .await;
+    assert_anthropic_error(s, &v, 400, "invalid_request_error");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("5000 messages"),
+        "{v}"
+    );
     let (s, v) = post("/v1/messages/nope", json!({})).await;
     assert_anthropic_error(s, &v, 404, "not_found_error");
     let r = reqwest::Client::new()

@@ -193,4 +193,17 @@ async fn what_a_stateless_server_cannot_do_is_a_clear_400() {
         assert_eq!(status, 400, "{body}: {v}");
         assert_eq!(v["error"]["param"], param, "{v}");
     }
+    // Counting is held to the same bounds as answering, before anything is tokenized.
+    let many: Vec<Value> = (0..5000)
+        .map(|_| json!({"role": "user", "content": "x"}))
+        .collect();
+    let (status, v) = post("/v1/responses/input_tokens", json!({"input": many})).await;
+    assert_eq!(status, 400, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("5000 messages"),
+        "{v}"
+    );
 }

@@ -182,12 +182,28 @@ impl Gateway {
         &self.profiles
     }
 
+    /// Checks `request` against the bounds every request is held to before any work is done
+    /// on it (messages, stop strings, tools…).
+    fn check_bounds(&self, request: &GenerationRequest) -> Result<(), GatewayError> {
+        request
+            .check_bounds(self.config.max_messages)
+            .map_err(|(param, message)| GatewayError::Invalid { param, message })
+    }
+
+    /// Tokens `request`'s prompt occupies once rendered with its tools, held to the same bounds
+    /// as [`Gateway::submit`] before it is tokenized.
+    pub async fn count_tokens(&self, request: &GenerationRequest) -> Result<u32, GatewayError> {
+        self.check_bounds(request)?;
+        Ok(self
+            .service
+            .count_tokens(&request.prompt, &request.tools)
+            .await?)
+    }
+
     /// Starts (or replays) one answer.
     pub async fn submit(&self, sub: Submission) -> Result<Answer, GatewayError> {
         let cfg = &self.config;
-        sub.request
-            .check_bounds(cfg.max_messages)
-            .map_err(|(param, message)| GatewayError::Invalid { param, message })?;
+        self.check_bounds(&sub.request)?;
         let mut report = Report::default();
         let (mut request, class, label_profile) = match &sub.profile {
             None => (sub.request, sub.class.unwrap_or(Class::Standard), None),

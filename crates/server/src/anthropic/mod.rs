@@ -19,7 +19,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
-use tidepool_engine::request::{FinishReason, GenerationEvent, Prompt, ToolCall, Usage};
+use tidepool_engine::request::{FinishReason, GenerationEvent, GenerationRequest, ToolCall, Usage};
 use tidepool_engine::GenerationStream;
 use tidepool_gateway::gateway::Submission;
 
@@ -96,10 +96,7 @@ pub async fn messages(
     let stops = req.stops().to_vec();
     let id = new_id("msg").replace('-', "_");
     if !req.generates() {
-        let input_tokens = app
-            .service
-            .count_tokens(&generation.prompt, &generation.tools)
-            .await?;
+        let input_tokens = app.gateway.count_tokens(&generation).await?;
         let usage = Usage {
             prompt_tokens: input_tokens,
             ..Usage::default()
@@ -114,10 +111,7 @@ pub async fn messages(
     // the request as sent (a profile's system prompt is added later, and shows in the final
     // usage).
     let counted = if req.is_stream() && profile.is_none() {
-        app.service
-            .count_tokens(&generation.prompt, &generation.tools)
-            .await
-            .ok()
+        app.gateway.count_tokens(&generation).await.ok()
     } else {
         None
     };
@@ -276,11 +270,11 @@ pub async fn count_tokens(
     AnthropicJson(req): AnthropicJson<MessagesRequest>,
 ) -> Result<Response, AnthropicError> {
     model_and_profile(&app, req.model.as_deref(), None, None)?;
-    let messages = req.to_messages()?;
     let (tools, _) = req.to_tools()?;
-    let n = app
-        .service
-        .count_tokens(&Prompt::Chat(messages), &tools)
-        .await?;
+    let request = GenerationRequest {
+        tools,
+        ..GenerationRequest::chat(req.to_messages()?)
+    };
+    let n = app.gateway.count_tokens(&request).await?;
     Ok(Json(json!({"input_tokens": n})).into_response())
 }

@@ -627,12 +627,12 @@ pub async fn input_tokens(
 ) -> Result<Response, ApiError> {
     model_and_profile(&app, req.model.as_deref(), None, None)?;
     req.check_stateless()?;
-    let messages = req.to_messages()?;
     let (tools, _) = req.to_tools()?;
-    let n = app
-        .service
-        .count_tokens(&Prompt::Chat(messages), &tools)
-        .await?;
+    let request = GenerationRequest {
+        tools,
+        ..GenerationRequest::chat(req.to_messages()?)
+    };
+    let n = app.gateway.count_tokens(&request).await?;
     Ok(Json(json!({"object": "response.input_tokens", "input_tokens": n})).into_response())
 }
 
