@@ -23,7 +23,7 @@ use tidepool_engine::request::{FinishReason, GenerationEvent, GenerationRequest,
 use tidepool_engine::GenerationStream;
 use tidepool_gateway::gateway::Submission;
 
-use crate::openai::{collect, new_id, with_report};
+use crate::openai::{collect, new_item_id, with_report};
 use crate::selection::{model_and_profile, Selection};
 use crate::AppState;
 use types::{AnthropicError, AnthropicJson, MessagesRequest};
@@ -94,7 +94,7 @@ pub async fn messages(
     )?;
     let generation = req.to_generation()?;
     let stops = req.stops().to_vec();
-    let id = new_id("msg").replace('-', "_");
+    let id = new_item_id("msg");
     if !req.generates() {
         let input_tokens = app.gateway.count_tokens(&generation).await?;
         let usage = Usage {

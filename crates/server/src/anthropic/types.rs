@@ -32,19 +32,11 @@ where
     }
 }
 
-/// `system`: a string or a list of text blocks.
+/// `system` and a message's `content`: a string or a list of content blocks (kept as JSON and
+/// read by [`MessagesRequest::to_messages`], so an unknown block type gets an error naming it).
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum SystemSpec {
-    Text(String),
-    Blocks(Vec<Value>),
-}
-
-/// `content`: a string or a list of content blocks (kept as JSON and read by
-/// [`MessagesRequest::to_generation`], so an unknown block type gets an error naming it).
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum ContentSpec {
+pub enum TextOrBlocks {
     Text(String),
     Blocks(Vec<Value>),
 }
@@ -52,7 +44,7 @@ pub enum ContentSpec {
 #[derive(Debug, Deserialize)]
 pub struct InMessage {
     pub role: String,
-    pub content: ContentSpec,
+    pub content: TextOrBlocks,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,7 +94,7 @@ pub struct MessagesRequest {
     pub max_tokens: Option<i64>,
     pub messages: Vec<InMessage>,
     #[serde(default)]
-    pub system: Option<SystemSpec>,
+    pub system: Option<TextOrBlocks>,
     #[serde(default)]
     pub stop_sequences: Option<Vec<String>>,
     #[serde(default)]
@@ -212,8 +204,8 @@ impl MessagesRequest {
         let mut out = Vec::with_capacity(self.messages.len() + 1);
         match &self.system {
             None => {}
-            Some(SystemSpec::Text(t)) => out.push(ChatMessage::new(Role::System, t.clone())),
-            Some(SystemSpec::Blocks(b)) => {
+            Some(TextOrBlocks::Text(t)) => out.push(ChatMessage::new(Role::System, t.clone())),
+            Some(TextOrBlocks::Blocks(b)) => {
                 out.push(ChatMessage::new(Role::System, text_blocks(b, "system")?))
             }
         }
@@ -232,11 +224,11 @@ impl MessagesRequest {
                 }
             };
             let blocks = match &m.content {
-                ContentSpec::Text(t) => {
+                TextOrBlocks::Text(t) => {
                     out.push(ChatMessage::new(role, t.clone()));
                     continue;
                 }
-                ContentSpec::Blocks(b) => b,
+                TextOrBlocks::Blocks(b) => b,
             };
             let mut text = Vec::new();
             let mut calls = Vec::new();

@@ -36,6 +36,11 @@ pub(crate) fn new_id(prefix: &str) -> String {
     format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
+/// An id in the newer APIs' form (`resp_…`, `msg_…`, `fc_…`: Responses and Anthropic).
+pub(crate) fn new_item_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
 /// Checks the request's `model` against the served one; a missing `model` means the served one.
 pub(crate) fn check_model(app: &AppState, model: Option<&str>) -> Result<String, ApiError> {
     let served = app.service.model_name();

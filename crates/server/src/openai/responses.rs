@@ -433,7 +433,7 @@ fn message_item(id: &str, text: &str, status: &str) -> Value {
 
 fn call_item(call: &ToolCall, status: &str) -> Value {
     json!({
-        "type": "function_call", "id": format!("fc_{}", uuid::Uuid::new_v4().simple()),
+        "type": "function_call", "id": super::new_item_id("fc"),
         "call_id": call.id, "name": call.name, "arguments": call.arguments, "status": status,
     })
 }
@@ -446,7 +446,7 @@ struct Draft {
 impl Draft {
     fn new(req: &ResponsesRequest, model: &str) -> Draft {
         let mut base = req.echo();
-        base["id"] = json!(format!("resp_{}", uuid::Uuid::new_v4().simple()));
+        base["id"] = json!(super::new_item_id("resp"));
         base["object"] = json!("response");
         base["created_at"] = json!(super::now_secs());
         base["model"] = json!(model);
@@ -511,7 +511,7 @@ pub async fn create(
     };
     let mut output = Vec::new();
     if !out.text.is_empty() || out.tool_calls.is_empty() {
-        let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+        let id = super::new_item_id("msg");
         output.push(message_item(&id, &out.text, status));
     }
     output.extend(out.tool_calls.iter().map(|c| call_item(c, "completed")));
@@ -537,7 +537,7 @@ fn response_sse(
         emit("response.created", json!({"response": draft.base})),
         emit("response.in_progress", json!({"response": draft.base})),
     ];
-    let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+    let msg_id = super::new_item_id("msg");
     let mut text = String::new();
     let mut text_open = false;
     let mut output: Vec<Value> = Vec::new();
