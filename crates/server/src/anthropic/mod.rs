@@ -181,6 +181,13 @@ fn message_sse(
     let mut ended = false;
     let body = stream.flat_map(move |ev| {
         let mut out: Vec<Result<Event, Infallible>> = Vec::new();
+        let open_text = |index: usize| {
+            event(
+                "content_block_start",
+                json!({"type": "content_block_start", "index": index,
+                       "content_block": {"type": "text", "text": ""}}),
+            )
+        };
         let close_text = |out: &mut Vec<_>, next_index: &mut usize, text_open: &mut bool| {
             if *text_open {
                 out.push(event(
@@ -195,11 +202,7 @@ fn message_sse(
             _ if ended => {}
             GenerationEvent::Text(t) => {
                 if !text_open {
-                    out.push(event(
-                        "content_block_start",
-                        json!({"type": "content_block_start", "index": next_index,
-                               "content_block": {"type": "text", "text": ""}}),
-                    ));
+                    out.push(open_text(next_index));
                     text_open = true;
                 }
                 out.push(event(
@@ -235,11 +238,7 @@ fn message_sse(
             } => {
                 if next_index == 0 && !text_open {
                     // Every message has at least one block, even an empty answer.
-                    out.push(event(
-                        "content_block_start",
-                        json!({"type": "content_block_start", "index": 0,
-                               "content_block": {"type": "text", "text": ""}}),
-                    ));
+                    out.push(open_text(next_index));
                     text_open = true;
                 }
                 close_text(&mut out, &mut next_index, &mut text_open);

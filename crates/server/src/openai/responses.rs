@@ -544,6 +544,17 @@ fn response_sse(
     let mut ended = false;
     let body = stream.flat_map(move |ev| {
         let mut out = Vec::new();
+        // The message item and its one text part, opened before the first delta (or, for an
+        // empty answer, at the end) and closed before a call or at the end.
+        let open_text = |out: &mut Vec<_>,
+                         emit: &mut dyn FnMut(&str, Value) -> Result<Event, Infallible>,
+                         index: usize| {
+            let mut item = message_item(&msg_id, "", "in_progress");
+            item["content"] = json!([]);
+            out.push(emit("response.output_item.added", json!({"output_index": index, "item": item})));
+            out.push(emit("response.content_part.added", json!({"item_id": msg_id, "output_index": index, "content_index": 0,
+                "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})));
+        };
         let close_text = |out: &mut Vec<_>,
                           emit: &mut dyn FnMut(&str, Value) -> Result<Event, Infallible>,
                           output: &mut Vec<Value>,
@@ -561,12 +572,7 @@ fn response_sse(
             _ if ended => {}
             GenerationEvent::Text(t) => {
                 if !text_open {
-                    let index = output.len();
-                    let mut item = message_item(&msg_id, "", "in_progress");
-                    item["content"] = json!([]);
-                    out.push(emit("response.output_item.added", json!({"output_index": index, "item": item})));
-                    out.push(emit("response.content_part.added", json!({"item_id": msg_id, "output_index": index, "content_index": 0,
-                        "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})));
+                    open_text(&mut out, &mut emit, output.len());
                     text_open = true;
                 }
                 out.push(emit("response.output_text.delta", json!({"item_id": msg_id, "output_index": output.len(), "content_index": 0, "delta": t, "logprobs": []})));
@@ -595,11 +601,7 @@ fn response_sse(
                 let status = if finish_reason == FinishReason::Length { "incomplete" } else { "completed" };
                 if text_open || output.is_empty() {
                     if !text_open {
-                        let mut item = message_item(&msg_id, "", "in_progress");
-                        item["content"] = json!([]);
-                        out.push(emit("response.output_item.added", json!({"output_index": 0, "item": item})));
-                        out.push(emit("response.content_part.added", json!({"item_id": msg_id, "output_index": 0, "content_index": 0,
-                            "part": {"type": "output_text", "text": "", "annotations": [], "logprobs": []}})));
+                        open_text(&mut out, &mut emit, output.len());
                     }
                     close_text(&mut out, &mut emit, &mut output, &text, status);
                     text_open = false;
