@@ -52,9 +52,11 @@ mkdir -p "$(dirname "$results")"
 : > "$results"
 
 config() { # file engine slots min max
-  # A fixed shape stays fixed: no cap on sequences at once from the measured curve (min_gain 0).
-  local gain=0.1
-  [ "$4" = "$5" ] && gain=0
+  # A fixed shape stays fixed: no cap on sequences at once from the measured curve (min_gain 0),
+  # and every worker reserves the whole configured context per slot, as a fixed server must
+  # (llama-server's -c); the elastic pool sizes its workers' context by what requests need.
+  local gain=0.1 min_context=512
+  [ "$4" = "$5" ] && gain=0 min_context=4096
   cat > "$1" <<TOML
 [model]
 engine = "$2"
@@ -62,6 +64,8 @@ slots = $3
 [pool]
 queue_capacity = 1000
 queue_deadline_s = 120
+context_tokens = 4096
+min_context_tokens = $min_context
 [policy]
 min_workers = $4
 max_workers = $5

@@ -56,8 +56,13 @@ pub struct PoolConfig {
     pub memory_fraction: f64,
     /// An absolute cap on what workers reserve, MiB; unset means only the fraction applies.
     pub memory_cap_mib: Option<u64>,
-    /// Tokens of context reserved per slot for the KV cache.
+    /// Tokens of context reserved per slot for the KV cache, at most: the longest request
+    /// (prompt and answer) a worker holds.
     pub context_tokens: u64,
+    /// The least context a worker's slots get: between this and `context_tokens`, a new worker
+    /// gets what recent requests needed (a power of two), so short requests do not reserve the
+    /// KV cache of long ones. Equal to `context_tokens`: every worker gets all of it.
+    pub min_context_tokens: u64,
     /// Runtime memory per worker beyond weights and KV cache, MiB.
     pub overhead_mib: u64,
     /// Requests that may wait for a slot; more get 429.
@@ -72,6 +77,7 @@ impl Default for PoolConfig {
             memory_fraction: 0.6,
             memory_cap_mib: None,
             context_tokens: 4096,
+            min_context_tokens: 512,
             overhead_mib: 160,
             queue_capacity: 64,
             queue_deadline_s: 30.0,
@@ -344,6 +350,12 @@ impl Config {
             int("pool.memory_cap_mib", cap, 1, 1 << 30)?;
         }
         int("pool.context_tokens", p.context_tokens, 16, 1 << 20)?;
+        int(
+            "pool.min_context_tokens",
+            p.min_context_tokens,
+            16,
+            p.context_tokens,
+        )?;
         int("pool.overhead_mib", p.overhead_mib, 0, 1 << 20)?;
         int("pool.queue_capacity", p.queue_capacity as u64, 1, 1 << 20)?;
         float_above("pool.queue_deadline_s", p.queue_deadline_s, 0.0, 86_400.0)?;

@@ -174,6 +174,7 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         ledger::Ledger::new(budget).workers_that_fit(reservation)
     );
     let pool = Pool::new(factory, budget, cfg.pool.queue_capacity);
+    pool.set_min_context(cfg.pool.min_context_tokens.min(u32::MAX as u64) as u32);
     let rss_before = process_rss_bytes();
     let started = std::time::Instant::now();
     let first = pool

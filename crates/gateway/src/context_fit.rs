@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use tidepool_engine::request::{ChatMessage, Role};
+use tidepool_engine::request::{ChatMessage, GenerationRequest, Prompt, Role};
 
 /// What happens to a request too long for the context budget.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -61,6 +61,28 @@ pub struct Truncation {
     pub dropped_messages: usize,
     /// The prompt's tokens before truncation.
     pub original_prompt_tokens: u32,
+}
+
+/// An upper bound on the tokens `request`'s prompt can take once rendered (its tools
+/// included), from its bytes: no tokenization needed.
+pub fn prompt_upper_bound(request: &GenerationRequest) -> u64 {
+    match &request.prompt {
+        Prompt::Chat(m) => {
+            let tools_bytes = serde_json::to_vec(&request.tools).map_or(0, |v| v.len());
+            token_upper_bound(m, tools_bytes)
+        }
+        Prompt::Text(t) => t.len() as u64 + 16,
+    }
+}
+
+/// The most tokens `request` can occupy in a worker's context: its prompt's upper bound plus
+/// its `max_tokens` (no limit: all of it). The pool gives it a slot only on a worker whose
+/// context holds that much ([`tidepool_sched::kv`]).
+pub fn tokens_needed(request: &GenerationRequest) -> u32 {
+    let answer = request.sampling.max_tokens.map_or(u64::MAX, u64::from);
+    prompt_upper_bound(request)
+        .saturating_add(answer)
+        .min(u64::from(u32::MAX)) as u32
 }
 
 /// An upper bound on the tokens a chat prompt can take, from its bytes: byte-level BPE never

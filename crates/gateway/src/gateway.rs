@@ -25,9 +25,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::answer_cache::{AnswerCache, CacheConfig, CacheKey, CacheStats, CachedAnswer};
-use crate::context_fit::{
-    token_upper_bound, ContextConfig, Layout, Overflow, TailSearch, Truncation,
-};
+use crate::context_fit::{self, ContextConfig, Layout, Overflow, TailSearch, Truncation};
 use crate::degrade::DegradedConfig;
 use crate::profile::{self, Plan, ProfileError, Profiles};
 use crate::service::{Service, SubmitError};
@@ -285,7 +283,9 @@ impl Gateway {
     ) -> Result<Answer, GatewayError> {
         let profile = profile::find(&self.profiles, label_profile)?;
         let label_request = profile::label_request(label_profile, profile, &reply)?;
-        let pinned = self.service.pin(class).await?;
+        let need =
+            context_fit::tokens_needed(&label_request).max(context_fit::tokens_needed(&reply));
+        let pinned = self.service.pin(class, need).await?;
         let mut label_stream = self.service.submit_pinned(&pinned, label_request).await?;
         let mut label = String::new();
         let mut label_usage = None;
@@ -362,11 +362,7 @@ impl Gateway {
         cfg: &ContextConfig,
     ) -> Result<(GenerationRequest, Option<Truncation>), GatewayError> {
         let default_max = request.sampling.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS);
-        let engine_max = self
-            .service
-            .engine()
-            .ok()
-            .map(|e| e.info().max_sequence_length as u64);
+        let engine_max = self.service.context_limit();
         let budget = match (cfg.budget_tokens.map(u64::from), engine_max) {
             (Some(b), Some(m)) => b.min(m),
             (Some(b), None) => b,
@@ -389,11 +385,7 @@ impl Gateway {
         };
         request.sampling.max_tokens = Some(max_tokens as u32);
         let available = budget - max_tokens;
-        let tools_bytes = serde_json::to_vec(&request.tools).map_or(0, |v| v.len());
-        let bound = match &request.prompt {
-            Prompt::Chat(m) => token_upper_bound(m, tools_bytes),
-            Prompt::Text(t) => t.len() as u64 + 16,
-        };
+        let bound = context_fit::prompt_upper_bound(&request);
         if bound <= available {
             return Ok((request, None));
         }

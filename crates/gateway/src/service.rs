@@ -281,7 +281,8 @@ impl Service {
     ) -> Result<GenerationStream, SubmitError> {
         let started = Instant::now();
         let result = async {
-            let (lease, guard) = self.admit(class).await?;
+            let need = crate::context_fit::tokens_needed(&request);
+            let (lease, guard) = self.admit(class, need).await?;
             let deadline = self.queue_deadline();
             let stream = started_within(deadline, lease.engine().generate(request)).await?;
             // The stream owns the slot: dropping it (the generation ended, or was cancelled)
@@ -304,12 +305,25 @@ impl Service {
     }
 
     /// Admission, the same for every generation: the model must be ready, the request is
-    /// counted, and a slot is leased within the deadline.
-    async fn admit(&self, class: Class) -> Result<(Lease, InFlightGuard), SubmitError> {
+    /// counted, and a slot whose context holds `need` tokens is leased within the deadline.
+    async fn admit(&self, class: Class, need: u32) -> Result<(Lease, InFlightGuard), SubmitError> {
         self.ready()?;
         let guard = self.scheduler.admit();
-        let lease = self.scheduler.lease(class).await?;
+        let lease = self.scheduler.lease(class, need).await?;
         Ok((lease, guard))
+    }
+
+    /// The most tokens one request may use, prompt and answer together: the largest context a
+    /// worker gets per slot, within the model's own limit (`None` before a worker has loaded).
+    pub fn context_limit(&self) -> Option<u64> {
+        let engine = self.engine().ok()?;
+        let model = engine.info().gguf.shape.context_length;
+        let pool = self.pool().map(|p| u64::from(p.max_context()));
+        Some(match pool {
+            Some(p) if model > 0 => p.min(model),
+            Some(p) => p,
+            None => engine.info().max_sequence_length as u64,
+        })
     }
 
     fn record_refusal(&self, e: &SubmitError) {
@@ -326,11 +340,12 @@ impl Service {
     }
 
     /// Takes one slot on one worker for generations run one after another
-    /// ([`Service::submit_pinned`]): later ones reuse the KV cache of earlier ones' prompts
-    /// through the engine's prefix cache, which a different worker would not have. The slot is
-    /// held until the [`Pinned`] and every stream started on it are dropped.
-    pub async fn pin(&self, class: Class) -> Result<Arc<Pinned>, SubmitError> {
-        let result = self.admit(class).await;
+    /// ([`Service::submit_pinned`]), each of which needs at most `need` tokens of context:
+    /// later ones reuse the KV cache of earlier ones' prompts through the engine's prefix
+    /// cache, which a different worker would not have. The slot is held until the [`Pinned`]
+    /// and every stream started on it are dropped.
+    pub async fn pin(&self, class: Class, need: u32) -> Result<Arc<Pinned>, SubmitError> {
+        let result = self.admit(class, need).await;
         if let Err(e) = &result {
             self.record_refusal(e);
         }

@@ -7,9 +7,11 @@
 //!   request counts and latencies the control loop reads, and load shedding.
 //! - [`capacity`]: what one worker serves, learned from the requests the pool runs.
 //! - [`ledger`]: memory reservations per worker against a budget; [`memory`] reads the process.
+//! - [`kv`]: how much context (KV cache) a new worker gets, from what recent requests needed.
 //! - [`metrics`]: the request metrics, recorded once and exposed through the one registry.
 
 pub mod capacity;
+pub mod kv;
 pub mod ledger;
 pub mod memory;
 pub mod metrics;

@@ -26,6 +26,7 @@ use tokio::sync::oneshot;
 use tidepool_engine::{Engine, EngineError, EngineSpec};
 
 use crate::capacity::{ServiceCurve, Throughput};
+use crate::kv::ContextSizing;
 use crate::ledger::{DoesNotFit, Ledger, Reservation};
 use crate::queue::{Class, PriorityQueue, QueueFull, Ticket};
 
@@ -34,32 +35,50 @@ const EVENT_CAPACITY: usize = 256;
 
 /// Makes workers: loads one engine instance and says what one reserves.
 pub trait WorkerFactory: Send + Sync {
-    /// Memory one worker holds while it runs.
-    fn reservation(&self) -> Reservation;
+    /// Memory one worker holds while it runs, with `context` tokens of context per slot.
+    fn reservation(&self, context: u32) -> Reservation;
     /// Concurrent sequences per worker (its admission limit).
     fn slots(&self) -> usize;
-    /// Loads one engine instance.
-    fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>>;
+    /// The most context per slot a worker may get (the configured `context_tokens`).
+    fn max_context(&self) -> u32;
+    /// Loads one engine instance with `context` tokens of context per slot.
+    fn load(&self, context: u32) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>>;
 }
 
 /// The workers of one model on one engine: what every pool in the application is made of (tests
 /// make fakes of their own).
 pub struct Workers {
+    /// Its `context_tokens` is the most a worker gets per slot.
     pub spec: EngineSpec,
+    /// A worker's reservation with `spec.context_tokens` per slot.
     pub reservation: Reservation,
 }
 
 impl WorkerFactory for Workers {
-    fn reservation(&self) -> Reservation {
-        self.reservation
+    fn reservation(&self, context: u32) -> Reservation {
+        // The KV cache is linear in the context (bytes per token × tokens × slots).
+        let full = u64::from(self.spec.context_tokens.max(1));
+        Reservation {
+            kv_cache: (u128::from(self.reservation.kv_cache) * u128::from(context)
+                / u128::from(full)) as u64,
+            ..self.reservation
+        }
     }
 
     fn slots(&self) -> usize {
         self.spec.slots()
     }
 
-    fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
-        self.spec.load()
+    fn max_context(&self) -> u32 {
+        self.spec.context_tokens
+    }
+
+    fn load(&self, context: u32) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+        EngineSpec {
+            context_tokens: context,
+            ..self.spec.clone()
+        }
+        .load()
     }
 }
 
@@ -100,6 +119,8 @@ pub struct WorkerStatus {
     /// cache, and buffers or overhead.
     pub kv_cache_bytes: u64,
     pub buffer_bytes: u64,
+    /// Tokens of context each of its slots holds ([`crate::kv`]).
+    pub context_tokens: u32,
     /// Where the worker runs (`cpu`, `cuda:0`, …), once loaded.
     pub device: Option<String>,
     /// The library that runs it (`mistral.rs`, `llama.cpp`), once loaded.
@@ -122,14 +143,29 @@ struct Worker {
     state: WorkerState,
     engine: Option<Arc<dyn Engine>>,
     slots: usize,
+    /// Tokens of context per slot: it serves only requests that need no more.
+    context: u32,
     busy: usize,
     started: Instant,
+}
+
+impl Worker {
+    /// Whether it may take new requests (or will once loaded).
+    fn active(&self) -> bool {
+        matches!(self.state, WorkerState::Loading | WorkerState::Ready)
+    }
+}
+
+/// A request waiting for a slot: where to send its lease, and the context it needs.
+struct Waiter {
+    tx: oneshot::Sender<Lease>,
+    need: u32,
 }
 
 struct Inner {
     workers: Vec<Worker>,
     ledger: Ledger,
-    queue: PriorityQueue<oneshot::Sender<Lease>>,
+    queue: PriorityQueue<Waiter>,
     events: VecDeque<Event>,
     events_total: u64,
     next_id: u64,
@@ -146,9 +182,13 @@ struct Inner {
     degraded: Option<String>,
     /// Workers taken out because their engine died, since start.
     deaths: u64,
-    /// What a loaded worker's engine reported it allocated beside the weights: used instead of
-    /// the factory's estimate for the next ones.
-    measured_own: Option<tidepool_engine::OwnMemory>,
+    /// What a loaded worker's engine reported it allocated beside the weights, by its context
+    /// per slot: used instead of the factory's estimate for the next ones of that size.
+    measured_own: std::collections::BTreeMap<u32, tidepool_engine::OwnMemory>,
+    /// The context a new worker gets, from what recent requests needed.
+    kv: ContextSizing,
+    /// A worker is draining to make room for a larger one ([`Pool::make_room`]).
+    making_room: bool,
     /// Service time by concurrency, from completed requests.
     curve: ServiceCurve,
 }
@@ -241,7 +281,9 @@ impl Pool {
                 loads_started: 0,
                 degraded: None,
                 deaths: 0,
-                measured_own: None,
+                measured_own: Default::default(),
+                kv: ContextSizing::fixed(factory.max_context()),
+                making_room: false,
                 curve: ServiceCurve::default(),
             }),
             factory,
@@ -260,11 +302,24 @@ impl Pool {
         self.epoch.elapsed().as_secs_f64()
     }
 
-    /// A slot on the least-loaded Ready worker, waiting up to `deadline` in `class`.
+    /// A slot on the least-loaded Ready worker, waiting up to `deadline` in `class`, for a
+    /// request that fits any worker's context.
     pub async fn acquire(
         self: &Arc<Self>,
         class: Class,
         deadline: Duration,
+    ) -> Result<Lease, AcquireError> {
+        self.acquire_for(class, deadline, 0).await
+    }
+
+    /// A slot on the least-loaded Ready worker whose context holds `need` tokens (the prompt and
+    /// the answer), waiting up to `deadline` in `class`. When no worker holds that much, the
+    /// smallest is replaced by one that does ([`crate::kv`]).
+    pub async fn acquire_for(
+        self: &Arc<Self>,
+        class: Class,
+        deadline: Duration,
+        need: u32,
     ) -> Result<Lease, AcquireError> {
         // A worker whose engine died while idle is found here, before anyone waits on it.
         self.check_health();
@@ -274,15 +329,25 @@ impl Pool {
             if inner.stopped {
                 return Err(AcquireError::Stopped);
             }
-            if let Some(lease) = self.try_lease(&mut inner) {
+            inner.kv.observe(need);
+            let need = inner.kv.clamp_need(need);
+            if let Some(lease) = self.try_lease(&mut inner, need) {
                 return Ok(lease);
             }
             let now = self.now();
             let rate = ready_slots(&inner) as f64;
-            inner
+            let ticket = inner
                 .queue
-                .push(tx, class, now, now + deadline.as_secs_f64(), rate)
-                .map_err(|(_, full)| AcquireError::QueueFull(full))?
+                .push(
+                    Waiter { tx, need },
+                    class,
+                    now,
+                    now + deadline.as_secs_f64(),
+                    rate,
+                )
+                .map_err(|(_, full)| AcquireError::QueueFull(full))?;
+            self.make_room(&mut inner);
+            ticket
         };
         // Leaves the queue if this future is dropped (client gone) or times out.
         let mut waiting = Waiting {
@@ -314,7 +379,8 @@ impl Pool {
         }
     }
 
-    fn try_lease(self: &Arc<Self>, inner: &mut Inner) -> Option<Lease> {
+    /// A slot for a request that needs `need` tokens of context, if one is free now.
+    fn try_lease(self: &Arc<Self>, inner: &mut Inner, need: u32) -> Option<Lease> {
         if inner
             .sequence_cap
             .as_ref()
@@ -323,12 +389,15 @@ impl Pool {
             return None;
         }
         let cap = inner.slot_cap.unwrap_or(usize::MAX);
+        // The least busy worker that holds it; among those, the smallest context (the larger
+        // ones stay free for the requests only they hold).
         let w = inner
             .workers
             .iter_mut()
             .filter(|w| w.state == WorkerState::Ready && w.busy < w.slots.min(cap))
+            .filter(|w| w.context >= need)
             .filter(|w| w.engine.as_ref().is_some_and(|e| e.health().is_ok()))
-            .min_by_key(|w| (w.busy, w.id))?;
+            .min_by_key(|w| (w.busy, w.context, w.id))?;
         w.busy += 1;
         let (worker, engine) = (w.id, w.engine.clone()?);
         Some(Lease {
@@ -342,25 +411,136 @@ impl Pool {
         })
     }
 
-    /// Hands free slots to waiting requests, most urgent first.
+    /// Hands free slots to waiting requests, most urgent first (a request that no free slot
+    /// holds lets the next one through).
     fn dispatch(self: &Arc<Self>, inner: &mut Inner) {
         while !inner.queue.is_empty() {
-            let Some(lease) = self.try_lease(inner) else {
+            // The largest context a free slot holds now.
+            let Some(free) = self.free_context(inner) else {
                 return;
             };
             let now = self.now();
-            let Some((_, tx, _)) = inner.queue.pop(now) else {
-                // Unreachable (the queue was not empty); give the slot back.
-                let mut lease = lease;
-                lease.pool = None;
-                release_slot(inner, lease.worker);
+            let Some((_, waiter, _)) = inner.queue.pop_where(now, |w| w.need <= free) else {
                 return;
             };
-            if let Err(mut lease) = tx.send(lease) {
+            let Some(lease) = self.try_lease(inner, waiter.need) else {
+                // Unreachable (a free slot holds it); it waits again, at the back.
+                drop(waiter);
+                return;
+            };
+            if let Err(mut lease) = waiter.tx.send(lease) {
                 // The waiter is gone: its slot goes to the next one (the lock is held here, so
                 // the slot is returned directly rather than by the lease's drop).
                 lease.pool = None;
                 release_slot(inner, lease.worker);
+            }
+        }
+    }
+
+    /// The largest context per slot among workers with a slot free to lease now (under the
+    /// caps), if any.
+    fn free_context(&self, inner: &Inner) -> Option<u32> {
+        if inner
+            .sequence_cap
+            .as_ref()
+            .is_some_and(|(c, _)| running(inner) >= *c)
+        {
+            return None;
+        }
+        inner
+            .workers
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready && w.busy < inner.admits(w))
+            .filter(|w| w.engine.as_ref().is_some_and(|e| e.health().is_ok()))
+            .map(|w| w.context)
+            .max()
+    }
+
+    /// When a waiting request needs more context than every worker holds, puts a worker that
+    /// holds it in place of the smallest one: the new one is added if the budget allows, and
+    /// the smallest drains (it finishes what it runs). When the budget holds the new one only
+    /// without the smallest, the smallest drains first and the new one is added when it has
+    /// stopped. With no worker at all, the control loop starts the first one, already sized
+    /// for what waits.
+    fn make_room(self: &Arc<Self>, inner: &mut Inner) {
+        if inner.stopped || inner.kv.is_fixed() {
+            return;
+        }
+        let largest = inner
+            .workers
+            .iter()
+            .filter(|w| w.active())
+            .map(|w| w.context)
+            .max();
+        let Some(need) = inner
+            .queue
+            .items()
+            .map(|w| w.need)
+            .filter(|&n| largest.is_none_or(|l| n > l))
+            .max()
+        else {
+            inner.making_room = false;
+            return;
+        };
+        if largest.is_none() && !inner.making_room {
+            return;
+        }
+        let context = inner.kv.fitting(need).max(inner.kv.next());
+        let why = format!(
+            "a request needs {need} tokens of context; {}",
+            match largest {
+                Some(l) => format!("the workers hold {l} per slot"),
+                None => "no worker holds it".to_string(),
+            }
+        );
+        // The smallest active worker goes (of those, the least busy).
+        let smallest = inner
+            .workers
+            .iter()
+            .filter(|w| w.active())
+            .min_by_key(|w| (w.context, w.busy, std::cmp::Reverse(w.id)))
+            .map(|w| w.id);
+        let reservation = self.next_reservation(inner, context);
+        let need_bytes = inner.ledger.need(&reservation);
+        if need_bytes <= inner.ledger.free() {
+            if self.add_worker_locked(inner, context, &why).is_ok() {
+                inner.making_room = false;
+                if let Some(id) = smallest {
+                    self.drain_locked(inner, id, &format!("replaced by a larger worker: {why}"));
+                }
+            }
+            return;
+        }
+        if inner.making_room {
+            // A worker is already draining to make room: wait for it to stop.
+            return;
+        }
+        // Would the budget hold it without the smallest? Then that one gives its memory back
+        // first; its replacement is added when it has stopped (see `stop_worker`).
+        let without = |id: u64| {
+            let mut ledger = inner.ledger.clone();
+            ledger.release(id);
+            (ledger.need(&reservation), ledger.free())
+        };
+        match smallest.map(|id| (id, without(id))) {
+            Some((id, (need, free))) if need <= free => {
+                inner.making_room = true;
+                self.drain_locked(
+                    inner,
+                    id,
+                    &format!("making room for a larger worker: {why}"),
+                );
+            }
+            other => {
+                let (need, free) = other.map_or((need_bytes, inner.ledger.free()), |(_, nf)| nf);
+                let msg = format!(
+                    "no larger worker fits the memory budget ({why}): it needs {} and {} is free",
+                    crate::memory::human_bytes(need),
+                    crate::memory::human_bytes(free),
+                );
+                if inner.events.back().is_none_or(|e| e.message != msg) {
+                    self.event(inner, None, None, None, msg);
+                }
             }
         }
     }
@@ -536,47 +716,71 @@ impl Pool {
 
     /// What the next worker reserves: the factory's estimate, with its own bytes as measured
     /// once a worker has loaded and its engine said.
-    fn next_reservation(&self, inner: &Inner) -> Reservation {
-        let mut r = self.factory.reservation();
-        if let Some(m) = inner.measured_own {
+    fn next_reservation(&self, inner: &Inner, context: u32) -> Reservation {
+        let mut r = self.factory.reservation(context);
+        if let Some(m) = inner.measured_own.get(&context) {
             r.kv_cache = m.kv_cache;
             r.overhead = m.buffers;
         }
         r
     }
 
-    /// Adds one worker: reserves its memory, then loads it in the background. Returns its id.
+    /// Adds one worker, with the context recent requests need: reserves its memory, then loads
+    /// it in the background. Returns its id.
     pub fn add_worker(self: &Arc<Self>, reason: &str) -> Result<u64, DoesNotFit> {
-        let id = {
-            let mut inner = self.lock();
-            let reservation = self.next_reservation(&inner);
-            let id = inner.next_id;
-            if let Err(e) = inner.ledger.try_reserve(id, reservation) {
-                let msg = format!("worker not started ({reason}): {e}");
-                self.event(&mut inner, None, None, None, msg);
-                return Err(e);
+        let mut inner = self.lock();
+        // The context recent requests need; if the budget holds no worker that large, the
+        // largest smaller one it holds (a request it does not hold waits for room).
+        let mut context = inner.kv.next();
+        while context > inner.kv.min() {
+            let r = self.next_reservation(&inner, context);
+            if inner.ledger.need(&r) <= inner.ledger.free() {
+                break;
             }
-            inner.next_id += 1;
-            inner.loads_started += 1;
-            inner.workers.push(Worker {
-                id,
-                state: WorkerState::Loading,
-                engine: None,
-                slots: self.factory.slots(),
-                busy: 0,
-                started: Instant::now(),
-            });
-            self.event(
-                &mut inner,
-                Some(id),
-                None,
-                Some(WorkerState::Loading),
-                format!("loading: {reason}"),
-            );
-            id
+            context = (context / 2).max(inner.kv.min());
+        }
+        self.add_worker_locked(&mut inner, context, reason)
+    }
+
+    /// Adds one worker of `context` tokens per slot (see [`Pool::add_worker`]).
+    fn add_worker_locked(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        context: u32,
+        reason: &str,
+    ) -> Result<u64, DoesNotFit> {
+        let reservation = self.next_reservation(inner, context);
+        let id = inner.next_id;
+        if let Err(e) = inner.ledger.try_reserve(id, reservation) {
+            let msg = format!("worker not started ({reason}): {e}");
+            self.event(inner, None, None, None, msg);
+            return Err(e);
+        }
+        inner.next_id += 1;
+        inner.loads_started += 1;
+        inner.workers.push(Worker {
+            id,
+            state: WorkerState::Loading,
+            engine: None,
+            slots: self.factory.slots(),
+            context,
+            busy: 0,
+            started: Instant::now(),
+        });
+        let sized = if inner.kv.is_fixed() {
+            String::new()
+        } else {
+            format!(" ({context} tokens of context per slot)")
         };
+        self.event(
+            inner,
+            Some(id),
+            None,
+            Some(WorkerState::Loading),
+            format!("loading{sized}: {reason}"),
+        );
         let pool = self.clone();
-        let load = self.factory.load();
+        let load = self.factory.load(context);
         tokio::spawn(async move {
             let started = Instant::now();
             let result = match std::panic::AssertUnwindSafe(load).catch_unwind().await {
@@ -595,7 +799,7 @@ impl Pool {
                     let mut msg = format!("ready in {:.2} s", started.elapsed().as_secs_f64());
                     if let Some(m) = engine.info().own_memory {
                         inner.ledger.true_up(id, m.kv_cache, m.buffers);
-                        inner.measured_own = Some(m);
+                        inner.measured_own.insert(context, m);
                         msg += &format!(
                             " (its own memory: KV cache {}, buffers {}{})",
                             crate::memory::human_bytes(m.kv_cache),
@@ -648,34 +852,46 @@ impl Pool {
     /// and stops when its last one finishes. Returns its id, or `None` when there is none.
     pub fn drain_worker(self: &Arc<Self>, reason: &str) -> Option<u64> {
         let mut inner = self.lock();
-        let w = inner
+        // Of the least busy, the one with the most context (it holds the most memory), then
+        // the newest.
+        let id = inner
             .workers
-            .iter_mut()
-            .filter(|w| matches!(w.state, WorkerState::Loading | WorkerState::Ready))
+            .iter()
+            .filter(|w| w.active())
             .min_by_key(|w| {
                 (
                     w.state == WorkerState::Ready,
                     w.busy,
+                    std::cmp::Reverse(w.context),
                     std::cmp::Reverse(w.id),
                 )
-            })?;
-        let (id, from, idle) = (w.id, w.state, w.busy == 0);
+            })?
+            .id;
+        self.drain_locked(&mut inner, id, reason);
+        Some(id)
+    }
+
+    /// Starts draining worker `id` (stops it at once if it is idle).
+    fn drain_locked(self: &Arc<Self>, inner: &mut Inner, id: u64, reason: &str) {
+        let Some(w) = inner.workers.iter_mut().find(|w| w.id == id) else {
+            return;
+        };
+        let (from, idle) = (w.state, w.busy == 0);
         w.state = WorkerState::Draining;
         self.event(
-            &mut inner,
+            inner,
             Some(id),
             Some(from),
             Some(WorkerState::Draining),
             format!("draining: {reason}"),
         );
         if idle && from == WorkerState::Ready {
-            self.stop_worker(&mut inner, id);
+            self.stop_worker(inner, id);
         }
-        Some(id)
     }
 
     /// Removes a drained worker: drops its engine and gives back its reservation.
-    fn stop_worker(&self, inner: &mut Inner, id: u64) {
+    fn stop_worker(self: &Arc<Self>, inner: &mut Inner, id: u64) {
         let Some(pos) = inner.workers.iter().position(|w| w.id == id) else {
             return;
         };
@@ -694,6 +910,10 @@ impl Pool {
                 drop(engine);
                 crate::memory::return_freed_memory();
             });
+        }
+        // Its memory may be what a larger worker for a waiting request was waiting for.
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.make_room(inner);
         }
     }
 
@@ -771,6 +991,24 @@ impl Pool {
         self.lock().sequence_cap.clone()
     }
 
+    /// Sizes new workers' context between `min` and the factory's most tokens per slot, by what
+    /// requests need ([`crate::kv`]); `min` at or above that most gives every worker the most.
+    pub fn set_min_context(&self, min: u32) {
+        let max = self.factory.max_context();
+        self.lock().kv.set_range(min, max);
+    }
+
+    /// The context sizing: (least, most, what the next worker gets) tokens per slot.
+    pub fn context_sizing(&self) -> (u32, u32, u32) {
+        let inner = self.lock();
+        (inner.kv.min(), inner.kv.max(), inner.kv.next())
+    }
+
+    /// The most tokens one request may use: the largest context a worker may get per slot.
+    pub fn max_context(&self) -> u32 {
+        self.factory.max_context()
+    }
+
     /// Workers Loading or Ready (the count the policy steers).
     pub fn active_workers(&self) -> usize {
         self.lock()
@@ -790,6 +1028,7 @@ impl Pool {
                 state: w.state,
                 slots_busy: w.busy,
                 slots_total: inner.admits(w),
+                context_tokens: w.context,
                 reserved_bytes: inner.ledger.attributed(w.id),
                 age_s: w.started.elapsed().as_secs_f64(),
                 device: w.engine.as_ref().map(|e| e.info().device.name.clone()),
@@ -839,7 +1078,7 @@ impl Pool {
     /// How many workers the whole budget holds.
     pub fn budget_workers(&self) -> usize {
         let inner = self.lock();
-        let r = self.next_reservation(&inner);
+        let r = self.next_reservation(&inner, inner.kv.next());
         inner.ledger.workers_that_fit(r)
     }
 
@@ -925,12 +1164,12 @@ mod tests {
 
     use super::*;
 
-    /// Fake workers the test can reach (to kill them).
+    /// Fake workers the test can reach (to kill them), with the contexts they were loaded with.
     #[derive(Default)]
-    struct Kept(Mutex<Vec<Arc<FakeEngine>>>);
+    struct Kept(Mutex<Vec<Arc<FakeEngine>>>, Mutex<Vec<u32>>);
 
     impl WorkerFactory for Arc<Kept> {
-        fn reservation(&self) -> Reservation {
+        fn reservation(&self, _context: u32) -> Reservation {
             Reservation {
                 weights: 1,
                 kv_cache: 0,
@@ -941,14 +1180,160 @@ mod tests {
         fn slots(&self) -> usize {
             2
         }
-        fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+        fn max_context(&self) -> u32 {
+            4096
+        }
+        fn load(&self, context: u32) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
             let kept = self.clone();
             Box::pin(async move {
                 let e = Arc::new(FakeEngine::new(2, 4));
                 kept.0.lock().push(e.clone());
+                kept.1.lock().push(context);
                 Ok(e as Arc<dyn Engine>)
             })
         }
+    }
+
+    /// Workers whose reservation is one byte of weights (shared) and one byte per token of
+    /// context (so the budget decides what fits).
+    struct ByContext;
+
+    impl WorkerFactory for ByContext {
+        fn reservation(&self, context: u32) -> Reservation {
+            Reservation {
+                weights: 1,
+                kv_cache: context.into(),
+                overhead: 0,
+                shared_weights: Some(7),
+            }
+        }
+        fn slots(&self) -> usize {
+            1
+        }
+        fn max_context(&self) -> u32 {
+            4096
+        }
+        fn load(&self, _context: u32) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+            Box::pin(async { Ok(Arc::new(FakeEngine::new(1, 4)) as Arc<dyn Engine>) })
+        }
+    }
+
+    fn contexts(pool: &Pool) -> Vec<(WorkerState, u32)> {
+        pool.workers()
+            .into_iter()
+            .map(|w| (w.state, w.context_tokens))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn workers_get_the_context_requests_need_and_a_longer_request_gets_a_larger_worker() {
+        let kept = Arc::new(Kept::default());
+        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        pool.set_min_context(256);
+        // Short requests seen: the next worker holds them, not the configured 4096.
+        for _ in 0..3 {
+            drop(
+                pool.acquire_for(Class::Standard, Duration::from_millis(1), 100)
+                    .await
+                    .unwrap_err(),
+            );
+        }
+        assert_eq!(pool.context_sizing(), (256, 4096, 256));
+        let small = pool.add_worker("test").unwrap();
+        pool.wait_ready(small).await.unwrap();
+        assert_eq!(
+            *kept.1.lock(),
+            [256],
+            "loaded with the context it was given"
+        );
+        let short = pool
+            .acquire_for(Class::Standard, Duration::from_secs(5), 200)
+            .await
+            .unwrap();
+        assert_eq!(short.worker(), small);
+        // A request that needs 3000 tokens is never given the small worker's free slot: a
+        // worker that holds it takes the small one's place, which drains.
+        let long = pool
+            .acquire_for(Class::Standard, Duration::from_secs(5), 3000)
+            .await
+            .unwrap();
+        assert_ne!(long.worker(), small);
+        assert_eq!(
+            contexts(&pool),
+            [(WorkerState::Draining, 256), (WorkerState::Ready, 4096)]
+        );
+        let said: Vec<String> = pool.events().into_iter().map(|e| e.message).collect();
+        assert!(
+            said.iter().any(|m| m
+                .contains("a request needs 3000 tokens of context; the workers hold 256 per slot")),
+            "{said:?}"
+        );
+        // The small worker finishes what it ran, then stops; the large one serves short ones too.
+        drop(short);
+        assert_eq!(contexts(&pool), [(WorkerState::Ready, 4096)]);
+        drop(long);
+        let again = pool
+            .acquire_for(Class::Standard, Duration::from_secs(5), 100)
+            .await
+            .unwrap();
+        assert_ne!(again.worker(), small);
+        pool.stop();
+    }
+
+    #[tokio::test]
+    async fn a_larger_worker_that_does_not_fit_beside_the_small_one_waits_for_its_memory() {
+        // Room for the weights and 4096 + 255 tokens: a large worker alone, not beside the
+        // small one.
+        let pool = Pool::new(Arc::new(ByContext), 1 + 4096 + 255, 8);
+        pool.set_min_context(256);
+        pool.acquire_for(Class::Standard, Duration::from_millis(1), 100)
+            .await
+            .unwrap_err();
+        let small = pool.add_worker("test").unwrap();
+        pool.wait_ready(small).await.unwrap();
+        let short = pool
+            .acquire_for(Class::Standard, Duration::from_secs(5), 100)
+            .await
+            .unwrap();
+        let long = tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                pool.acquire_for(Class::Standard, Duration::from_secs(10), 3000)
+                    .await
+                    .map(|l| (l.worker(), l))
+            }
+        });
+        // It cannot be added beside the small one: the small one drains first.
+        while pool.workers()[0].state != WorkerState::Draining {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(contexts(&pool), [(WorkerState::Draining, 256)]);
+        drop(short);
+        let (id, lease) = long.await.unwrap().unwrap();
+        assert_ne!(id, small);
+        assert_eq!(contexts(&pool), [(WorkerState::Ready, 4096)]);
+        assert_eq!(pool.memory().1, 1 + 4096);
+        drop(lease);
+        pool.stop();
+    }
+
+    #[tokio::test]
+    async fn fixed_sizing_never_replaces_a_worker() {
+        let kept = Arc::new(Kept::default());
+        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        let id = pool.add_worker("test").unwrap();
+        pool.wait_ready(id).await.unwrap();
+        let lease = pool
+            .acquire_for(Class::Standard, Duration::from_secs(5), 100_000)
+            .await
+            .unwrap();
+        assert_eq!(
+            lease.worker(),
+            id,
+            "a need above the context is clamped to it"
+        );
+        assert_eq!(*kept.1.lock(), [4096]);
+        pool.stop();
     }
 
     #[tokio::test]
@@ -1075,7 +1460,7 @@ mod tests {
     async fn a_panicking_loader_gives_its_reservation_back() {
         struct Panics;
         impl WorkerFactory for Panics {
-            fn reservation(&self) -> Reservation {
+            fn reservation(&self, _context: u32) -> Reservation {
                 Reservation {
                     weights: 5,
                     kv_cache: 0,
@@ -1086,7 +1471,13 @@ mod tests {
             fn slots(&self) -> usize {
                 1
             }
-            fn load(&self) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+            fn max_context(&self) -> u32 {
+                4096
+            }
+            fn load(
+                &self,
+                _context: u32,
+            ) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
                 Box::pin(async { panic!("a loader bug") })
             }
         }

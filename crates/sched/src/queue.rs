@@ -156,6 +156,26 @@ impl<T> PriorityQueue<T> {
             .map(|e| (e.ticket, e.item, now - e.enqueued))
     }
 
+    /// The next entry to serve among those `fits` accepts: the oldest of the most urgent class
+    /// that has one (entries that nothing can serve now do not hold up the others).
+    pub fn pop_where(
+        &mut self,
+        now: f64,
+        mut fits: impl FnMut(&T) -> bool,
+    ) -> Option<(Ticket, T, f64)> {
+        for lane in &mut self.lanes {
+            if let Some(i) = lane.iter().position(|e| fits(&e.item)) {
+                return lane.remove(i).map(|e| (e.ticket, e.item, now - e.enqueued));
+            }
+        }
+        None
+    }
+
+    /// Every waiting item, most urgent first.
+    pub fn items(&self) -> impl Iterator<Item = &T> {
+        self.lanes.iter().flat_map(|l| l.iter().map(|e| &e.item))
+    }
+
     /// Removes entries whose deadline has passed, returning them (to be answered with an error).
     pub fn expire(&mut self, now: f64) -> Vec<(Ticket, T)> {
         let mut out = Vec::new();
@@ -234,6 +254,21 @@ mod tests {
         let (_, x, waited) = q.pop(12.5).unwrap();
         assert_eq!((x, waited), ("c", 12.5));
         assert!(q.pop(13.0).is_none());
+    }
+
+    #[test]
+    fn pop_where_skips_what_cannot_be_served_without_reordering_the_rest() {
+        let mut q = PriorityQueue::new(10);
+        q.push(4096, Class::Interactive, 0.0, 99.0, 1.0).unwrap();
+        q.push(100, Class::Standard, 1.0, 99.0, 1.0).unwrap();
+        q.push(200, Class::Standard, 2.0, 99.0, 1.0).unwrap();
+        q.push(300, Class::Batch, 3.0, 99.0, 1.0).unwrap();
+        let small = |n: &u32| *n <= 512;
+        assert_eq!(q.pop_where(5.0, small).map(|(_, n, _)| n), Some(100));
+        assert_eq!(q.pop_where(5.0, small).map(|(_, n, _)| n), Some(200));
+        assert_eq!(q.items().copied().collect::<Vec<_>>(), [4096, 300]);
+        assert_eq!(q.pop_where(5.0, |n| *n > 9000), None);
+        assert_eq!(q.pop(5.0).map(|(_, n, _)| n), Some(4096));
     }
 
     #[test]

@@ -119,15 +119,16 @@ impl Scheduler {
         InFlightGuard(self.in_flight.clone())
     }
 
-    /// A slot for a request of `class`, waiting up to the queue deadline.
-    pub async fn lease(&self, class: Class) -> Result<Lease, AdmitError> {
+    /// A slot for a request of `class` that needs `need` tokens of context (prompt and
+    /// answer), waiting up to the queue deadline.
+    pub async fn lease(&self, class: Class, need: u32) -> Result<Lease, AdmitError> {
         if class == Class::Batch {
             if let Some(why) = self.shedding() {
                 return Err(AdmitError::Shed(why));
             }
         }
         let pool = self.pool().ok_or(AdmitError::NoPool)?;
-        Ok(pool.acquire(class, self.queue_deadline()).await?)
+        Ok(pool.acquire_for(class, self.queue_deadline(), need).await?)
     }
 
     /// Requests admitted so far (a counter; the control loop derives the rate).
@@ -294,7 +295,7 @@ mod tests {
     struct Fakes;
 
     impl WorkerFactory for Fakes {
-        fn reservation(&self) -> Reservation {
+        fn reservation(&self, _context: u32) -> Reservation {
             Reservation {
                 weights: 1,
                 kv_cache: 0,
@@ -305,8 +306,12 @@ mod tests {
         fn slots(&self) -> usize {
             1
         }
+        fn max_context(&self) -> u32 {
+            4096
+        }
         fn load(
             &self,
+            _context: u32,
         ) -> futures::future::BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
             Box::pin(async { Ok(Arc::new(FakeEngine::new(1, 4)) as Arc<dyn Engine>) })
         }
@@ -316,7 +321,7 @@ mod tests {
     async fn admits_counts_sheds_and_leases_from_the_live_pool() {
         let s = Scheduler::new();
         assert_eq!(
-            s.lease(Class::Standard).await.unwrap_err(),
+            s.lease(Class::Standard, 1).await.unwrap_err(),
             AdmitError::NoPool
         );
         let pool = Pool::new(Arc::new(Fakes), 10, 4);
@@ -325,11 +330,11 @@ mod tests {
         assert!(s.set_pool(pool.clone()).is_none());
         let guard = s.admit();
         assert_eq!((s.arrivals(), s.in_flight()), (1, 1));
-        let lease = s.lease(Class::Standard).await.unwrap();
+        let lease = s.lease(Class::Standard, 1).await.unwrap();
         assert_eq!(lease.worker(), id);
         s.set_shedding(Some("critical heat".into()));
         assert_eq!(
-            s.lease(Class::Batch).await.unwrap_err(),
+            s.lease(Class::Batch, 1).await.unwrap_err(),
             AdmitError::Shed("critical heat".into())
         );
         drop(lease);

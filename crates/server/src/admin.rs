@@ -73,6 +73,12 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
             .collect::<Vec<_>>(),
         // The most sequences the pool runs at once (`null`: every free slot), and why.
         "sequence_cap": pool.sequence_cap().map(|(n, why)| json!({"sequences": n, "reason": why})),
+        // Tokens of context per slot a new worker gets (`next`, from what recent requests
+        // needed), between `min` and `max` (`[pool] min_context_tokens`, `context_tokens`).
+        "context_tokens": {
+            let (min, max, next) = pool.context_sizing();
+            json!({"min": min, "max": max, "next": next})
+        },
         // CPU time the process has used, seconds (user + system, every thread).
         "process_cpu_s": tidepool_sched::memory::process_cpu_seconds(),
         "policy": scaler.config(),

@@ -446,12 +446,15 @@ pub async fn ps(State(app): State<AppState>) -> Json<Value> {
                 } else {
                     after_idle(cfg.down.stabilization_s)
                 };
-                models.push(entry(
+                let mut model = entry(
                     w.reserved_bytes,
                     expires.min(FOREVER_UNIX),
                     json!({"worker": w.id, "state": w.state, "slots_busy": w.slots_busy,
                            "slots_total": w.slots_total}),
-                ));
+                );
+                // What this worker's slots hold (workers are sized by what requests need).
+                model["context_length"] = json!(w.context_tokens);
+                models.push(model);
             }
         }
         _ => {
