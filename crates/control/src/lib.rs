@@ -4,6 +4,7 @@
 //!   trait with a real implementation and a fake one for tests.
 //! - [`power`]: power modes and the governor that turns battery and heat into limits.
 //! - [`policy`]: the pure scaling policy (signals in, a worker count and its reason out).
+//! - [`queueing`]: how long requests would wait at a pool size (Erlang C), for the policy.
 //! - [`cpu_limit`]: the cores inference threads may run on.
 //! - [`autoscale`]: the loop that reads the signals, asks the policy, and moves the pool.
 
@@ -11,4 +12,5 @@ pub mod autoscale;
 pub mod cpu_limit;
 pub mod policy;
 pub mod power;
+pub mod queueing;
 pub mod signals;

@@ -7,8 +7,10 @@
 //! - Every tick computes a raw recommendation: enough workers for the arrival rate, one more
 //!   than now when the queue or the latency is over target. What a pool serves is what it has
 //!   measured ([`Capacity`]: completed requests per second at each number of sequences running
-//!   on the machine, for this engine, model and request mix), kept `up.utilization` busy so
-//!   queues stay short; until it has measured enough, `up.rate_per_worker` stands in. Past the
+//!   on the machine, for this engine, model and request mix): the fewest workers that run at
+//!   most `up.utilization` busy and whose queue keeps the p95 wait for a slot within the p95
+//!   TTFT target ([`crate::queueing`]); until it has measured enough, `up.rate_per_worker`
+//!   stands in. Past the
 //!   level where more sequences were measured to raise throughput by less than `up.min_gain`,
 //!   no rule adds a worker: there it would cost memory and serve nothing more.
 //! - Scale **up** to the lowest recommendation of the last `up.window_s`: demand must have held
@@ -265,15 +267,31 @@ pub struct Capacity {
 }
 
 impl Capacity {
-    /// The fewest workers that serve `rate` running `utilization` busy, at most `cap`
-    /// (where more stop paying: `saturation`), with the reason.
-    fn size(&self, rate: f64, utilization: f64, cap: Option<&Saturation>) -> (usize, String) {
+    /// The fewest workers that serve `rate` running at most `utilization` busy and, with a
+    /// `wait_s` target, keep the p95 wait for a slot within it (as an M/M/c queue of the
+    /// measured rate would: [`crate::queueing`]); at most `cap` (where more stop paying:
+    /// `saturation`). With the reason.
+    fn size(
+        &self,
+        rate: f64,
+        utilization: f64,
+        wait_s: Option<f64>,
+        cap: Option<&Saturation>,
+    ) -> (usize, String) {
         let slots = self.slots.max(1);
         let serves = |w: usize| self.throughput.at(w * slots);
+        // The p95 wait at `w` workers (`None`: the queue would grow without bound).
+        let wait = |w: usize| {
+            let e = serves(w)?;
+            let c = w * slots;
+            crate::queueing::wait_quantile(c, rate, e.requests_per_s / c as f64, 0.95)
+        };
+        let enough = |w: usize| {
+            serves(w).is_some_and(|e| e.requests_per_s * utilization >= rate)
+                && wait_s.is_none_or(|t| wait(w).is_some_and(|q| q <= t))
+        };
         let limit = cap.map_or(MAX_WORKERS, |c| c.workers);
-        let w = (1..=limit)
-            .find(|&w| serves(w).is_some_and(|e| e.requests_per_s * utilization >= rate))
-            .unwrap_or(limit);
+        let w = (1..=limit).find(|&w| enough(w)).unwrap_or(limit);
         let Some(e) = serves(w) else {
             return (w, "nothing measured".into());
         };
@@ -283,12 +301,19 @@ impl Capacity {
             format!("{w} workers of {slots} slots serve")
         };
         let mut why = format!(
-            "needs {rate:.2} req/s, {who} {:.2} ({}; sized to {:.0} % busy)",
+            "needs {rate:.2} req/s, {who} {:.2} ({}; sized to {:.0} % busy",
             e.requests_per_s,
             e.basis,
             100.0 * utilization
         );
-        if let Some(c) = cap.filter(|c| w == c.workers && e.requests_per_s * utilization < rate) {
+        if let Some(t) = wait_s {
+            match wait(w) {
+                Some(q) => why += &format!(", p95 wait for a slot {q:.1} s of {t:.1} s"),
+                None => why += ", the queue would grow",
+            }
+        }
+        why += ")";
+        if let Some(c) = cap.filter(|c| w == c.workers && !enough(w)) {
             why += &format!("; no more: {}", c.why);
         }
         (w, why)
@@ -429,7 +454,12 @@ impl Policy {
         // Where more sequences were measured not to pay: never grown past, by any rule.
         let saturation = measured.and_then(|m| m.saturation(c.up.min_gain));
         let (by_rate, mut why) = match measured {
-            Some(m) => m.size(s.arrival_rate, c.up.utilization, saturation.as_ref()),
+            Some(m) => m.size(
+                s.arrival_rate,
+                c.up.utilization,
+                c.up.p95_ttft_ms.map(|ms| ms / 1000.0),
+                saturation.as_ref(),
+            ),
             None => (
                 ((s.arrival_rate / c.up.rate_per_worker).ceil() as usize).min(MAX_WORKERS),
                 format!(
@@ -661,6 +691,13 @@ mod tests {
             },
             ..PolicyConfig::default()
         }
+    }
+
+    /// [`cfg`] sized by utilization alone (no wait target), for tests of that rule.
+    fn by_utilization() -> PolicyConfig {
+        let mut c = cfg();
+        c.up.p95_ttft_ms = None;
+        c
     }
 
     /// Replays `rate(t)` once a second for `secs`, applying each decision at once (as a pool with
@@ -1098,7 +1135,7 @@ mod tests {
                 "3 workers of 4 slots serve 7.80 (scaled from 4 running",
             ),
         ] {
-            let mut p = Policy::new(cfg());
+            let mut p = Policy::new(by_utilization());
             let (w, d) = replay_measured(&mut p, 10, |w| measured(w, 2.6), |_| rate);
             assert_eq!(*w.last().unwrap(), want, "{rate} req/s: {d}");
             assert!(
@@ -1107,7 +1144,7 @@ mod tests {
             );
         }
         // The cheapest shape: no more workers than needed, even with budget for 8.
-        let mut p = Policy::new(cfg());
+        let mut p = Policy::new(by_utilization());
         let (w, _) = replay_measured(&mut p, 10, |w| measured(w, 2.6), |_| 2.1);
         assert!(w.iter().all(|&n| n <= 1), "{w:?}");
     }
@@ -1208,12 +1245,12 @@ mod tests {
         // four one-slot workers, scaled from two (three: 1.2 × 0.85 = 1.02 is short; four:
         // 1.6 × 0.85 = 1.36).
         let two = |w| curve(w, 1, &[(1, 0.6), (2, 0.8)]);
-        let mut p = Policy::new(cfg());
+        let mut p = Policy::new(by_utilization());
         let (w, d) = replay_measured(&mut p, 10, two, |_| 1.1);
         assert_eq!(*w.last().unwrap(), 4, "{d}");
         assert!(d.reason.contains("scaled from 2 running"), "{d}");
         // The queue rule still adds one where nothing says it would not pay.
-        let mut p = Policy::new(cfg());
+        let mut p = Policy::new(by_utilization());
         let queued = Signals {
             arrival_rate: 0.1,
             queue_depth: 9,
@@ -1229,5 +1266,50 @@ mod tests {
             .unwrap();
         assert_eq!(d.workers, 2, "{d}");
         assert!(d.reason.contains("queued over"), "{d}");
+    }
+
+    #[test]
+    fn the_pool_keeps_the_p95_wait_for_a_slot_within_the_ttft_target() {
+        // One-slot workers, each 1.6 req/s on its own and 1.2 when two run (the cores are
+        // shared). At 1.15 req/s one worker is 72 % busy (within 85 %) but its p95 wait would
+        // be 5.9 s: with the 2 s TTFT target the pool runs two (1.5 s).
+        let shared = |w| curve(w, 1, &[(1, 1.6), (2, 2.4), (3, 3.0)]);
+        let mut p = Policy::new(cfg());
+        let (w, d) = replay_measured(&mut p, 10, shared, |_| 1.15);
+        assert_eq!(*w.last().unwrap(), 2, "{d}");
+        assert!(
+            d.reason.contains("p95 wait for a slot 1.5 s of 2.0 s"),
+            "the reason names the wait: {d}"
+        );
+        // Without the target, utilization alone keeps one.
+        let mut p = Policy::new(by_utilization());
+        let (w, d) = replay_measured(&mut p, 10, shared, |_| 1.15);
+        assert_eq!(*w.last().unwrap(), 1, "{d}");
+        // A looser target (10 s) keeps one too; a light load never needs more than one.
+        let mut loose = cfg();
+        loose.up.p95_ttft_ms = Some(10_000.0);
+        let mut p = Policy::new(loose);
+        assert_eq!(
+            *replay_measured(&mut p, 10, shared, |_| 1.15)
+                .0
+                .last()
+                .unwrap(),
+            1
+        );
+        let mut p = Policy::new(cfg());
+        assert_eq!(
+            *replay_measured(&mut p, 10, shared, |_| 0.3)
+                .0
+                .last()
+                .unwrap(),
+            1
+        );
+        // Where more stop paying (the saturation point), the wait does not grow the pool past
+        // it: the reason says why no more.
+        let flat = |w| curve(w, 1, &[(1, 1.6), (2, 1.62), (3, 1.6)]);
+        let mut p = Policy::new(cfg());
+        let (w, d) = replay_measured(&mut p, 10, flat, |_| 1.15);
+        assert_eq!(*w.last().unwrap(), 1, "{d}");
+        assert!(d.reason.contains("no more"), "{d}");
     }
 }
