@@ -11,7 +11,9 @@
 /// The probability that an arriving request waits at all (Erlang's C formula), `None` when the
 /// queue grows without bound (`lambda >= c × mu`).
 pub fn wait_probability(c: usize, lambda: f64, mu: f64) -> Option<f64> {
-    if c == 0 || !(mu > 0.0) || !(lambda >= 0.0) {
+    // NaN fails every comparison: written so that it is refused too.
+    let valid = mu.is_finite() && mu > 0.0 && lambda.is_finite() && lambda >= 0.0;
+    if c == 0 || !valid {
         return None;
     }
     let a = lambda / mu;

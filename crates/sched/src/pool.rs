@@ -1232,11 +1232,10 @@ mod tests {
         pool.set_min_context(256);
         // Short requests seen: the next worker holds them, not the configured 4096.
         for _ in 0..3 {
-            drop(
-                pool.acquire_for(Class::Standard, Duration::from_millis(1), 100)
-                    .await
-                    .unwrap_err(),
-            );
+            let refused = pool
+                .acquire_for(Class::Standard, Duration::from_millis(1), 100)
+                .await;
+            assert!(matches!(refused, Err(AcquireError::DeadlineExceeded(_))));
         }
         assert_eq!(pool.context_sizing(), (256, 4096, 256));
         let small = pool.add_worker("test").unwrap();
