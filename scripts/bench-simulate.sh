@@ -43,11 +43,16 @@ done
 bench_setup
 
 # One worker only while the capacity is measured (the policy would otherwise add one as the
-# load grows); the second worker, for its load time, comes by a manual override.
+# load grows); the second worker, for its load time, comes by a manual override. Its workers
+# reserve the whole context, as the fixed shapes of bench-elastic.sh do; an elastic pool's
+# worker reserves what its requests need (512 tokens for these), scaled from it below.
 cat > "$work/fit.toml" <<TOML
 [model]
 engine = "$engine"
 slots = 8
+[pool]
+context_tokens = 4096
+min_context_tokens = 4096
 [policy]
 min_workers = 1
 max_workers = 1
@@ -98,7 +103,8 @@ mib = lambda b: max(0, round(b / 2**20))
 shared = "--shared-weights" if fit["shared"] else ""
 print(f"--service {curve} --ttft-fraction {frac:.3f} --load-s {fit['load_s']:.3f} "
       f"--cold-load-s {fit['cold_load_s']:.3f} --weights-mib {mib(fit['weights'])} {shared} "
-      f"--kv-mib-per-slot {max(1, mib(fit['kv_per_slot']))} --buffers-mib {mib(fit['buffers'])}")
+      f"--kv-mib-per-slot {max(1, mib(fit['kv_per_slot']))} --buffers-mib {mib(fit['buffers'])} "
+      f"--elastic-kv-mib-per-slot {max(1, mib(fit['kv_per_slot'] * 512 // 4096))}")
 PY
 )
 echo "fitted on this machine ($engine, $model, $tokens tokens): $args" >&2

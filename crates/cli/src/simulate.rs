@@ -434,6 +434,10 @@ pub struct SimulateArgs {
     shared_weights: bool,
     #[arg(long, default_value_t = 8)]
     kv_mib_per_slot: u64,
+    /// What a slot of an elastic pool's worker reserves, whose context is sized by the
+    /// requests (`[pool] min_context_tokens`); default: `--kv-mib-per-slot`.
+    #[arg(long)]
+    elastic_kv_mib_per_slot: Option<u64>,
     #[arg(long, default_value_t = 20)]
     buffers_mib: u64,
     /// Pools to simulate: WxS (fixed) or elastic:MIN-MAX:S.
@@ -529,8 +533,20 @@ pub fn run(a: SimulateArgs) -> anyhow::Result<()> {
         println!("| pool | requests | errors | latency p50 / p95 | TTFT p50 / p95 | reserved GiB·s | transitions | workers over time |");
         println!("|---|---|---|---|---|---|---|---|");
     }
+    let elastic_model = ServiceModel {
+        kv_bytes_per_slot: match a.elastic_kv_mib_per_slot {
+            Some(m) => mib(m)?,
+            None => model.kv_bytes_per_slot,
+        },
+        ..model.clone()
+    };
     for pool in &a.pools {
-        let r = simulate(&model, pool, &base, &rates, a.step_s, a.deadline_s);
+        let model = if pool.min == pool.max {
+            &model
+        } else {
+            &elastic_model
+        };
+        let r = simulate(model, pool, &base, &rates, a.step_s, a.deadline_s);
         if a.json {
             println!("{}", serde_json::to_string(&r)?);
         } else {
