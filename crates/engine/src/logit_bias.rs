@@ -8,8 +8,8 @@
 
 use std::collections::BTreeMap;
 
-use super::EngineError;
-use crate::request::Sampling;
+#[cfg(any(feature = "mistralrs", feature = "llamacpp"))]
+use crate::{request::Sampling, EngineError};
 
 /// Refuses `logit_bias` entries for tokens the vocabulary does not have (every engine calls this
 /// before it starts a generation).
