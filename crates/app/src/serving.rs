@@ -138,7 +138,7 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         },
         reservation: ledger::reservation(&gguf, &shape, engine),
     });
-    let reservation = factory.reservation();
+    let reservation = factory.reservation(factory.max_context());
     // Workers on a GPU reserve its memory: free VRAM as NVML (or Metal) reports it now.
     let available = if gpu {
         let gpus = gpu::real_source().read();

@@ -49,6 +49,7 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
         .iter()
         .map(|&c| (c.as_str().to_string(), json!(pool.queue_depth(c))))
         .collect();
+    let context = pool.context_sizing();
     Ok(Json(json!({
         "model": app.service.model_name(),
         "workers": pool.workers(),
@@ -75,10 +76,7 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
         "sequence_cap": pool.sequence_cap().map(|(n, why)| json!({"sequences": n, "reason": why})),
         // Tokens of context per slot a new worker gets (`next`, from what recent requests
         // needed), between `min` and `max` (`[pool] min_context_tokens`, `context_tokens`).
-        "context_tokens": {
-            let (min, max, next) = pool.context_sizing();
-            json!({"min": min, "max": max, "next": next})
-        },
+        "context_tokens": {"min": context.0, "max": context.1, "next": context.2},
         // CPU time the process has used, seconds (user + system, every thread).
         "process_cpu_s": tidepool_sched::memory::process_cpu_seconds(),
         "policy": scaler.config(),
