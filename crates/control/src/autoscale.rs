@@ -224,12 +224,11 @@ impl Autoscaler {
         let current = view.workers;
         let (decision, saturation) = {
             let mut policy = self.policy.lock();
-            let min_gain = policy.config.up.min_gain;
-            let saturation = view.capacity.as_ref().and_then(|c| c.saturation(min_gain));
             let d = policy.tick(self.epoch.elapsed().as_secs_f64(), &signals, view);
-            (d, saturation)
+            (d, policy.saturation().cloned())
         };
-        // Past where more sequences stopped paying, requests queue instead of slowing the others.
+        // Past where more sequences stopped paying, requests queue instead of slowing the others
+        // (the policy's settled point: it changes only once the curve has kept saying it).
         pool.set_sequence_cap(saturation.map(|s| (s.sequences, s.why)));
         let mut active = current;
         while active < decision.workers {

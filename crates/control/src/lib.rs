@@ -6,6 +6,7 @@
 //! - [`policy`]: the pure scaling policy (signals in, a worker count and its reason out).
 //! - [`queueing`]: how long requests would wait at a pool size (Erlang C), for the policy.
 //! - [`cpu_limit`]: the cores inference threads may run on.
+//! - [`settle`]: a value that changes only once a new one has held (the saturation point).
 //! - [`autoscale`]: the loop that reads the signals, asks the policy, and moves the pool.
 
 pub mod autoscale;
@@ -13,4 +14,5 @@ pub mod cpu_limit;
 pub mod policy;
 pub mod power;
 pub mod queueing;
+pub mod settle;
 pub mod signals;

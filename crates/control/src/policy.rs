@@ -29,6 +29,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 pub use tidepool_sched::capacity::Throughput;
 
+use crate::settle::Settled;
+
 /// Policy settings (the `[policy]` table of the config file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -393,7 +395,16 @@ pub struct Policy {
     /// (time, raw recommendation), oldest first, covering the longer window.
     history: VecDeque<(f64, usize)>,
     pub manual: Option<Override>,
+    /// Where more sequences stop paying, in sequences, settled: the measured curve's levels move
+    /// with every sample, and a limit that flips each second is noise ([`crate::settle`]).
+    saturation_count: Settled<Option<usize>>,
+    /// The settled saturation, with the figures of the last reading that said it.
+    saturation: Option<Saturation>,
 }
+
+/// How long the measured curve must keep saying a new saturation point (the sequence cap, and
+/// the most workers worth running) before the policy acts on it; the first one counts at once.
+pub const SATURATION_HOLD_S: f64 = 5.0;
 
 impl Policy {
     pub fn new(config: PolicyConfig) -> Policy {
@@ -401,7 +412,15 @@ impl Policy {
             config,
             history: VecDeque::new(),
             manual: None,
+            saturation_count: Settled::awaiting(None, SATURATION_HOLD_S),
+            saturation: None,
         }
+    }
+
+    /// Where more sequences were measured not to pay, as of the last tick, settled over
+    /// [`SATURATION_HOLD_S`] (`None`: not measured, or every step paid): the pool's sequence cap.
+    pub fn saturation(&self) -> Option<&Saturation> {
+        self.saturation.as_ref()
     }
 
     /// Replaces the configuration (live reload); the history is kept.
@@ -452,7 +471,18 @@ impl Policy {
         // reaches exactly zero, and would otherwise hold one worker forever.
         let measured = pool.capacity.as_ref().filter(|m| !m.throughput.is_empty());
         // Where more sequences were measured not to pay: never grown past, by any rule.
-        let saturation = measured.and_then(|m| m.saturation(c.up.min_gain));
+        let fresh = measured.and_then(|m| m.saturation(c.up.min_gain));
+        let settled = *self
+            .saturation_count
+            .update(now, fresh.as_ref().map(|f| f.sequences));
+        match (settled, fresh) {
+            (None, _) => self.saturation = None,
+            (Some(n), Some(f)) if f.sequences == n => self.saturation = Some(f),
+            // The curve says otherwise, not yet for long enough: the settled point stands.
+            _ => {}
+        }
+        let saturation = self.saturation.clone();
+        let c = &self.config;
         let (by_rate, mut why) = match measured {
             Some(m) => m.size(
                 s.arrival_rate,
@@ -1237,6 +1267,45 @@ mod tests {
             workers = p.tick(t as f64, &queued, cpu(workers)).workers;
         }
         assert_eq!(workers, 1);
+    }
+
+    #[test]
+    fn the_saturation_point_changes_only_once_the_curve_keeps_saying_it() {
+        // The curve's levels move with every sample: one reading says one sequence at a time,
+        // the next that four pay, and so on (the ramp on the 2-core machine flipped five times
+        // in 13 s). The first reading counts; a change must hold for SATURATION_HOLD_S.
+        let one = |w| curve(w, 2, &[(1, 2.5), (4, 2.4), (6, 2.5)]);
+        let four = |w| curve(w, 2, &[(1, 2.0), (4, 2.6), (6, 2.5)]);
+        let light = Signals {
+            arrival_rate: 0.5,
+            in_flight: 1,
+            idle_s: Some(0.0),
+            ..Signals::default()
+        };
+        let mut p = Policy::new(cfg());
+        assert!(p.saturation().is_none(), "nothing measured");
+        p.tick(0.0, &light, one(1));
+        assert_eq!(
+            p.saturation().map(|s| s.sequences),
+            Some(1),
+            "the first counts"
+        );
+        for t in 1..10 {
+            let view = if t % 2 == 0 { one(1) } else { four(1) };
+            p.tick(t as f64, &light, view);
+            assert_eq!(
+                p.saturation().map(|s| s.sequences),
+                Some(1),
+                "flapping at {t} s"
+            );
+        }
+        // Four, read for long enough, replaces it, with its own figures in the reason.
+        for t in 10..=15 {
+            p.tick(t as f64, &light, four(1));
+        }
+        let s = p.saturation().expect("still saturated");
+        assert_eq!((s.sequences, s.workers), (4, 2));
+        assert!(s.why.contains("2.60 req/s at 4 running"), "{}", s.why);
     }
 
     #[test]
