@@ -5,7 +5,10 @@
 
 Prints one markdown table per engine and trace, with the targets' ratios under it: elastic p95
 over the best fixed shape's p95, and elastic reserved memory-time over the fixed-max shape's (the
-elastic pool's largest size held fixed) and over the best fixed shape's. With
+elastic pool's largest size held fixed) and over the best fixed shape's. Where a shape ran more
+than once (bench-elastic.sh --repeat), its row is the run with the median p95, its p95 and
+memory-times are the medians, and a column lists every run's p95: one run's p95 on an overloaded
+trace moves by 2x with the machine's noise, and the best of five noisy shapes is biased low. With
 WRITE=1 it replaces the part of docs/elasticity.md between the bench-elastic markers and writes
 docs/elasticity-shapes.svg (slots admitted over time, per pool). No dependencies beyond Python.
 """
@@ -28,10 +31,30 @@ def rle(v):
     return " ".join(out)
 
 
+def median(v):
+    v = sorted(v)
+    n = len(v)
+    return v[n // 2] if n % 2 else (v[n // 2 - 1] + v[n // 2]) / 2
+
+
+def merge(runs):
+    """One row for a shape's runs: the median-p95 run, with median p95 and memory-times."""
+    runs = sorted(runs, key=lambda r: r["latency_p95_s"])
+    row = dict(runs[(len(runs) - 1) // 2])
+    for k in ("latency_p95_s", "reserved_gib_s", "rss_gib_s"):
+        row[k] = median([r[k] for r in runs])
+    row["errors"] = max(r["errors"] for r in runs)
+    row["p95_runs"] = [r["latency_p95_s"] for r in sorted(runs, key=lambda r: r.get("run", 1))]
+    return row
+
+
 def table(rows):
+    repeated = any(len(r.get("p95_runs", [])) > 1 for r in rows)
+    extra = " p95 each run |" if repeated else ""
     lines = [
-        "| pool | requests | 429 / errors | latency p50 / p95 | TTFT p50 / p95 | reserved GiB·s | RSS GiB·s | CPU s | transitions | slots over time (count x s) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| pool | requests | 429 / errors | latency p50 / p95 | TTFT p50 / p95 | reserved GiB·s | RSS GiB·s | CPU s | transitions | slots over time (count x s) |"
+        + extra,
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if repeated else ""),
     ]
     for r in rows:
         cpu = "-" if r.get("cpu_s") is None else f"{r['cpu_s']:.0f}"
@@ -41,6 +64,7 @@ def table(rows):
             f"| {r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} s "
             f"| {r['reserved_gib_s']:.1f} | {r['rss_gib_s']:.1f} | {cpu} | {r['transitions']} "
             f"| {rle(r['slots_over_time'])} |"
+            + (" " + ", ".join(f"{x:.2f}" for x in r["p95_runs"]) + " s |" if repeated else "")
         )
     return lines
 
@@ -111,20 +135,25 @@ def svg(groups):
 def main():
     results, write, model, step, tokens, peak = sys.argv[1:7]
     rows = [json.loads(l) for l in open(results) if l.strip()]
-    groups = {}
+    shapes = {}
     for r in rows:
-        groups.setdefault((r["engine"], r["trace"]), []).append(r)
+        shapes.setdefault((r["engine"], r["trace"], r["label"]), []).append(r)
+    groups = {}
+    for (engine, trace, _), runs in shapes.items():
+        groups.setdefault((engine, trace), []).append(merge(runs))
     out = [
         f"Model `{model}`, {tokens} tokens per answer, {step} s per trace step, each trace scaled so "
         f"its peak is {peak}× what one worker of the default shape serves (measured first, "
-        f"`tidepool bench capacity`). Written by `scripts/bench-elastic.sh --write`.",
+        f"`tidepool bench capacity`). Where a shape ran more than once, its row is its median-p95 run, with the median p95 and memory-times. Written by `scripts/bench-elastic.sh --write`.",
     ]
     for (engine, trace), g in groups.items():
         rates = ", ".join(f"{x:.2f}" for x in g[0]["rates"])
+        n = max(len(r["p95_runs"]) for r in g)
+        runs = f"; {n} runs of each shape" if n > 1 else "; one run of each shape"
         out += [
             "",
             f"**{engine}, {trace} trace** (one worker serves {g[0]['capacity_rps']:.2f} req/s; "
-            f"rates {rates} req/s):",
+            f"rates {rates} req/s{runs}):",
             "",
         ]
         out += table(g)

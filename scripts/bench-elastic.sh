@@ -11,11 +11,18 @@
 #
 #   scripts/bench-elastic.sh [--model smollm2-135m-instruct] [--engines llamacpp,mistralrs]
 #                            [--traces ramp,bursty,diurnal] [--step-s 20] [--max-tokens 32]
-#                            [--slots N] [--max 3] [--peak 1.5] [--write]
+#                            [--slots N] [--max 3] [--peak 1.5] [--repeat 1] [--write]
+#                            [--only elastic-1-3,1x1] [--capacity-rps 3.4]
 #                            [--results bench/report/elastic.jsonl]
 #
 # The default shape is each engine's default on the CPU (`ModelConfig::default_slots`: 2 slots on
 # llama.cpp, 1 on mistral.rs); --slots sets it for both.
+#
+# --repeat N plays every shape N times, interleaved (each round runs all shapes once, so a slow
+# spell of the machine hits every shape alike), and the table shows each shape's median p95.
+#
+# --only plays just the shapes named (appending to --results, to rerun one shape beside the
+# others' runs) and --capacity-rps skips the measurement, taking the figure an earlier run printed.
 #
 # Every run's JSON (`bench load --json` with engine, trace and capacity added) is kept in
 # --results, which scripts/bench-simulate.sh --real reads.
@@ -28,7 +35,7 @@ cd "$(dirname "$0")/.."
 source scripts/serve-lib.sh
 
 model=smollm2-135m-instruct engines=llamacpp,mistralrs traces=ramp step=20 tokens=32 slots=
-max=3 peak=1.5 write=0 results=bench/report/elastic.jsonl window=1 queue=1
+max=3 peak=1.5 repeat=1 only= capacity= write=0 results=bench/report/elastic.jsonl window=1 queue=1
 while [ $# -gt 0 ]; do
   case "$1" in
     --model) model="$2"; shift 2 ;;
@@ -39,6 +46,9 @@ while [ $# -gt 0 ]; do
     --slots) slots="$2"; shift 2 ;;
     --max) max="$2"; shift 2 ;;
     --peak) peak="$2"; shift 2 ;;
+    --repeat) repeat="$2"; shift 2 ;;
+    --only) only=",$2,"; shift 2 ;;
+    --capacity-rps) capacity="$2"; shift 2 ;;
     --write) write=1; shift ;;
     --results) results="$2"; shift 2 ;;
     --up-window-s) window="$2"; shift 2 ;;
@@ -49,7 +59,7 @@ done
 
 bench_setup
 mkdir -p "$(dirname "$results")"
-: > "$results"
+[ -n "$only" ] || : > "$results"
 
 config() { # file engine slots min max
   # A fixed shape stays fixed: no cap on sequences at once from the measured curve (min_gain 0),
@@ -80,19 +90,25 @@ default_slots() { # engine
 
 for engine in ${engines//,/ }; do
   unit=$(default_slots "$engine")
-  config "$work/cal.toml" "$engine" "$unit" 1 1
-  start_server "$bin" "$model" "$work/cal.toml" "$work/cal-$engine"
-  cap=$("$bin" bench capacity --url "$server_url" --concurrency "$unit" --seconds 20 \
-    --max-tokens "$tokens" --json 2>/dev/null)
-  stop_server
-  rps=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['requests_per_s'])" "$cap")
+  if [ -n "$capacity" ]; then
+    rps=$capacity
+  else
+    config "$work/cal.toml" "$engine" "$unit" 1 1
+    start_server "$bin" "$model" "$work/cal.toml" "$work/cal-$engine"
+    cap=$("$bin" bench capacity --url "$server_url" --concurrency "$unit" --seconds 20 \
+      --max-tokens "$tokens" --json 2>/dev/null)
+    stop_server
+    rps=$(python3 -c "import json,sys; print(json.loads(sys.argv[1])['requests_per_s'])" "$cap")
+  fi
   peak_rps=$(python3 -c "print(round($rps * $peak, 3))")
   echo "$engine: one worker of $unit slots serves $rps req/s; traces peak at $peak_rps req/s" >&2
   for trace in ${traces//,/ }; do
+   for run in $(seq 1 "$repeat"); do
     shapes=("1x1 1 1 1" "1x2 2 1 1" "1x4 4 1 1" "1x8 8 1 1" "${max}x$unit $unit $max $max"
             "elastic-1-$max $unit 1 $max")
     for s in "${shapes[@]}"; do
       read -r label sl lo hi <<< "$s"
+      if [ -n "$only" ] && [[ "$only" != *",$label,"* ]]; then continue; fi
       config "$work/c.toml" "$engine" "$sl" "$lo" "$hi"
       start_server "$bin" "$model" "$work/c.toml" "$work/s"
       # A pinned pool reaches its size before the trace starts.
@@ -102,17 +118,19 @@ for engine in ${engines//,/ }; do
         [ "$ready" -ge "$lo" ] && break
         sleep 0.5
       done
-      echo "$engine $trace $label ..." >&2
+      echo "$engine $trace $label (run $run of $repeat) ..." >&2
       "$bin" bench load --url "$server_url" --shape "$trace" --peak-rps "$peak_rps" \
         --step-s "$step" --max-tokens "$tokens" --label "$label" --json 2>/dev/null \
-        | python3 -c "import json,sys; r=json.load(sys.stdin); r.update(engine=sys.argv[1], trace=sys.argv[2], capacity_rps=float(sys.argv[3])); print(json.dumps(r))" \
-          "$engine" "$trace" "$rps" >> "$results"
-      # The elastic pool's events (every scaling decision and cap, with its reason) beside it.
+        | python3 -c "import json,sys; r=json.load(sys.stdin); r.update(engine=sys.argv[1], trace=sys.argv[2], capacity_rps=float(sys.argv[3]), run=int(sys.argv[4])); print(json.dumps(r))" \
+          "$engine" "$trace" "$rps" "$run" >> "$results"
+      # The elastic pool's events (every scaling decision and cap, with its reason) beside it
+      # (the last run's).
       case "$label" in elastic*)
         curl -sf "$server_url/admin/events" > "${results%.jsonl}-events-$engine-$trace.json" || true ;;
       esac
       stop_server
     done
+   done
   done
 done
 
