@@ -395,11 +395,10 @@ pub struct Policy {
     /// (time, raw recommendation), oldest first, covering the longer window.
     history: VecDeque<(f64, usize)>,
     pub manual: Option<Override>,
-    /// Where more sequences stop paying, in sequences, settled: the measured curve's levels move
-    /// with every sample, and a limit that flips each second is noise ([`crate::settle`]).
-    saturation_count: Settled<Option<usize>>,
-    /// The settled saturation, with the figures of the last reading that said it.
-    saturation: Option<Saturation>,
+    /// Where more sequences stop paying, settled on its count (with the figures of the last
+    /// reading that said it): the measured curve's levels move with every sample, and a limit
+    /// that flips each second is noise ([`crate::settle`]).
+    saturation: Settled<Option<Saturation>>,
 }
 
 /// How long the measured curve must keep saying a new saturation point (the sequence cap, and
@@ -412,15 +411,14 @@ impl Policy {
             config,
             history: VecDeque::new(),
             manual: None,
-            saturation_count: Settled::awaiting(None, SATURATION_HOLD_S),
-            saturation: None,
+            saturation: Settled::awaiting(None, SATURATION_HOLD_S),
         }
     }
 
     /// Where more sequences were measured not to pay, as of the last tick, settled over
     /// [`SATURATION_HOLD_S`] (`None`: not measured, or every step paid): the pool's sequence cap.
     pub fn saturation(&self) -> Option<&Saturation> {
-        self.saturation.as_ref()
+        self.saturation.get().as_ref()
     }
 
     /// Replaces the configuration (live reload); the history is kept.
@@ -471,17 +469,14 @@ impl Policy {
         // reaches exactly zero, and would otherwise hold one worker forever.
         let measured = pool.capacity.as_ref().filter(|m| !m.throughput.is_empty());
         // Where more sequences were measured not to pay: never grown past, by any rule.
+        // A different point counts only once the curve has said it for SATURATION_HOLD_S.
         let fresh = measured.and_then(|m| m.saturation(c.up.min_gain));
-        let settled = *self
-            .saturation_count
-            .update(now, fresh.as_ref().map(|f| f.sequences));
-        match (settled, fresh) {
-            (None, _) => self.saturation = None,
-            (Some(n), Some(f)) if f.sequences == n => self.saturation = Some(f),
-            // The curve says otherwise, not yet for long enough: the settled point stands.
-            _ => {}
-        }
-        let saturation = self.saturation.clone();
+        let saturation = self
+            .saturation
+            .update_by(now, fresh, |a, b| {
+                a.as_ref().map(|s| s.sequences) == b.as_ref().map(|s| s.sequences)
+            })
+            .clone();
         let c = &self.config;
         let (by_rate, mut why) = match measured {
             Some(m) => m.size(

@@ -18,7 +18,7 @@ pub struct Settled<T> {
     placeholder: bool,
 }
 
-impl<T: PartialEq> Settled<T> {
+impl<T> Settled<T> {
     /// Starts at `initial`; a different value must be read for `hold_s` seconds to replace it.
     pub fn new(initial: T, hold_s: f64) -> Settled<T> {
         Settled {
@@ -45,17 +45,24 @@ impl<T: PartialEq> Settled<T> {
 
     /// Reads `value` at `now` (seconds, from any fixed origin) and returns the settled value.
     /// A reading equal to the settled value, or a different candidate, restarts the wait.
-    pub fn update(&mut self, now: f64, value: T) -> &T {
-        if value == self.current {
+    pub fn update(&mut self, now: f64, value: T) -> &T
+    where
+        T: PartialEq,
+    {
+        self.update_by(now, value, |a, b| a == b)
+    }
+
+    /// [`Settled::update`], with `same` saying which readings are one value: a reading the same
+    /// as the settled value (or as the candidate) replaces it, so the latest figures of a value
+    /// whose identity is part of it (a count, with its reason) are kept.
+    pub fn update_by(&mut self, now: f64, value: T, same: impl Fn(&T, &T) -> bool) -> &T {
+        if same(&value, &self.current) || std::mem::take(&mut self.placeholder) {
             self.pending = None;
-            return &self.current;
-        }
-        if std::mem::take(&mut self.placeholder) {
             self.current = value;
             return &self.current;
         }
         let since = match self.pending.take() {
-            Some((candidate, since)) if candidate == value => since,
+            Some((candidate, since)) if same(&candidate, &value) => since,
             _ => now,
         };
         if now - since >= self.hold_s {
@@ -132,6 +139,21 @@ mod tests {
         );
         assert_eq!(*cap.update(2.0, None), Some(2), "the next change waits");
         assert_eq!(*cap.update(7.0, None), None);
+    }
+
+    #[test]
+    fn a_reading_of_the_same_value_refreshes_its_figures() {
+        // (count, reason): the count is the value, the reason's figures follow the readings.
+        let same = |a: &(u32, &str), b: &(u32, &str)| a.0 == b.0;
+        let mut cap = Settled::new((1, "at first"), 5.0);
+        assert_eq!(*cap.update_by(0.0, (1, "later"), same), (1, "later"));
+        assert_eq!(*cap.update_by(1.0, (4, "four"), same), (1, "later"));
+        assert_eq!(*cap.update_by(3.0, (4, "four again"), same), (1, "later"));
+        assert_eq!(
+            *cap.update_by(6.0, (4, "four at last"), same),
+            (4, "four at last"),
+            "held since 1 s, with the newest figures"
+        );
     }
 
     #[test]
