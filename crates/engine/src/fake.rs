@@ -23,6 +23,9 @@ pub struct FakeEngine {
     /// Tokens per answer when the request names no `max_tokens`.
     pub tokens: u32,
     dead: AtomicBool,
+    /// The next `generate` or `count_tokens` finds the engine gone (it died after it was
+    /// picked).
+    dies_at_request: AtomicBool,
     /// Generations started.
     pub started: AtomicUsize,
     /// When set, each token waits for [`FakeEngine::release`].
@@ -49,6 +52,7 @@ impl FakeEngine {
             },
             tokens,
             dead: AtomicBool::new(false),
+            dies_at_request: AtomicBool::new(false),
             started: AtomicUsize::new(0),
             gate: None,
         }
@@ -72,6 +76,25 @@ impl FakeEngine {
     /// The engine dies: `health` says so and requests are refused.
     pub fn kill(&self) {
         self.dead.store(true, Ordering::SeqCst);
+    }
+
+    /// The engine dies when the next generation or token count reaches it, as one whose thread
+    /// ends between being picked and the request's arrival does.
+    pub fn dies_at_next_request(&self) {
+        self.dies_at_request.store(true, Ordering::SeqCst);
+    }
+}
+
+impl FakeEngine {
+    /// A request reached the engine: refused if it is dead (or dies now).
+    fn reached(&self) -> Result<(), EngineError> {
+        if self.dies_at_request.swap(false, Ordering::SeqCst) {
+            self.kill();
+        }
+        match self.health() {
+            Health::Dead(why) => Err(EngineError::Unavailable(why)),
+            Health::Ok => Ok(()),
+        }
     }
 }
 
@@ -123,9 +146,7 @@ impl Engine for FakeEngine {
         request: GenerationRequest,
     ) -> BoxFuture<'_, Result<GenerationStream, EngineError>> {
         Box::pin(async move {
-            if let Health::Dead(why) = self.health() {
-                return Err(EngineError::Unavailable(why));
-            }
+            self.reached()?;
             self.started.fetch_add(1, Ordering::SeqCst);
             let n = request.sampling.max_tokens.unwrap_or(self.tokens);
             let prompt_tokens = prompt_len(&request.prompt);
@@ -162,7 +183,10 @@ impl Engine for FakeEngine {
         prompt: &'a Prompt,
         _tools: &'a [ToolSpec],
     ) -> BoxFuture<'a, Result<u32, EngineError>> {
-        Box::pin(async move { Ok(prompt_len(prompt)) })
+        Box::pin(async move {
+            self.reached()?;
+            Ok(prompt_len(prompt))
+        })
     }
 }
 

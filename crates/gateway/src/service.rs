@@ -22,6 +22,10 @@ use tidepool_sched::pool::{AcquireError, Lease, Pool};
 use tidepool_sched::queue::Class;
 use tidepool_sched::scheduler::{AdmitError, InFlightGuard, Scheduler};
 
+/// How many times a generation is started again on another worker when its worker's engine
+/// was gone before it started ([`Service::submit_as`]).
+const RESTARTS_AFTER_ENGINE_LOSS: usize = 2;
+
 /// What a shed request is told to wait before retrying: a machine cools over tens of seconds.
 const SHED_RETRY_AFTER_S: u64 = 30;
 
@@ -282,9 +286,7 @@ impl Service {
         let started = Instant::now();
         let result = async {
             let need = crate::context_fit::tokens_needed(&request);
-            let (lease, guard) = self.admit(class, need).await?;
-            let deadline = self.queue_deadline();
-            let stream = started_within(deadline, lease.engine().generate(request)).await?;
+            let (lease, guard, stream) = self.start(class, need, request).await?;
             // The stream owns the slot: dropping it (the generation ended, or was cancelled)
             // frees it.
             let mut lease = lease;
@@ -302,6 +304,42 @@ impl Service {
         }
         let (stream, guard) = result?;
         Ok(self.deliver(stream, guard, started))
+    }
+
+    /// Admits a generation and starts it on a leased slot. When the worker's engine turns out
+    /// to be gone before the generation started (it died after the lease was taken, as a
+    /// mistral.rs engine thread can), nothing was generated: the slot goes back, which takes the
+    /// dead worker out and starts its replacement, and the generation is started again on
+    /// another worker, at most [`RESTARTS_AFTER_ENGINE_LOSS`] times.
+    async fn start(
+        &self,
+        class: Class,
+        need: u32,
+        request: GenerationRequest,
+    ) -> Result<(Lease, InFlightGuard, GenerationStream), SubmitError> {
+        let mut restarts = 0;
+        loop {
+            let (lease, guard) = self.admit(class, need).await?;
+            let started = started_within(
+                self.queue_deadline(),
+                lease.engine().generate(request.clone()),
+            )
+            .await;
+            match started {
+                Ok(stream) => return Ok((lease, guard, stream)),
+                Err(SubmitError::Engine(EngineError::Unavailable(why)))
+                    if restarts < RESTARTS_AFTER_ENGINE_LOSS =>
+                {
+                    restarts += 1;
+                    tracing::warn!(
+                        "worker {}'s engine is gone before the generation started ({why}); \
+                         starting it again on another worker",
+                        lease.worker()
+                    );
+                }
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Admission, the same for every generation: the model must be ready, the request is
@@ -420,8 +458,22 @@ impl Service {
         prompt: &Prompt,
         tools: &[ToolSpec],
     ) -> Result<u32, SubmitError> {
-        let engine = self.engine()?;
-        Ok(engine.count_tokens(prompt, tools).await?)
+        // An engine found gone is taken out of the pool and another one asked, as in
+        // [`Service::start`].
+        let mut restarts = 0;
+        loop {
+            let engine = self.engine()?;
+            match engine.count_tokens(prompt, tools).await {
+                Err(EngineError::Unavailable(why)) if restarts < RESTARTS_AFTER_ENGINE_LOSS => {
+                    restarts += 1;
+                    tracing::warn!("an engine is gone ({why}); counting tokens on another");
+                    if let Some(pool) = self.pool() {
+                        pool.check_health();
+                    }
+                }
+                r => return Ok(r?),
+            }
+        }
     }
 }
 
@@ -522,4 +574,136 @@ pub struct Pinned {
     engine: Arc<dyn Engine>,
     _guard: InFlightGuard,
     _lease: Lease,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::BoxFuture;
+    use tidepool_engine::fake::FakeEngine;
+    use tidepool_engine::request::Sampling;
+    use tidepool_sched::ledger::Reservation;
+    use tidepool_sched::pool::WorkerFactory;
+
+    /// Fake workers, kept so a test can reach their engines; with `doomed` set, every engine
+    /// loaded dies as its first generation starts.
+    #[derive(Default)]
+    struct Kept(
+        parking_lot::Mutex<Vec<Arc<FakeEngine>>>,
+        std::sync::atomic::AtomicBool,
+    );
+
+    struct Factory(Arc<Kept>);
+
+    impl WorkerFactory for Factory {
+        fn reservation(&self, _context: u32) -> Reservation {
+            Reservation {
+                weights: 1,
+                kv_cache: 0,
+                overhead: 0,
+                shared_weights: None,
+            }
+        }
+        fn slots(&self) -> usize {
+            2
+        }
+        fn max_context(&self) -> u32 {
+            4096
+        }
+        fn load(&self, _context: u32) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
+            let kept = self.0.clone();
+            Box::pin(async move {
+                let e = Arc::new(FakeEngine::new(2, 3));
+                if kept.1.load(std::sync::atomic::Ordering::SeqCst) {
+                    e.dies_at_next_request();
+                }
+                kept.0.lock().push(e.clone());
+                Ok(e as Arc<dyn Engine>)
+            })
+        }
+    }
+
+    fn hello() -> GenerationRequest {
+        GenerationRequest {
+            prompt: Prompt::Text("hello".into()),
+            sampling: Sampling {
+                max_tokens: Some(3),
+                ..Default::default()
+            },
+            ..GenerationRequest::chat(Vec::new())
+        }
+    }
+
+    /// A service on a pool of `workers` Ready fake workers.
+    async fn serving(workers: usize) -> (Arc<Kept>, Arc<Pool>, Arc<Service>) {
+        let kept = Arc::new(Kept::default());
+        let pool = Pool::new(Arc::new(Factory(kept.clone())), 10, 8);
+        for _ in 0..workers {
+            let id = pool.add_worker("test").unwrap();
+            pool.wait_ready(id).await.unwrap();
+        }
+        let service = Service::new("fake", vec![]);
+        service.serve_pool(pool.clone());
+        (kept, pool, service)
+    }
+
+    #[tokio::test]
+    async fn tokens_are_counted_on_another_worker_when_the_picked_one_is_gone() {
+        let (kept, pool, service) = serving(2).await;
+        // The first worker is the one picked; it dies as the count reaches it.
+        kept.0.lock()[0].dies_at_next_request();
+        let n = service
+            .count_tokens(&Prompt::Text("hello world!".into()), &[])
+            .await
+            .expect("counted on the other worker");
+        assert_eq!(n, 3);
+        assert_eq!(pool.deaths(), 1);
+        pool.stop();
+    }
+
+    #[tokio::test]
+    async fn a_generation_whose_engine_died_before_it_started_runs_on_the_replacement() {
+        let (kept, pool, service) = serving(1).await;
+        let first = pool.workers()[0].id;
+        kept.0.lock()[0].dies_at_next_request();
+
+        let events: Vec<GenerationEvent> = service
+            .submit(hello())
+            .await
+            .expect("started again on the replacement")
+            .collect()
+            .await;
+        assert!(
+            matches!(events.last(), Some(GenerationEvent::Done { .. })),
+            "{events:?}"
+        );
+        assert_eq!(pool.deaths(), 1);
+        assert!(pool.workers().iter().all(|w| w.id != first));
+        let engines = kept.0.lock();
+        assert_eq!(engines.len(), 2, "one replacement");
+        assert_eq!(
+            engines[1].started.load(std::sync::atomic::Ordering::SeqCst),
+            1
+        );
+        pool.stop();
+    }
+
+    #[tokio::test]
+    async fn a_generation_is_started_again_only_a_bounded_number_of_times() {
+        let (kept, pool, service) = serving(1).await;
+        // Every engine, the replacements too, dies as its generation starts.
+        kept.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        kept.0.lock()[0].dies_at_next_request();
+        let result = service.submit(hello()).await;
+        assert!(
+            matches!(
+                result,
+                Err(SubmitError::Engine(EngineError::Unavailable(_)))
+            ),
+            "{:?}",
+            result.err()
+        );
+        assert_eq!(pool.deaths() as usize, 1 + RESTARTS_AFTER_ENGINE_LOSS);
+        pool.stop();
+    }
 }

@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use either::Either;
 use futures::future::BoxFuture;
@@ -106,8 +106,21 @@ async fn tokenize_detached(
     match answer.await {
         Ok(Some(Ok(tokens))) => Ok(tokens),
         Ok(Some(Err(e))) => Err(EngineError::Invalid(format!("{e:#}"))),
-        Ok(None) | Err(_) => Err(EngineError::Unavailable("the engine has stopped".into())),
+        Ok(None) | Err(_) => Err(unanswered(sender).await),
     }
+}
+
+/// Why mistral.rs dropped a request without a single answer: its engine thread is going down (a
+/// panic drops every request it holds). Waits, at most a second, for the thread to close its
+/// channel, so [`Engine::health`] already says so when the caller gives the slot back and the
+/// pool looks.
+async fn unanswered(sender: &mpsc::Sender<Request>) -> EngineError {
+    let closed = tokio::time::timeout(Duration::from_secs(1), sender.closed()).await;
+    EngineError::Unavailable(if closed.is_ok() {
+        "the engine has stopped".into()
+    } else {
+        "mistral.rs dropped the request without an answer".into()
+    })
 }
 
 impl MistralEngine {
@@ -323,7 +336,7 @@ impl Engine for MistralEngine {
             // Validation errors (bad grammar, prompt too long) arrive before any token: report
             // them as errors of the call, not of the stream.
             let first = match buf_rx.recv().await {
-                None => return Err(EngineError::Unavailable("the engine has stopped".into())),
+                None => return Err(unanswered(&self.sender).await),
                 Some(Response::ValidationError(e)) => {
                     return Err(EngineError::Invalid(e.to_string()))
                 }
