@@ -270,8 +270,8 @@ pub struct Capacity {
 
 impl Capacity {
     /// The fewest workers that serve `rate` running at most `utilization` busy and, with a
-    /// `wait_s` target, keep the p95 wait for a slot within it (as an M/M/c queue of the
-    /// measured rate would: [`crate::queueing`]); at most `cap` (where more stop paying:
+    /// `wait_s` target, keep the p95 wait for a slot within it (as a queue of the measured rate
+    /// and service-time variation would: [`crate::queueing`]); at most `cap` (where more stop paying:
     /// `saturation`). With the reason.
     fn size(
         &self,
@@ -282,11 +282,14 @@ impl Capacity {
     ) -> (usize, String) {
         let slots = self.slots.max(1);
         let serves = |w: usize| self.throughput.at(w * slots);
-        // The p95 wait at `w` workers (`None`: the queue would grow without bound).
+        // The p95 wait at `w` workers (`None`: the queue would grow without bound), for service
+        // times as variable as measured (exponential until measured).
+        let scv = self.throughput.service_scv;
         let wait = |w: usize| {
             let e = serves(w)?;
             let c = w * slots;
-            crate::queueing::wait_quantile(c, rate, e.requests_per_s / c as f64, 0.95)
+            let mu = e.requests_per_s / c as f64;
+            crate::queueing::wait_quantile_g(c, rate, mu, 0.95, scv.unwrap_or(1.0))
         };
         let enough = |w: usize| {
             serves(w).is_some_and(|e| e.requests_per_s * utilization >= rate)
@@ -310,7 +313,12 @@ impl Capacity {
         );
         if let Some(t) = wait_s {
             match wait(w) {
-                Some(q) => why += &format!(", p95 wait for a slot {q:.1} s of {t:.1} s"),
+                Some(q) => {
+                    why += &format!(", p95 wait for a slot {q:.1} s of {t:.1} s");
+                    if let Some(v) = scv {
+                        why += &format!(" at service-time CV² {v:.2}");
+                    }
+                }
                 None => why += ", the queue would grow",
             }
         }
@@ -1375,5 +1383,33 @@ mod tests {
         let (w, d) = replay_measured(&mut p, 10, flat, |_| 1.15);
         assert_eq!(*w.last().unwrap(), 1, "{d}");
         assert!(d.reason.contains("no more"), "{d}");
+    }
+
+    #[test]
+    fn regular_service_times_need_fewer_workers_for_the_same_wait() {
+        // At 0.9 req/s one 1.6 req/s worker is 56 % busy; an M/M/1 queue's p95 wait is 3.5 s,
+        // over the 2 s target, so until the variation is measured the pool runs two.
+        let points = [(1, 1.6), (2, 2.4), (3, 3.0)];
+        let mut p = Policy::new(cfg());
+        let unmeasured = |w| curve(w, 1, &points);
+        let (w, d) = replay_measured(&mut p, 10, unmeasured, |_| 0.9);
+        assert_eq!(*w.last().unwrap(), 2, "{d}");
+        // Measured nearly constant (every answer reaches max_tokens): half that wait, 1.7 s,
+        // and one worker keeps it.
+        let regular = |w| {
+            let mut v = curve(w, 1, &points);
+            if let Some(c) = v.capacity.as_mut() {
+                c.throughput.service_scv = Some(0.0);
+            }
+            v
+        };
+        let mut p = Policy::new(cfg());
+        let (w, d) = replay_measured(&mut p, 10, regular, |_| 0.9);
+        assert_eq!(*w.last().unwrap(), 1, "{d}");
+        assert!(
+            d.reason
+                .contains("p95 wait for a slot 1.7 s of 2.0 s at service-time CV² 0.00"),
+            "the reason names the variation: {d}"
+        );
     }
 }

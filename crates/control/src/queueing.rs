@@ -1,10 +1,14 @@
-//! How long requests would wait for a slot: the M/M/c queue (Erlang C), for the policy to size
-//! a pool by the wait its TTFT target allows rather than by a fixed utilization.
+//! How long requests would wait for a slot, for the policy to size a pool by the wait its TTFT
+//! target allows rather than by a fixed utilization.
 //!
 //! `c` slots each complete `mu` requests per second (what the pool measured at `c` running
-//! sequences, divided by `c`), requests arrive at `lambda` per second. Generation times are not
-//! exponential (a fixed `max_tokens` makes them nearly constant, which halves the wait), so the
-//! figure is an upper bound on the real queue: the pool errs towards one worker more.
+//! sequences, divided by `c`), requests arrive at `lambda` per second. The M/M/c queue (Erlang C)
+//! assumes exponential service times; generation times are far more regular (a `max_tokens` most
+//! answers reach makes them nearly constant), which shortens the queue. The Allen–Cunneen
+//! approximation for the G/G/c queue corrects for that: the probability of waiting stays Erlang
+//! C's and the wait scales by `(ca² + cs²) / 2`, the squared coefficients of variation of the
+//! arrival and service times. Arrivals are taken as Poisson (`ca² = 1`); `cs²` is what the pool
+//! measured ([`tidepool_sched::capacity::ServiceCurve`]), 1 (the M/M/c bound) until it has.
 //!
 //! Pure arithmetic.
 
@@ -31,16 +35,30 @@ pub fn wait_probability(c: usize, lambda: f64, mu: f64) -> Option<f64> {
     Some(last / (sum + last))
 }
 
-/// The seconds by which a share `q` (0.95 for the p95) of requests has started: 0 when at
-/// least that share never waits; `None` when the queue grows without bound.
+/// The seconds by which a share `q` (0.95 for the p95) of requests has started in an M/M/c
+/// queue: 0 when at least that share never waits; `None` when the queue grows without bound.
 pub fn wait_quantile(c: usize, lambda: f64, mu: f64, q: f64) -> Option<f64> {
+    wait_quantile_g(c, lambda, mu, q, 1.0)
+}
+
+/// [`wait_quantile`] for service times whose squared coefficient of variation is `service_scv`
+/// (1 for exponential ones, 0 for constant ones), Poisson arrivals: the Allen–Cunneen
+/// correction scales every wait by `(1 + service_scv) / 2`. A `service_scv` that is not a
+/// finite non-negative number counts as 1.
+pub fn wait_quantile_g(c: usize, lambda: f64, mu: f64, q: f64, service_scv: f64) -> Option<f64> {
     let p = wait_probability(c, lambda, mu)?;
     let tail = 1.0 - q.clamp(0.0, 1.0);
     if p <= tail {
         return Some(0.0);
     }
-    // P(W > t) = p × exp(-(c mu - lambda) t).
-    Some((p / tail).ln() / (c as f64 * mu - lambda))
+    let scv = if service_scv.is_finite() && service_scv >= 0.0 {
+        service_scv
+    } else {
+        1.0
+    };
+    // P(W > t) = p × exp(-(c mu - lambda) t / k), k = (ca² + cs²) / 2 with ca² = 1.
+    let k = (1.0 + scv) / 2.0;
+    Some(k * (p / tail).ln() / (c as f64 * mu - lambda))
 }
 
 #[cfg(test)]
@@ -84,5 +102,28 @@ mod tests {
         assert_eq!(wait_quantile(2, 2.0, 1.0, 0.95), None);
         assert_eq!(wait_probability(0, 1.0, 1.0), None);
         assert_eq!(wait_probability(1, 1.0, 0.0), None);
+    }
+
+    #[test]
+    fn regular_service_times_wait_less_than_exponential_ones() {
+        let mm = wait_quantile(2, 1.5, 1.0, 0.95).unwrap();
+        assert!(mm > 0.0);
+        // Exponential service is M/M/c itself.
+        assert!(close(wait_quantile_g(2, 1.5, 1.0, 0.95, 1.0).unwrap(), mm));
+        // Constant service: half the wait (Allen–Cunneen with Poisson arrivals).
+        assert!(close(
+            wait_quantile_g(2, 1.5, 1.0, 0.95, 0.0).unwrap(),
+            mm / 2.0
+        ));
+        // More variable than exponential: longer.
+        assert!(wait_quantile_g(2, 1.5, 1.0, 0.95, 3.0).unwrap() > mm);
+        // Nonsense counts as exponential; no wait stays no wait; overload stays unbounded.
+        assert!(close(
+            wait_quantile_g(2, 1.5, 1.0, 0.95, f64::NAN).unwrap(),
+            mm
+        ));
+        assert!(close(wait_quantile_g(2, 1.5, 1.0, 0.95, -1.0).unwrap(), mm));
+        assert_eq!(wait_quantile_g(4, 0.1, 1.0, 0.95, 0.0), Some(0.0));
+        assert_eq!(wait_quantile_g(1, 2.0, 1.0, 0.95, 0.0), None);
     }
 }

@@ -11,7 +11,13 @@
 //! curve for this engine, model and the answer lengths clients really ask for, and
 //! [`Throughput`] reads it: what a pool of `n` sequences serves (measured, interpolated, or
 //! extrapolated past what was measured), and where more sequences stop buying throughput. The
-//! policy sizes the pool by it instead of a constant. Pure: the pool feeds it, the policy reads it.
+//! policy sizes the pool by it instead of a constant.
+//!
+//! The curve also measures how much service times vary, which decides how long a queue of them
+//! waits: each sample's size is its held seconds over its level's seconds per token (the tokens
+//! it was worth, prompt processing included), and the moving mean and mean square of those
+//! sizes give their squared coefficient of variation. Pure: the pool feeds it, the policy reads
+//! it.
 
 /// The highest concurrency level kept (more sequences than this count here).
 pub const MAX_LEVEL: usize = 256;
@@ -27,6 +33,35 @@ pub struct ServiceCurve {
     levels: Vec<Level>,
     /// Moving average of the tokens a request generates (0 before the first sample).
     tokens_per_request: f64,
+    /// Moving mean and mean square of a request's size in tokens' worth of its level's time.
+    size: Moments,
+}
+
+/// A moving mean and mean square.
+#[derive(Debug, Clone, Copy, Default)]
+struct Moments {
+    mean: f64,
+    square: f64,
+    samples: u64,
+}
+
+impl Moments {
+    fn observe(&mut self, x: f64) {
+        if self.samples == 0 {
+            (self.mean, self.square) = (x, x * x);
+        } else {
+            self.mean += ALPHA * (x - self.mean);
+            self.square += ALPHA * (x * x - self.square);
+        }
+        self.samples += 1;
+    }
+
+    /// The squared coefficient of variation (variance over the squared mean), once
+    /// [`MIN_SAMPLES`] were seen.
+    fn scv(&self) -> Option<f64> {
+        (self.samples >= MIN_SAMPLES && self.mean > 0.0)
+            .then(|| ((self.square - self.mean * self.mean) / (self.mean * self.mean)).max(0.0))
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -57,6 +92,10 @@ impl ServiceCurve {
             }
         };
         let l = &mut self.levels[n - 1];
+        if l.samples > 0 && l.mean_s > 0.0 {
+            // Its size against what its level took per token before it.
+            self.size.observe(held_s / l.mean_s);
+        }
         l.mean_s = average(l.mean_s, l.samples == 0, per_token);
         l.samples += 1;
         self.tokens_per_request = average(
@@ -77,19 +116,22 @@ impl ServiceCurve {
     /// for requests of the current average length.
     pub fn throughput(&self) -> Throughput {
         let tokens = self.tokens_per_request;
-        Throughput::from_points(
+        let mut t = Throughput::from_points(
             self.levels
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| l.samples >= MIN_SAMPLES && l.mean_s > 0.0)
                 .map(|(i, l)| (i + 1, (i + 1) as f64 / (l.mean_s * tokens))),
-        )
+        );
+        t.service_scv = self.size.scv();
+        t
     }
 
     /// Forgets everything (the model or its engine changed).
     pub fn clear(&mut self) {
         self.levels.clear();
         self.tokens_per_request = 0.0;
+        self.size = Moments::default();
     }
 }
 
@@ -98,6 +140,9 @@ impl ServiceCurve {
 pub struct Throughput {
     /// (sequences, requests per second), ascending by sequences, each finite and positive.
     points: Vec<(usize, f64)>,
+    /// The squared coefficient of variation of service times (variance over squared mean: 1
+    /// for exponential ones, 0 for constant ones), once measured.
+    pub service_scv: Option<f64>,
 }
 
 /// What the pool serves at some number of sequences, and how that is known.
@@ -141,7 +186,10 @@ impl Throughput {
         v.reverse();
         v.dedup_by_key(|p| p.0);
         v.reverse();
-        Throughput { points: v }
+        Throughput {
+            points: v,
+            service_scv: None,
+        }
     }
 
     /// The measured levels, ascending.
@@ -305,5 +353,27 @@ mod tests {
         let dip = Throughput::from_points([(1, 1.0), (2, 0.9), (4, 2.0)]);
         assert_eq!(dip.saturation(0.1), None);
         assert_eq!(Throughput::from_points([(4, 2.0)]).saturation(0.1), None);
+    }
+
+    #[test]
+    fn the_variation_of_service_times_is_measured_per_level() {
+        let mut c = ServiceCurve::default();
+        // Every request 32 tokens, 2 s at one running and 3 s at two: sizes never vary.
+        for _ in 0..=MIN_SAMPLES {
+            c.observe(1, 2.0, 32);
+            c.observe(2, 3.0, 32);
+        }
+        let scv = c.throughput().service_scv.expect("measured");
+        assert!(scv < 1e-9, "{scv}");
+        // Half the requests take ten times as long: variance well above the mean squared.
+        let mut c = ServiceCurve::default();
+        for i in 0..4 * MIN_SAMPLES {
+            let (s, t) = if i % 2 == 0 { (1.0, 4) } else { (10.0, 40) };
+            c.observe(1, s, t);
+        }
+        let scv = c.throughput().service_scv.expect("measured");
+        assert!(scv > 0.4, "{scv}");
+        c.clear();
+        assert_eq!(c.throughput().service_scv, None);
     }
 }

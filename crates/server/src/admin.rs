@@ -72,6 +72,9 @@ pub async fn status(State(app): State<AppState>) -> Result<Json<Value>, ApiError
             .iter()
             .map(|&(n, r)| json!({"sequences": n, "requests_per_s": r}))
             .collect::<Vec<_>>(),
+        // How much service times vary (variance over squared mean; `null` until measured):
+        // the policy's queue model waits less for regular ones.
+        "service_time_scv": pool.throughput().service_scv,
         // The most sequences the pool runs at once (`null`: every free slot), and why.
         "sequence_cap": pool.sequence_cap().map(|(n, why)| json!({"sequences": n, "reason": why})),
         // Tokens of context per slot a new worker gets (`next`, from what recent requests
