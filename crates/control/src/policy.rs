@@ -667,6 +667,16 @@ impl Policy {
                 );
             }
         }
+        // Workers past the settled saturation point buy nothing: more sequences were measured
+        // not to pay, and the sequence cap leaves them idle. They go now; the stabilization
+        // window guards against a dip in load, which this is not.
+        if let Some(sat) = saturation
+            .as_ref()
+            .filter(|s| target == current && current > s.workers)
+        {
+            target = sat.workers;
+            reason = format!("scale down: no more workers pay: {}", sat.why);
+        }
         if target < floor {
             reason = if current < floor {
                 format!("raise to the floor: {floor_why}")
@@ -1309,6 +1319,45 @@ mod tests {
         let s = p.saturation().expect("still saturated");
         assert_eq!((s.sequences, s.workers), (4, 2));
         assert!(s.why.contains("2.60 req/s at 4 running"), "{}", s.why);
+    }
+
+    #[test]
+    fn workers_past_the_saturation_point_go_without_waiting_out_the_window() {
+        // Three one-slot workers, at a rate that keeps all three; then the curve says more than
+        // one sequence does not pay (1.6 req/s at 1 running, 1.55 at 2 and 3): once that held
+        // for SATURATION_HOLD_S the pool goes to one at once, not 60 s (the window) later.
+        let paying = |w| curve(w, 1, &[(1, 0.6), (2, 1.2), (3, 1.8)]);
+        let flat = |w| curve(w, 1, &[(1, 1.6), (2, 1.55), (3, 1.55)]);
+        let busy = Signals {
+            arrival_rate: 1.4,
+            in_flight: 3,
+            idle_s: Some(0.0),
+            ..Signals::default()
+        };
+        let mut p = Policy::new(by_utilization());
+        let mut workers = 1;
+        for t in 0..10 {
+            workers = p.tick(t as f64, &busy, paying(workers)).workers;
+        }
+        assert_eq!(workers, 3);
+        let mut at = None;
+        for t in 10..30 {
+            let d = p.tick(t as f64, &busy, flat(workers));
+            if d.workers < workers {
+                workers = d.workers;
+                at = Some((t, d));
+            }
+        }
+        let (t, d) = at.expect("scaled down");
+        assert_eq!(workers, 1, "{d}");
+        assert!(t <= 10 + SATURATION_HOLD_S as usize + 1, "at {t} s: {d}");
+        assert!(d.reason.contains("no more workers pay"), "{d}");
+        // The floor still holds.
+        let mut floor = by_utilization();
+        floor.min_workers = 2;
+        let mut p = Policy::new(floor);
+        let d = p.tick(0.0, &busy, flat(3));
+        assert_eq!(d.workers, 2, "{d}");
     }
 
     #[test]
