@@ -33,7 +33,8 @@ trap cleanup EXIT
 
 "$bin" fixture --size tiny --out "$work/tiny.gguf" > /dev/null
 # One slot per worker and a low per-worker rate, so the test's burst of requests grows the pool
-# to its second worker; a long stabilization keeps it there while the test looks.
+# to its second worker; a long stabilization keeps it through dips in load (though not once it is
+# measured not to add throughput: the test reads the server's event log for it afterwards).
 cat > "$work/tidepool.toml" << 'EOF'
 [model]
 slots = 1
