@@ -579,49 +579,8 @@ pub struct Pinned {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::future::BoxFuture;
-    use tidepool_engine::fake::FakeEngine;
     use tidepool_engine::request::Sampling;
-    use tidepool_sched::ledger::Reservation;
-    use tidepool_sched::pool::WorkerFactory;
-
-    /// Fake workers, kept so a test can reach their engines; with `doomed` set, every engine
-    /// loaded dies as its first generation starts.
-    #[derive(Default)]
-    struct Kept(
-        parking_lot::Mutex<Vec<Arc<FakeEngine>>>,
-        std::sync::atomic::AtomicBool,
-    );
-
-    struct Factory(Arc<Kept>);
-
-    impl WorkerFactory for Factory {
-        fn reservation(&self, _context: u32) -> Reservation {
-            Reservation {
-                weights: 1,
-                kv_cache: 0,
-                overhead: 0,
-                shared_weights: None,
-            }
-        }
-        fn slots(&self) -> usize {
-            2
-        }
-        fn max_context(&self) -> u32 {
-            4096
-        }
-        fn load(&self, _context: u32) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
-            let kept = self.0.clone();
-            Box::pin(async move {
-                let e = Arc::new(FakeEngine::new(2, 3));
-                if kept.1.load(std::sync::atomic::Ordering::SeqCst) {
-                    e.dies_at_next_request();
-                }
-                kept.0.lock().push(e.clone());
-                Ok(e as Arc<dyn Engine>)
-            })
-        }
-    }
+    use tidepool_sched::fake::FakeWorkers;
 
     fn hello() -> GenerationRequest {
         GenerationRequest {
@@ -635,9 +594,9 @@ mod tests {
     }
 
     /// A service on a pool of `workers` Ready fake workers.
-    async fn serving(workers: usize) -> (Arc<Kept>, Arc<Pool>, Arc<Service>) {
-        let kept = Arc::new(Kept::default());
-        let pool = Pool::new(Arc::new(Factory(kept.clone())), 10, 8);
+    async fn serving(workers: usize) -> (Arc<FakeWorkers>, Arc<Pool>, Arc<Service>) {
+        let kept = FakeWorkers::new(2, 3);
+        let pool = Pool::new(kept.clone(), 10, 8);
         for _ in 0..workers {
             let id = pool.add_worker("test").unwrap();
             pool.wait_ready(id).await.unwrap();
@@ -651,7 +610,7 @@ mod tests {
     async fn tokens_are_counted_on_another_worker_when_the_picked_one_is_gone() {
         let (kept, pool, service) = serving(2).await;
         // The first worker is the one picked; it dies as the count reaches it.
-        kept.0.lock()[0].dies_at_next_request();
+        kept.engine(0).dies_at_next_request();
         let n = service
             .count_tokens(&Prompt::Text("hello world!".into()), &[])
             .await
@@ -665,7 +624,7 @@ mod tests {
     async fn a_generation_whose_engine_died_before_it_started_runs_on_the_replacement() {
         let (kept, pool, service) = serving(1).await;
         let first = pool.workers()[0].id;
-        kept.0.lock()[0].dies_at_next_request();
+        kept.engine(0).dies_at_next_request();
 
         let events: Vec<GenerationEvent> = service
             .submit(hello())
@@ -679,7 +638,7 @@ mod tests {
         );
         assert_eq!(pool.deaths(), 1);
         assert!(pool.workers().iter().all(|w| w.id != first));
-        let engines = kept.0.lock();
+        let engines = kept.engines();
         assert_eq!(engines.len(), 2, "one replacement");
         assert_eq!(
             engines[1].started.load(std::sync::atomic::Ordering::SeqCst),
@@ -692,8 +651,8 @@ mod tests {
     async fn a_generation_is_started_again_only_a_bounded_number_of_times() {
         let (kept, pool, service) = serving(1).await;
         // Every engine, the replacements too, dies as its generation starts.
-        kept.1.store(true, std::sync::atomic::Ordering::SeqCst);
-        kept.0.lock()[0].dies_at_next_request();
+        kept.make_engines_that_die_at_their_first_request();
+        kept.engine(0).dies_at_next_request();
         let result = service.submit(hello()).await;
         assert!(
             matches!(

@@ -9,8 +9,10 @@
 //! - [`ledger`]: memory reservations per worker against a budget; [`memory`] reads the process.
 //! - [`kv`]: how much context (KV cache) a new worker gets, from what recent requests needed.
 //! - [`metrics`]: the request metrics, recorded once and exposed through the one registry.
+//! - [`fake`]: workers that are fake engines, for the tests of this crate and those above it.
 
 pub mod capacity;
+pub mod fake;
 pub mod kv;
 pub mod ledger;
 pub mod memory;

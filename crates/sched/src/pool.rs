@@ -1159,40 +1159,10 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use parking_lot::Mutex;
     use tidepool_engine::fake::FakeEngine;
 
     use super::*;
-
-    /// Fake workers the test can reach (to kill them), with the contexts they were loaded with.
-    #[derive(Default)]
-    struct Kept(Mutex<Vec<Arc<FakeEngine>>>, Mutex<Vec<u32>>);
-
-    impl WorkerFactory for Arc<Kept> {
-        fn reservation(&self, _context: u32) -> Reservation {
-            Reservation {
-                weights: 1,
-                kv_cache: 0,
-                overhead: 0,
-                shared_weights: None,
-            }
-        }
-        fn slots(&self) -> usize {
-            2
-        }
-        fn max_context(&self) -> u32 {
-            4096
-        }
-        fn load(&self, context: u32) -> BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
-            let kept = self.clone();
-            Box::pin(async move {
-                let e = Arc::new(FakeEngine::new(2, 4));
-                kept.0.lock().push(e.clone());
-                kept.1.lock().push(context);
-                Ok(e as Arc<dyn Engine>)
-            })
-        }
-    }
+    use crate::fake::FakeWorkers;
 
     /// Workers whose reservation is one byte of weights (shared) and one byte per token of
     /// context (so the budget decides what fits).
@@ -1227,8 +1197,8 @@ mod tests {
 
     #[tokio::test]
     async fn workers_get_the_context_requests_need_and_a_longer_request_gets_a_larger_worker() {
-        let kept = Arc::new(Kept::default());
-        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        let kept = FakeWorkers::new(2, 4);
+        let pool = Pool::new(kept.clone(), 10, 8);
         pool.set_min_context(256);
         // Short requests seen: the next worker holds them, not the configured 4096.
         for _ in 0..3 {
@@ -1241,7 +1211,7 @@ mod tests {
         let small = pool.add_worker("test").unwrap();
         pool.wait_ready(small).await.unwrap();
         assert_eq!(
-            *kept.1.lock(),
+            kept.contexts(),
             [256],
             "loaded with the context it was given"
         );
@@ -1318,8 +1288,8 @@ mod tests {
 
     #[tokio::test]
     async fn fixed_sizing_never_replaces_a_worker() {
-        let kept = Arc::new(Kept::default());
-        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        let kept = FakeWorkers::new(2, 4);
+        let pool = Pool::new(kept.clone(), 10, 8);
         let id = pool.add_worker("test").unwrap();
         pool.wait_ready(id).await.unwrap();
         let lease = pool
@@ -1331,14 +1301,14 @@ mod tests {
             id,
             "a need above the context is clamped to it"
         );
-        assert_eq!(*kept.1.lock(), [4096]);
+        assert_eq!(kept.contexts(), [4096]);
         pool.stop();
     }
 
     #[tokio::test]
     async fn completed_generations_teach_the_pool_what_it_serves() {
-        let kept = Arc::new(Kept::default());
-        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        let kept = FakeWorkers::new(2, 4);
+        let pool = Pool::new(kept.clone(), 10, 8);
         for _ in 0..2 {
             let id = pool.add_worker("test").unwrap();
             pool.wait_ready(id).await.unwrap();
@@ -1371,8 +1341,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_sequence_cap_queues_requests_past_it_and_a_raised_cap_serves_them() {
-        let kept = Arc::new(Kept::default());
-        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        let kept = FakeWorkers::new(2, 4);
+        let pool = Pool::new(kept.clone(), 10, 8);
         let id = pool.add_worker("test").unwrap();
         pool.wait_ready(id).await.unwrap();
         pool.set_sequence_cap(Some((1, "measured".into())));
@@ -1413,11 +1383,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_dead_engine_is_never_leased_and_is_replaced() {
-        let kept = Arc::new(Kept::default());
-        let pool = Pool::new(Arc::new(kept.clone()), 10, 8);
+        let kept = FakeWorkers::new(2, 4);
+        let pool = Pool::new(kept.clone(), 10, 8);
         let first = pool.add_worker("test").unwrap();
         pool.wait_ready(first).await.unwrap();
-        kept.0.lock()[0].kill();
+        kept.engine(0).kill();
         // The next acquire finds it dead, takes it out, and waits for the replacement.
         let lease = pool
             .acquire(Class::Standard, Duration::from_secs(10))
@@ -1439,12 +1409,12 @@ mod tests {
 
     #[tokio::test]
     async fn the_pool_is_degraded_while_no_replacement_fits() {
-        let kept = Arc::new(Kept::default());
+        let kept = FakeWorkers::new(2, 4);
         // A budget of one worker: the replacement fits only once the dead one is released.
-        let pool = Pool::new(Arc::new(kept.clone()), 1, 8);
+        let pool = Pool::new(kept.clone(), 1, 8);
         let first = pool.add_worker("test").unwrap();
         pool.wait_ready(first).await.unwrap();
-        kept.0.lock()[0].kill();
+        kept.engine(0).kill();
         pool.check_health();
         let why = pool
             .degraded()

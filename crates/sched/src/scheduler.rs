@@ -285,37 +285,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use tidepool_engine::fake::FakeEngine;
-    use tidepool_engine::{Engine, EngineError};
-
     use super::*;
-    use crate::ledger::Reservation;
-    use crate::pool::WorkerFactory;
-
-    struct Fakes;
-
-    impl WorkerFactory for Fakes {
-        fn reservation(&self, _context: u32) -> Reservation {
-            Reservation {
-                weights: 1,
-                kv_cache: 0,
-                overhead: 0,
-                shared_weights: None,
-            }
-        }
-        fn slots(&self) -> usize {
-            1
-        }
-        fn max_context(&self) -> u32 {
-            4096
-        }
-        fn load(
-            &self,
-            _context: u32,
-        ) -> futures::future::BoxFuture<'static, Result<Arc<dyn Engine>, EngineError>> {
-            Box::pin(async { Ok(Arc::new(FakeEngine::new(1, 4)) as Arc<dyn Engine>) })
-        }
-    }
+    use crate::fake::FakeWorkers;
 
     #[tokio::test]
     async fn admits_counts_sheds_and_leases_from_the_live_pool() {
@@ -324,7 +295,7 @@ mod tests {
             s.lease(Class::Standard, 1).await.unwrap_err(),
             AdmitError::NoPool
         );
-        let pool = Pool::new(Arc::new(Fakes), 10, 4);
+        let pool = Pool::new(FakeWorkers::new(1, 4), 10, 4);
         let id = pool.add_worker("test").unwrap();
         pool.wait_ready(id).await.unwrap();
         assert!(s.set_pool(pool.clone()).is_none());
@@ -341,7 +312,7 @@ mod tests {
         drop(guard);
         assert_eq!(s.wait_idle(Duration::from_secs(1)).await, 0);
         // A new pool replaces the old one for everyone.
-        let other = Pool::new(Arc::new(Fakes), 10, 4);
+        let other = Pool::new(FakeWorkers::new(1, 4), 10, 4);
         let old = s.set_pool(other.clone()).unwrap();
         assert!(Arc::ptr_eq(&old, &pool));
         assert!(Arc::ptr_eq(&s.pool().unwrap(), &other));
