@@ -79,6 +79,7 @@ async fn workers_memory_goes_back_to_the_os_and_shared_weights_count_once() {
             device: DevicePreference::Cpu,
             max_sequences: 1,
             prefix_cache_entries: 0,
+            pooling: None,
         },
         reservation,
     );

@@ -30,6 +30,7 @@ fn pool(budget: u64, queue: usize) -> Arc<Pool> {
             device: DevicePreference::Cpu,
             max_sequences: 1,
             prefix_cache_entries: 0,
+            pooling: None,
         },
         RESERVATION,
     );
@@ -173,6 +174,7 @@ async fn a_worker_that_fails_to_load_says_why_and_frees_its_reservation() {
             device: DevicePreference::Cpu,
             max_sequences: 1,
             prefix_cache_entries: 0,
+            pooling: None,
         },
         RESERVATION,
     );

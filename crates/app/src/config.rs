@@ -178,6 +178,9 @@ pub struct ModelConfig {
     /// The inference library: `auto` (the default: mistral.rs on a GPU, the faster one measured
     /// on the CPU), `mistralrs` or `llamacpp`. See [`tidepool_engine::choice`].
     pub engine: tidepool_engine::choice::EngineSetting,
+    /// How `/v1/embeddings` and `/api/embed` pool a sequence's token vectors: `mean`, `cls` or
+    /// `last`; unset: what the GGUF declares (`{arch}.pooling_type`), else `mean`.
+    pub pooling: Option<tidepool_engine::embed::Pooling>,
 }
 
 impl Default for ModelConfig {
@@ -189,6 +192,7 @@ impl Default for ModelConfig {
             threads: None,
             prefix_cache: None,
             engine: tidepool_engine::choice::EngineSetting::Auto,
+            pooling: None,
         }
     }
 }

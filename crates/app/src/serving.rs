@@ -111,6 +111,7 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         device,
         max_sequences: 1,
         prefix_cache_entries: 0,
+        pooling: cfg.model.pooling,
     };
     let engine = choose_engine(local, cfg, &probe_cfg, gpu).await?;
     let slots = cfg.model.slots_for(gpu, engine);
@@ -118,6 +119,7 @@ async fn ready_pool(local: &LocalModel, cfg: &Config) -> anyhow::Result<Arc<Pool
         device,
         max_sequences: slots,
         prefix_cache_entries: cfg.model.prefix_cache_for(gpu),
+        pooling: cfg.model.pooling,
     };
     // The pool: every worker reserves its weights, KV cache for its slots and overhead.
     let shape = WorkerShape {

@@ -143,6 +143,7 @@ async fn engine(b: EngineBench) -> anyhow::Result<()> {
             device,
             max_sequences: 1,
             prefix_cache_entries: 0,
+            pooling: None,
         },
     )
     .await?;

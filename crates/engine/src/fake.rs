@@ -14,6 +14,7 @@ use futures::StreamExt;
 use tidepool_models::catalog::DeviceClass;
 use tidepool_models::gguf_info::{GgufInfo, ModelShape};
 
+use crate::embed::{EmbedInput, EmbedRequest, Embeddings, Pooling};
 use crate::request::{FinishReason, GenerationEvent, GenerationRequest, Prompt, ToolSpec, Usage};
 use crate::{DeviceInfo, Engine, EngineError, EngineInfo, GenerationStream, Health};
 
@@ -188,6 +189,43 @@ impl Engine for FakeEngine {
             Ok(prompt_len(prompt))
         })
     }
+
+    fn embed(&self, request: EmbedRequest) -> BoxFuture<'_, Result<Embeddings, EngineError>> {
+        Box::pin(async move {
+            self.reached()?;
+            let mut prompt_tokens = 0;
+            let mut vectors = Vec::with_capacity(request.inputs.len());
+            for (i, input) in request.inputs.iter().enumerate() {
+                let bytes: Vec<u8> = match input {
+                    EmbedInput::Text(t) => t.as_bytes().to_vec(),
+                    EmbedInput::Tokens(ids) => ids.iter().flat_map(|t| t.to_le_bytes()).collect(),
+                };
+                if bytes.is_empty() {
+                    return Err(EngineError::Invalid(format!("input {i} is empty")));
+                }
+                prompt_tokens += (bytes.len() as u64 / 4).max(1);
+                vectors.push(fake_vector(&bytes));
+            }
+            Ok(Embeddings {
+                vectors,
+                prompt_tokens,
+                pooling: Pooling::Mean,
+            })
+        })
+    }
+}
+
+/// Width of the fake engine's embeddings.
+pub const FAKE_EMBEDDING_WIDTH: usize = 8;
+
+/// A vector that depends on the bytes and only on them: how many fall in each of 8 residue
+/// classes, plus one (so it is never zero).
+fn fake_vector(bytes: &[u8]) -> Vec<f32> {
+    let mut v = vec![1.0f32; FAKE_EMBEDDING_WIDTH];
+    for b in bytes {
+        v[usize::from(*b) % FAKE_EMBEDDING_WIDTH] += 1.0;
+    }
+    v
 }
 
 /// One token per 4 bytes of prompt text, at least one.

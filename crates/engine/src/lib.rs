@@ -10,6 +10,7 @@
 //! the pure parts only, which is what the scheduler, the control loop and the gateway need.
 
 pub mod choice;
+pub mod embed;
 pub mod fake;
 pub mod grammar;
 #[cfg(feature = "llamacpp")]
@@ -252,6 +253,22 @@ pub trait Engine: Send + Sync {
         request: GenerationRequest,
     ) -> BoxFuture<'_, Result<GenerationStream, EngineError>>;
 
+    /// One vector per input, pooled as the model says (not normalized). Engines that cannot
+    /// embed refuse with a client error that says so.
+    fn embed(
+        &self,
+        request: embed::EmbedRequest,
+    ) -> BoxFuture<'_, Result<embed::Embeddings, EngineError>> {
+        let _ = request;
+        let backend = self.info().backend;
+        Box::pin(async move {
+            Err(EngineError::Invalid(format!(
+                "embeddings are served by the llama.cpp engine; this model runs on {backend} \
+                 (start Tidepool with `--engine llamacpp` to embed with it)"
+            )))
+        })
+    }
+
     /// Number of tokens `prompt` occupies once rendered (chat template included).
     fn count_tokens<'a>(
         &'a self,
@@ -330,6 +347,8 @@ pub struct EngineConfig {
     pub max_sequences: usize,
     /// Prompt prefixes kept for reuse across requests (mistral.rs prefix cache); 0 disables it.
     pub prefix_cache_entries: usize,
+    /// How embeddings are pooled; `None`: as the model's GGUF says, else the mean.
+    pub pooling: Option<embed::Pooling>,
 }
 
 impl Default for EngineConfig {
@@ -338,6 +357,7 @@ impl Default for EngineConfig {
             device: DevicePreference::Auto,
             max_sequences: 4,
             prefix_cache_entries: 16,
+            pooling: None,
         }
     }
 }

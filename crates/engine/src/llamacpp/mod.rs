@@ -16,6 +16,7 @@
 
 mod batcher;
 pub mod chat;
+mod embed;
 mod memory;
 mod resident;
 pub mod tool_calls;
@@ -37,6 +38,7 @@ pub use self::resident::is_resident;
 use self::resident::Resident;
 use super::logit_bias::check_logit_bias;
 use super::{DeviceInfo, Engine, EngineConfig, EngineError, EngineInfo, GenerationStream, Health};
+use crate::embed::{EmbedRequest, Embeddings, Pooling};
 use crate::request::{
     GenerationEvent, GenerationRequest, OutputConstraint, Prompt, ToolChoice, ToolSpec,
 };
@@ -91,6 +93,8 @@ struct Shared {
     resident: Arc<Resident>,
     /// Tokens of context per sequence.
     context_tokens: u32,
+    /// How embeddings are pooled: the configuration's choice, else the model's own.
+    pooling: Pooling,
     thread: Arc<ThreadState>,
 }
 
@@ -150,9 +154,13 @@ impl LlamaCppEngine {
         let n_ctx_train = resident.model.n_ctx_train().max(1);
         let context_tokens = context_tokens.min(n_ctx_train).max(16);
         let slots = cfg.max_sequences.max(1);
+        let pooling = cfg
+            .pooling
+            .unwrap_or_else(|| embed::model_pooling(&resident));
         let shared = Arc::new(Shared {
             resident,
             context_tokens,
+            pooling,
             thread: Arc::new(ThreadState {
                 alive: AtomicBool::new(true),
                 died: Mutex::new(None),
@@ -263,6 +271,28 @@ impl Engine for LlamaCppEngine {
         tools: &'a [ToolSpec],
     ) -> BoxFuture<'a, Result<u32, EngineError>> {
         Box::pin(async move { Ok(self.prompt_tokens(prompt, tools).await?.len() as u32) })
+    }
+
+    fn embed(&self, request: EmbedRequest) -> BoxFuture<'_, Result<Embeddings, EngineError>> {
+        Box::pin(async move {
+            if let Some(why) = self.health().dead_reason() {
+                return Err(EngineError::Unavailable(why));
+            }
+            let shared = self.shared.clone();
+            let threads = self.info.threads.unwrap_or(1).clamp(1, i32::MAX as usize) as i32;
+            tokio::task::spawn_blocking(move || {
+                embed::embed_blocking(
+                    &shared.resident,
+                    backend()?,
+                    threads,
+                    shared.context_tokens as usize,
+                    shared.pooling,
+                    &request,
+                )
+            })
+            .await
+            .map_err(|e| EngineError::Internal(format!("embedding panicked: {e}")))?
+        })
     }
 
     fn generate(

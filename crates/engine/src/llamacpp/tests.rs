@@ -19,6 +19,7 @@ async fn engine(slots: usize) -> LlamaCppEngine {
         device: DevicePreference::Cpu,
         max_sequences: slots,
         prefix_cache_entries: 0,
+        pooling: None,
     };
     // One thread: these tests are about behaviour, and several engines run at once.
     LlamaCppEngine::load(&model, &cfg, 512, Some(1))
@@ -206,6 +207,7 @@ async fn the_speed_probe_measures_both_engines() {
         device: DevicePreference::Cpu,
         max_sequences: 1,
         prefix_cache_entries: 0,
+        pooling: None,
     };
     let m = crate::probe::measure(&model, &cfg, 512).await.unwrap();
     println!("decode speed on the tiny fixture: {m:?}");
@@ -366,6 +368,7 @@ async fn the_last_worker_of_a_model_unloads_it_and_the_next_loads_it_again() {
         device: DevicePreference::Cpu,
         max_sequences: 1,
         prefix_cache_entries: 0,
+        pooling: None,
     };
     let load = || LlamaCppEngine::load(&model, &cfg, 256, Some(1));
     assert!(!is_resident(&path));
@@ -396,4 +399,124 @@ async fn the_last_worker_of_a_model_unloads_it_and_the_next_loads_it_again() {
     assert!(is_resident(&path));
     let (_, reason, _) = collect(again.generate(greedy(chat("back"), 4)).await.unwrap()).await;
     assert!(matches!(reason, FinishReason::Length | FinishReason::Stop));
+}
+
+fn texts(t: &[&str]) -> EmbedRequest {
+    EmbedRequest {
+        inputs: t
+            .iter()
+            .map(|s| crate::embed::EmbedInput::Text(s.to_string()))
+            .collect(),
+        truncate: false,
+    }
+}
+
+#[tokio::test]
+async fn embeddings_have_the_models_width_keep_their_order_and_repeat_exactly() {
+    let e = engine(1).await;
+    let width = e.info().gguf.shape.hidden as usize;
+    let batch = e
+        .embed(texts(&["the cat sat", "a dog ran far away", "the cat sat"]))
+        .await
+        .unwrap();
+    assert_eq!(batch.vectors.len(), 3);
+    assert!(
+        batch.vectors.iter().all(|v| v.len() == width),
+        "width {width}"
+    );
+    assert!(batch.vectors.iter().flatten().all(|x| x.is_finite()));
+    assert_eq!(
+        batch.vectors[0], batch.vectors[2],
+        "identical inputs, identical vectors"
+    );
+    assert_ne!(batch.vectors[0], batch.vectors[1]);
+    assert_eq!(
+        batch.pooling,
+        Pooling::Mean,
+        "the fixture declares no pooling"
+    );
+
+    // Batched or alone, an input gets the same vector (up to float rounding).
+    let alone = e.embed(texts(&["a dog ran far away"])).await.unwrap();
+    let cos = crate::embed::cosine(&alone.vectors[0], &batch.vectors[1]);
+    assert!(cos > 0.9999, "cosine {cos}");
+    assert!(alone.prompt_tokens > 0 && batch.prompt_tokens > alone.prompt_tokens);
+}
+
+#[tokio::test]
+async fn embedding_inputs_are_checked_and_long_ones_truncated_only_when_asked() {
+    let e = engine(1).await;
+    let vocab = e.info().gguf.shape.vocab as u32;
+    let bad = EmbedRequest {
+        inputs: vec![crate::embed::EmbedInput::Tokens(vec![1, vocab])],
+        truncate: false,
+    };
+    let why = e.embed(bad).await.unwrap_err().to_string();
+    assert!(why.contains("past this model's vocabulary"), "{why}");
+
+    let long = "word ".repeat(2000);
+    let why = e.embed(texts(&[&long])).await.unwrap_err().to_string();
+    assert!(why.contains("context holds 512"), "{why}");
+    let cut = e
+        .embed(EmbedRequest {
+            truncate: true,
+            ..texts(&[&long])
+        })
+        .await
+        .unwrap();
+    assert_eq!(cut.prompt_tokens, 512);
+
+    // Token ids are embedded as given.
+    let ids = EmbedRequest {
+        inputs: vec![crate::embed::EmbedInput::Tokens(vec![5, 6, 7])],
+        truncate: false,
+    };
+    assert_eq!(e.embed(ids).await.unwrap().prompt_tokens, 3);
+}
+
+#[tokio::test]
+async fn the_configured_pooling_is_used() {
+    let model = tidepool_models::model_source::local_file(&tiny()).unwrap();
+    let cfg = EngineConfig {
+        device: DevicePreference::Cpu,
+        max_sequences: 1,
+        prefix_cache_entries: 0,
+        pooling: Some(Pooling::Last),
+    };
+    let last = LlamaCppEngine::load(&model, &cfg, 512, Some(1))
+        .await
+        .unwrap();
+    let mean = engine(1).await;
+    let a = last.embed(texts(&["one two three"])).await.unwrap();
+    let b = mean.embed(texts(&["one two three"])).await.unwrap();
+    assert_eq!(a.pooling, Pooling::Last);
+    assert_ne!(a.vectors[0], b.vectors[0]);
+}
+
+#[tokio::test]
+async fn embedding_batches_of_any_token_count_run() {
+    // Token counts that are not a multiple of the sequences (3 tokens in 2) once aborted the
+    // process in llama.cpp's graph reservation under mean pooling.
+    let e = engine(1).await;
+    for lengths in [
+        vec![2, 1],
+        vec![1, 1, 1],
+        vec![3, 1, 2, 1],
+        vec![5],
+        vec![1; 7],
+    ] {
+        let inputs = lengths
+            .iter()
+            .map(|&n| crate::embed::EmbedInput::Tokens((10..10 + n).collect()))
+            .collect();
+        let out = e
+            .embed(EmbedRequest {
+                inputs,
+                truncate: false,
+            })
+            .await
+            .unwrap();
+        assert_eq!(out.vectors.len(), lengths.len(), "{lengths:?}");
+        assert_eq!(out.prompt_tokens, lengths.iter().sum::<u32>() as u64);
+    }
 }

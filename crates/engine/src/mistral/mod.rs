@@ -865,6 +865,7 @@ mod tests {
             device: DevicePreference::Cpu,
             max_sequences: 2,
             prefix_cache_entries: 0,
+            pooling: None,
         }
     }
 
