@@ -15,6 +15,7 @@ use futures::StreamExt;
 use parking_lot::RwLock;
 use serde::Serialize;
 use thiserror::Error;
+use tidepool_engine::embed::{EmbedRequest, Embeddings};
 use tidepool_engine::request::{GenerationEvent, GenerationRequest, Prompt, ToolSpec};
 use tidepool_engine::{Engine, EngineError, GenerationStream};
 use tidepool_sched::metrics::{Metrics, Outcome};
@@ -475,6 +476,39 @@ impl Service {
             }
         }
     }
+
+    /// Embeds `request` on a leased slot: embedding is compute like a prompt's prefill, so it
+    /// queues, counts and sheds like a generation. When the picked worker's engine turns out to
+    /// be gone, nothing was computed: the slot goes back (the pool replaces the worker) and the
+    /// request runs on another, at most [`RESTARTS_AFTER_ENGINE_LOSS`] times.
+    pub async fn embed(
+        &self,
+        class: Class,
+        request: EmbedRequest,
+    ) -> Result<Embeddings, SubmitError> {
+        let result = async {
+            let mut restarts = 0;
+            loop {
+                let (lease, _counted) = self.admit(class, 1).await?;
+                match lease.engine().embed(request.clone()).await {
+                    Err(EngineError::Unavailable(why)) if restarts < RESTARTS_AFTER_ENGINE_LOSS => {
+                        restarts += 1;
+                        tracing::warn!(
+                            "worker {}'s engine is gone ({why}); embedding on another worker",
+                            lease.worker()
+                        );
+                    }
+                    r => return Ok::<_, SubmitError>(r?),
+                }
+            }
+        }
+        .await;
+        match &result {
+            Ok(_) => self.metrics().record(Outcome::Ok),
+            Err(e) => self.record_refusal(e),
+        }
+        result
+    }
 }
 
 /// Waits for an engine to start a generation (render the prompt, tokenize it, admit it) for at
@@ -617,6 +651,32 @@ mod tests {
             .expect("counted on the other worker");
         assert_eq!(n, 3);
         assert_eq!(pool.deaths(), 1);
+        pool.stop();
+    }
+
+    #[tokio::test]
+    async fn an_embedding_leases_a_slot_and_moves_off_a_dead_engine() {
+        use tidepool_engine::embed::{EmbedInput, EmbedRequest};
+        let (kept, pool, service) = serving(2).await;
+        kept.engine(0).dies_at_next_request();
+        let out = service
+            .embed(
+                Class::Standard,
+                EmbedRequest {
+                    inputs: vec![EmbedInput::Text("a".into()), EmbedInput::Text("a".into())],
+                    truncate: false,
+                },
+            )
+            .await
+            .expect("embedded on the other worker");
+        assert_eq!(out.vectors.len(), 2);
+        assert_eq!(out.vectors[0], out.vectors[1]);
+        assert_eq!(pool.deaths(), 1);
+        assert_eq!(
+            service.in_flight(),
+            0,
+            "the slot and the count are given back"
+        );
         pool.stop();
     }
 
