@@ -1,11 +1,13 @@
 //! The Ollama-compatible API, beside the OpenAI one, so existing Ollama clients work unchanged:
 //! `POST /api/generate`, `POST /api/chat` (NDJSON streams by default, one JSON body with
-//! `"stream": false`), `GET /api/tags`, `GET /api/ps`, `POST /api/show`, `GET /api/version`.
+//! `"stream": false`), `POST /api/embed` and `POST /api/embeddings` ([`embed`]), `GET /api/tags`,
+//! `GET /api/ps`, `POST /api/show`, `GET /api/version`.
 //!
 //! Errors are Ollama-shaped: `{"error": "..."}` with the HTTP status; a stream that fails part-way
 //! ends with one `{"error": "..."}` line. `keep_alive` sets the served model's idle expiry (see
 //! [`apply_keep_alive`]); it never rewrites the policy, and is ignored from the LAN.
 
+pub mod embed;
 pub mod types;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

@@ -1,6 +1,7 @@
-//! The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, and the
-//! Responses API ([`responses`]).
+//! The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`, the
+//! Responses API ([`responses`]) and `/v1/embeddings` ([`embeddings`]).
 
+pub mod embeddings;
 pub mod responses;
 pub mod types;
 
