@@ -11,6 +11,7 @@
 //! tokens; each batch is one decode, and each sequence's pooled vector is read back.
 
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use llama_cpp_2::context::params::{LlamaContextParams, LlamaPoolingType};
 use llama_cpp_2::llama_backend::LlamaBackend;
@@ -23,6 +24,9 @@ use crate::EngineError;
 
 /// Sequences decoded together in one batch.
 pub const MAX_SEQUENCES: usize = 16;
+
+/// Tokens one request may embed, every input together (OpenAI's own limit).
+pub const MAX_REQUEST_TOKENS: usize = 300_000;
 
 /// The pooling of a model: what its GGUF declares (`{arch}.pooling_type`), else the mean over
 /// tokens, which suits a chat model's hidden states best of the three.
@@ -100,6 +104,7 @@ pub(super) fn batches(lengths: &[usize], budget: usize) -> Vec<std::ops::Range<u
 }
 
 /// Embeds every input of `request` with `threads` threads, each input at most `limit` tokens.
+/// Stops at the next batch once `cancelled` is set (the client went away).
 pub(super) fn embed_blocking(
     resident: &Resident,
     backend: &LlamaBackend,
@@ -107,9 +112,16 @@ pub(super) fn embed_blocking(
     limit: usize,
     pooling: Pooling,
     request: &EmbedRequest,
+    cancelled: &AtomicBool,
 ) -> Result<Embeddings, EngineError> {
     let inputs = tokens_of(resident, request, limit)?;
     let lengths: Vec<usize> = inputs.iter().map(Vec::len).collect();
+    let total: usize = lengths.iter().sum();
+    if total > MAX_REQUEST_TOKENS {
+        return Err(EngineError::Invalid(format!(
+            "the inputs are {total} tokens together; at most {MAX_REQUEST_TOKENS} are embedded in one request"
+        )));
+    }
     let plan = batches(&lengths, limit);
     // One context for every batch, sized for the largest.
     let most_tokens = plan
@@ -147,6 +159,9 @@ pub(super) fn embed_blocking(
     let context_s = started.elapsed().as_secs_f64();
     let mut vectors = Vec::with_capacity(inputs.len());
     for range in plan {
+        if cancelled.load(Ordering::Relaxed) {
+            return Err(EngineError::Internal("the embedding was cancelled".into()));
+        }
         let n: usize = lengths[range.clone()].iter().sum();
         let mut batch = LlamaBatch::new(n, range.len() as i32);
         for (seq, tokens) in inputs[range.clone()].iter().enumerate() {

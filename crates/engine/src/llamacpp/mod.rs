@@ -280,6 +280,11 @@ impl Engine for LlamaCppEngine {
             }
             let shared = self.shared.clone();
             let threads = self.info.threads.unwrap_or(1).clamp(1, i32::MAX as usize) as i32;
+            // Dropped with this future (the client went away, so its slot is given back): the
+            // blocking work stops at its next batch instead of computing on beside the next
+            // request.
+            let cancel = CancelOnDrop::default();
+            let cancelled = cancel.0.clone();
             tokio::task::spawn_blocking(move || {
                 embed::embed_blocking(
                     &shared.resident,
@@ -288,6 +293,7 @@ impl Engine for LlamaCppEngine {
                     shared.context_tokens as usize,
                     shared.pooling,
                     &request,
+                    &cancelled,
                 )
             })
             .await
@@ -375,6 +381,16 @@ impl LlamaCppEngine {
 impl Drop for LlamaCppEngine {
     fn drop(&mut self) {
         tracing::debug!(model = %self.info.model, "llama.cpp engine dropped");
+    }
+}
+
+/// Sets its flag when dropped.
+#[derive(Default)]
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
     }
 }
 

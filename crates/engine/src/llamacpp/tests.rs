@@ -472,6 +472,32 @@ async fn embedding_inputs_are_checked_and_long_ones_truncated_only_when_asked() 
         truncate: false,
     };
     assert_eq!(e.embed(ids).await.unwrap().prompt_tokens, 3);
+
+    // A request past the tokens one request may embed is refused before any is computed.
+    let per_input = 512;
+    let n = super::embed::MAX_REQUEST_TOKENS / per_input + 1;
+    let huge = EmbedRequest {
+        inputs: vec![crate::embed::EmbedInput::Tokens(vec![5; per_input]); n],
+        truncate: false,
+    };
+    let why = e.embed(huge).await.unwrap_err().to_string();
+    assert!(why.contains("at most 300000"), "{why}");
+}
+
+#[tokio::test]
+async fn a_cancelled_embedding_stops_before_its_next_batch() {
+    let e = engine(1).await;
+    let cancelled = std::sync::atomic::AtomicBool::new(true);
+    let r = super::embed::embed_blocking(
+        &e.shared.resident,
+        backend().unwrap(),
+        1,
+        512,
+        Pooling::Mean,
+        &texts(&["one", "two"]),
+        &cancelled,
+    );
+    assert!(r.unwrap_err().to_string().contains("cancelled"));
 }
 
 #[tokio::test]
