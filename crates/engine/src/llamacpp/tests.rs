@@ -441,6 +441,15 @@ async fn embeddings_have_the_models_width_keep_their_order_and_repeat_exactly() 
     let cos = crate::embed::cosine(&alone.vectors[0], &batch.vectors[1]);
     assert!(cos > 0.9999, "cosine {cos}");
     assert!(alone.prompt_tokens > 0 && batch.prompt_tokens > alone.prompt_tokens);
+
+    // An input longer than a decode continues over several on its KV cache: cut at different
+    // places (alone, or after another input), it pools to the same vector.
+    let long = "the tide comes in and the tide goes out ".repeat(30);
+    let one = e.embed(texts(&[&long])).await.unwrap();
+    assert!(one.prompt_tokens as usize > 2 * super::embed::CHUNK_TOKENS);
+    let after = e.embed(texts(&["a short one first", &long])).await.unwrap();
+    let cos = crate::embed::cosine(&one.vectors[0], &after.vectors[1]);
+    assert!(cos > 0.9999, "cosine {cos}");
 }
 
 #[tokio::test]
