@@ -555,3 +555,75 @@ async fn embedding_batches_of_any_token_count_run() {
         assert_eq!(out.prompt_tokens, lengths.iter().sum::<u32>() as u64);
     }
 }
+
+#[tokio::test]
+async fn an_encoder_model_sees_each_input_whole_and_pools_as_it_declares() {
+    use tidepool_models::fixture::{
+        write_fixture_with, FixtureOptions, FixtureShape, MetadataValue,
+    };
+    // The tiny fixture declared non-causal (as a BERT-style encoder is) with CLS pooling.
+    let dir = std::env::temp_dir().join(format!("tp-encoder-{}", std::process::id()));
+    let path = dir.join("tiny-encoder.gguf");
+    let opts = FixtureOptions {
+        shape: FixtureShape::named("tiny").unwrap(),
+        quant: tidepool_models::quant_plan::QuantScheme::Q8_0,
+        seed: 1,
+    };
+    let extra = [
+        (
+            "qwen2.attention.causal".to_string(),
+            MetadataValue::Bool(false),
+        ),
+        ("qwen2.pooling_type".to_string(), MetadataValue::U32(2)),
+    ];
+    write_fixture_with(&opts, &extra, &path, &|_, _| {}).unwrap();
+    let model = tidepool_models::model_source::local_file(&path).unwrap();
+    let cfg = EngineConfig {
+        device: DevicePreference::Cpu,
+        max_sequences: 1,
+        prefix_cache_entries: 0,
+        pooling: None,
+    };
+    let e = LlamaCppEngine::load(&model, &cfg, 512, Some(1))
+        .await
+        .unwrap();
+
+    let long = "the tide comes in and the tide goes out ".repeat(30);
+    let out = e
+        .embed(texts(&["alpha beta", "alpha gamma", &long]))
+        .await
+        .unwrap();
+    assert_eq!(out.pooling, Pooling::Cls, "the GGUF's pooling_type");
+    // The first token's vector depends on the tokens after it only where attention is not
+    // causal: the encoder was run as one.
+    assert_ne!(out.vectors[0], out.vectors[1]);
+    // An input longer than a causal decode's chunk was decoded whole, alone or after others.
+    assert!(out.prompt_tokens as usize > 2 * super::embed::CHUNK_TOKENS);
+    let alone = e.embed(texts(&[&long])).await.unwrap();
+    let cos = crate::embed::cosine(&alone.vectors[0], &out.vectors[2]);
+    assert!(cos > 0.9999, "cosine {cos}");
+    drop(e);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test]
+async fn a_causal_models_first_token_sees_only_itself() {
+    // The counterpart of the encoder test: with CLS (first token) pooling on the causal
+    // fixture, inputs that share their first token share their vector.
+    let model = tidepool_models::model_source::local_file(&tiny()).unwrap();
+    let cfg = EngineConfig {
+        device: DevicePreference::Cpu,
+        max_sequences: 1,
+        prefix_cache_entries: 0,
+        pooling: Some(Pooling::Cls),
+    };
+    let e = LlamaCppEngine::load(&model, &cfg, 512, Some(1))
+        .await
+        .unwrap();
+    let out = e
+        .embed(texts(&["alpha beta", "alpha gamma"]))
+        .await
+        .unwrap();
+    let cos = crate::embed::cosine(&out.vectors[0], &out.vectors[1]);
+    assert!(cos > 0.9999, "cosine {cos}");
+}
