@@ -257,9 +257,8 @@ pub trait Engine: Send + Sync {
     /// embed refuse with a client error that says so.
     fn embed(
         &self,
-        request: embed::EmbedRequest,
+        _request: embed::EmbedRequest,
     ) -> BoxFuture<'_, Result<embed::Embeddings, EngineError>> {
-        let _ = request;
         let backend = self.info().backend;
         Box::pin(async move {
             Err(EngineError::Invalid(format!(

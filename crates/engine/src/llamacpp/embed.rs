@@ -32,14 +32,7 @@ pub const MAX_REQUEST_TOKENS: usize = 300_000;
 /// The pooling of a model: what its GGUF declares (`{arch}.pooling_type`), else the mean over
 /// tokens, which suits a chat model's hidden states best of the three.
 pub(super) fn model_pooling(resident: &Resident) -> Pooling {
-    let arch = resident
-        .model
-        .meta_val_str("general.architecture")
-        .unwrap_or_default();
-    resident
-        .model
-        .meta_val_str(&format!("{arch}.pooling_type"))
-        .ok()
+    declared(resident, "pooling_type")
         .and_then(|v| v.trim().parse::<i64>().ok())
         .and_then(Pooling::from_gguf)
         .unwrap_or(Pooling::Mean)
@@ -128,14 +121,13 @@ pub(super) fn decodes(lengths: &[usize], chunk: usize, split: bool) -> Vec<Vec<P
 /// Whether the model attends causally (a BERT-style encoder declares
 /// `{arch}.attention.causal = false`).
 fn is_causal(resident: &Resident) -> bool {
-    let arch = resident
-        .model
-        .meta_val_str("general.architecture")
-        .unwrap_or_default();
-    resident
-        .model
-        .meta_val_str(&format!("{arch}.attention.causal"))
-        .map_or(true, |v| v.trim() != "false")
+    declared(resident, "attention.causal").is_none_or(|v| v.trim() != "false")
+}
+
+/// The model's own metadata `{arch}.{key}`, as llama.cpp reads it.
+fn declared(resident: &Resident, key: &str) -> Option<String> {
+    let arch = &resident.gguf.shape.arch;
+    resident.model.meta_val_str(&format!("{arch}.{key}")).ok()
 }
 
 /// One input's token vectors as they come, pooled at the end.

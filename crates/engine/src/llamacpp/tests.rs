@@ -14,12 +14,18 @@ fn tiny() -> PathBuf {
 }
 
 async fn engine(slots: usize) -> LlamaCppEngine {
-    let model = tidepool_models::model_source::local_file(&tiny()).unwrap();
+    load(&tiny(), slots, None).await
+}
+
+/// The model at `path` with `slots` sequences of 512 tokens, embeddings pooled as `pooling`
+/// says (`None`: as the model declares).
+async fn load(path: &std::path::Path, slots: usize, pooling: Option<Pooling>) -> LlamaCppEngine {
+    let model = tidepool_models::model_source::local_file(path).unwrap();
     let cfg = EngineConfig {
         device: DevicePreference::Cpu,
         max_sequences: slots,
         prefix_cache_entries: 0,
-        pooling: None,
+        pooling,
     };
     // One thread: these tests are about behaviour, and several engines run at once.
     LlamaCppEngine::load(&model, &cfg, 512, Some(1))
@@ -511,16 +517,7 @@ async fn a_cancelled_embedding_stops_before_its_next_batch() {
 
 #[tokio::test]
 async fn the_configured_pooling_is_used() {
-    let model = tidepool_models::model_source::local_file(&tiny()).unwrap();
-    let cfg = EngineConfig {
-        device: DevicePreference::Cpu,
-        max_sequences: 1,
-        prefix_cache_entries: 0,
-        pooling: Some(Pooling::Last),
-    };
-    let last = LlamaCppEngine::load(&model, &cfg, 512, Some(1))
-        .await
-        .unwrap();
+    let last = load(&tiny(), 1, Some(Pooling::Last)).await;
     let mean = engine(1).await;
     let a = last.embed(texts(&["one two three"])).await.unwrap();
     let b = mean.embed(texts(&["one two three"])).await.unwrap();
@@ -577,16 +574,7 @@ async fn an_encoder_model_sees_each_input_whole_and_pools_as_it_declares() {
         ("qwen2.pooling_type".to_string(), MetadataValue::U32(2)),
     ];
     write_fixture_with(&opts, &extra, &path, &|_, _| {}).unwrap();
-    let model = tidepool_models::model_source::local_file(&path).unwrap();
-    let cfg = EngineConfig {
-        device: DevicePreference::Cpu,
-        max_sequences: 1,
-        prefix_cache_entries: 0,
-        pooling: None,
-    };
-    let e = LlamaCppEngine::load(&model, &cfg, 512, Some(1))
-        .await
-        .unwrap();
+    let e = load(&path, 1, None).await;
 
     let long = "the tide comes in and the tide goes out ".repeat(30);
     let out = e
@@ -610,16 +598,7 @@ async fn an_encoder_model_sees_each_input_whole_and_pools_as_it_declares() {
 async fn a_causal_models_first_token_sees_only_itself() {
     // The counterpart of the encoder test: with CLS (first token) pooling on the causal
     // fixture, inputs that share their first token share their vector.
-    let model = tidepool_models::model_source::local_file(&tiny()).unwrap();
-    let cfg = EngineConfig {
-        device: DevicePreference::Cpu,
-        max_sequences: 1,
-        prefix_cache_entries: 0,
-        pooling: Some(Pooling::Cls),
-    };
-    let e = LlamaCppEngine::load(&model, &cfg, 512, Some(1))
-        .await
-        .unwrap();
+    let e = load(&tiny(), 1, Some(Pooling::Cls)).await;
     let out = e
         .embed(texts(&["alpha beta", "alpha gamma"]))
         .await

@@ -16,6 +16,7 @@ use super::types::{KeepAlive, OllamaJson};
 use super::{apply_keep_alive, check_model, ns, OllamaSelection};
 use crate::error::OllamaError;
 use crate::guard::Peer;
+use crate::openai::embeddings::{check_width, parse_dimensions};
 use crate::AppState;
 
 /// POST /api/embed
@@ -85,16 +86,7 @@ impl EmbedBody {
 
     /// `dimensions`, range-checked (`None`: the model's width).
     pub fn dimensions(&self) -> Result<Option<usize>, OllamaError> {
-        match &self.dimensions {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .filter(|d| (1..=1u64 << 20).contains(d))
-                .map(|d| Some(d as usize))
-                .ok_or_else(|| {
-                    OllamaError::bad_request("dimensions must be an integer from 1 to 1048576")
-                }),
-        }
+        parse_dimensions(self.dimensions.as_ref()).map_err(OllamaError::bad_request)
     }
 }
 
@@ -138,12 +130,7 @@ pub async fn embed(
         (out.vectors, out.prompt_tokens)
     };
     apply_keep_alive(&app, &req.keep_alive, peer)?;
-    let width = vectors.first().map_or(0, Vec::len);
-    if let Some(d) = dimensions.filter(|&d| !vectors.is_empty() && d != width) {
-        return Err(OllamaError::bad_request(format!(
-            "this model's embeddings have {width} dimensions and cannot be shortened to {d}"
-        )));
-    }
+    check_width(dimensions, &vectors).map_err(OllamaError::bad_request)?;
     let embeddings: Vec<Vec<f32>> = vectors
         .into_iter()
         .map(|mut v| {

@@ -115,19 +115,35 @@ impl EmbeddingRequest {
 
     /// `dimensions`, range-checked (`None`: the model's width).
     pub fn dimensions(&self) -> Result<Option<usize>, ApiError> {
-        match &self.dimensions {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .filter(|d| (1..=MAX_DIMENSIONS).contains(d))
-                .map(|d| Some(d as usize))
-                .ok_or_else(|| {
-                    ApiError::invalid_param(
-                        "dimensions",
-                        format!("`dimensions` must be an integer from 1 to {MAX_DIMENSIONS}"),
-                    )
-                }),
-        }
+        parse_dimensions(self.dimensions.as_ref())
+            .map_err(|m| ApiError::invalid_param("dimensions", m))
+    }
+}
+
+/// `dimensions` as both APIs take it: absent or null for the model's own width, else an integer
+/// from 1 to [`MAX_DIMENSIONS`].
+pub(crate) fn parse_dimensions(v: Option<&Value>) -> Result<Option<usize>, String> {
+    match v {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .filter(|d| (1..=MAX_DIMENSIONS).contains(d))
+            .map(|d| Some(d as usize))
+            .ok_or_else(|| format!("`dimensions` must be an integer from 1 to {MAX_DIMENSIONS}")),
+    }
+}
+
+/// Refuses `dimensions` other than the width of the vectors the model gave (none given: nothing
+/// to check): a model not trained for shortened embeddings cannot give them.
+pub(crate) fn check_width(dimensions: Option<usize>, vectors: &[Vec<f32>]) -> Result<(), String> {
+    let Some(width) = vectors.first().map(Vec::len) else {
+        return Ok(());
+    };
+    match dimensions.filter(|&d| d != width) {
+        Some(d) => Err(format!(
+            "this model's embeddings have {width} dimensions and cannot be shortened to {d}"
+        )),
+        None => Ok(()),
     }
 }
 
@@ -162,15 +178,7 @@ pub async fn create(
             },
         )
         .await?;
-    let width = out.vectors.first().map_or(0, Vec::len);
-    if let Some(d) = dimensions.filter(|&d| d != width) {
-        return Err(ApiError::invalid_param(
-            "dimensions",
-            format!(
-                "this model's embeddings have {width} dimensions and cannot be shortened to {d}"
-            ),
-        ));
-    }
+    check_width(dimensions, &out.vectors).map_err(|m| ApiError::invalid_param("dimensions", m))?;
     let data: Vec<Value> = out
         .vectors
         .into_iter()
